@@ -1,0 +1,68 @@
+"""Input validation shared by the reference and the fast model: clear errors, early."""
+from __future__ import annotations
+
+import torch
+
+
+def to_2tuple(size, name: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"{name} must be an int or an (H, W) pair, got {size!r}")
+    return size
+
+
+def check_grid(img_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """(H, W) and p -> (h, w) patch grid, or a ValueError if p does not divide H and W."""
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    H, W = img_size
+    if H % patch_size or W % patch_size:
+        raise ValueError(
+            f"image size {H}x{W} is not divisible by the patch size {patch_size}"
+        )
+    return H // patch_size, W // patch_size
+
+
+def check_images(imgs: torch.Tensor, in_chans: int, img_size: tuple[int, int], patch_size: int) -> None:
+    if not isinstance(imgs, torch.Tensor) or imgs.dim() != 4:
+        shape = tuple(imgs.shape) if isinstance(imgs, torch.Tensor) else type(imgs).__name__
+        raise ValueError(f"expected images of shape [N, C, H, W], got {shape}")
+    N, C, H, W = imgs.shape
+    if C != in_chans:
+        raise ValueError(f"expected {in_chans} image channels, got {C} (images of shape {tuple(imgs.shape)})")
+    check_grid((H, W), patch_size)
+    if (H, W) != tuple(img_size):
+        raise ValueError(
+            f"images are {H}x{W} but the model was built for {img_size[0]}x{img_size[1]} "
+            f"(pass img_size=({H}, {W}) to the constructor)"
+        )
+    if N == 0:
+        raise ValueError("expected at least one image, got a batch of 0")
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    """K = int(L * (1 - mask_ratio)), as the official code, with the ratio validated."""
+    if not (0.0 <= float(mask_ratio) < 1.0):
+        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    K = int(num_patches * (1 - mask_ratio))
+    if K >= num_patches:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} masks no patch of {num_patches}: the loss (mean over "
+            f"removed patches) would be undefined"
+        )
+    if K < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch of {num_patches}")
+    return K
+
+
+def check_noise(noise, N: int, L: int, device) -> torch.Tensor:
+    if noise is None:
+        return torch.rand(N, L, device=device)
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (N, L):
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must have shape [N, L] = [{N}, {L}], got {shape}")
+    if not noise.is_floating_point():
+        raise ValueError(f"noise must be a floating tensor, got {noise.dtype}")
+    return noise

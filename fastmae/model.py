@@ -1,0 +1,117 @@
+"""The fast MAE: the official contract (constructor, state_dict, forward), built from fastmae.ops.
+
+Differences from the reference, none of them visible in the numbers:
+- only the K visible patches are patch-embedded (``gather_mask`` + a linear map, exact because a
+  Conv2d with kernel = stride = p is a linear map per patch);
+- the decoder input is built by ``unshuffle_scatter`` in one pass;
+- the loss is ``norm_mse_loss``, fused, with its gradient in one pass;
+- attention goes through ``fastmae.ops.attention`` (SDPA by default, xformers on CUDA).
+Which backend runs each op is decided in ``fastmae.ops._backend``, never here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import ops, reference
+from ._checks import check_images, check_noise, num_kept
+from .ops.attention import check_attn_backend
+
+
+class Attention(reference.Attention):
+    attn_backend = "auto"
+
+    def forward(self, x):
+        B, S, D = x.shape
+        qkv = self.qkv(x).reshape(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = ops.attention(q, k, v, backend=self.attn_backend)
+        return self.proj(x.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(reference.Block):
+    attn_cls = Attention  # same parameters and names, fast forward
+
+
+class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
+    """Drop-in fast MAE. Extra keyword options:
+
+    - ``attn_backend``: ``auto`` (default), ``sdpa``, ``xformers`` or ``math``;
+    - ``grad_checkpointing``: recompute each block's activations in backward (less memory).
+    """
+
+    block_cls = Block
+
+    def __init__(self, *args, attn_backend: str = "auto", grad_checkpointing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_checkpointing = grad_checkpointing
+        self.set_attn_backend(attn_backend)
+
+    def set_attn_backend(self, backend: str) -> None:
+        check_attn_backend(backend)
+        self.attn_backend = backend
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attn_backend = backend
+
+    def _run_blocks(self, blocks, x):
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        N = imgs.shape[0]
+        L = self.patch_embed.num_patches
+        len_keep = num_kept(L, mask_ratio)
+        noise = check_noise(noise, N, L, imgs.device)
+        ids_keep, ids_restore, _, mask = ops.random_masking_ids(noise, len_keep)
+        proj = self.patch_embed.proj
+        x = ops.gather_mask(imgs, ids_keep, proj.kernel_size[0])  # [N, K, C*p*p]
+        x = F.linear(x, proj.weight.flatten(1), proj.bias)
+        x = x + self.pos_embed[0, 1:][ids_keep]
+        cls_token = (self.cls_token + self.pos_embed[:, :1, :]).expand(N, -1, -1)
+        x = torch.cat((cls_token.to(x.dtype), x), dim=1)
+        x = self._run_blocks(self.blocks, x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+        x = ops.unshuffle_scatter(x, self.mask_token, ids_restore, self.decoder_pos_embed)
+        x = self._run_blocks(self.decoder_blocks, x)
+        x = self.decoder_norm(x)
+        return self.decoder_pred(x[:, 1:, :])
+
+    def forward_loss(self, imgs, pred, mask):
+        return ops.norm_mse_loss(pred, imgs, mask, self.patch_embed.patch_size[0],
+                                 norm_pix_loss=self.norm_pix_loss)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size[0])
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+_NAMES = list(reference.MODEL_CONFIGS)
+mae_vit_base_patch16_dec512d8b = reference.make_factory(MaskedAutoencoderViT, "mae_vit_base_patch16_dec512d8b")
+mae_vit_large_patch16_dec512d8b = reference.make_factory(MaskedAutoencoderViT, "mae_vit_large_patch16_dec512d8b")
+mae_vit_huge_patch14_dec512d8b = reference.make_factory(MaskedAutoencoderViT, "mae_vit_huge_patch14_dec512d8b")
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
+
+
+def create_model(name: str, reference_impl: bool = False, **kwargs):
+    """Build an MAE by its official factory name (``mae_vit_base_patch16`` ...).
+
+    ``reference_impl=True`` builds the plain reference model instead of the fast one.
+    """
+    if name not in reference.MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_NAMES)}")
+    cls = reference.MaskedAutoencoderViT if reference_impl else MaskedAutoencoderViT
+    return reference.make_factory(cls, name)(**kwargs)

@@ -1,0 +1,15 @@
+"""fastmae's fused ops: each a ``torch.library`` custom op in the ``fastmae`` namespace with a
+fake implementation and registered autograd, dispatched to Triton (CUDA), C++ (CPU) or torch math
+(see ``fastmae.ops._backend``)."""
+from ._backend import has_extension, select_backend
+from .attention import attention, attention_ref
+from .gather_mask import gather_mask, gather_mask_ref
+from .masking import random_masking_ids
+from .norm_mse_loss import norm_mse_loss, norm_mse_loss_ref
+from .unshuffle_scatter import unshuffle_scatter, unshuffle_scatter_ref
+
+__all__ = [
+    "attention", "attention_ref", "gather_mask", "gather_mask_ref", "has_extension",
+    "norm_mse_loss", "norm_mse_loss_ref", "random_masking_ids", "select_backend",
+    "unshuffle_scatter", "unshuffle_scatter_ref",
+]

@@ -1,0 +1,117 @@
+"""Backend choice for the fused ops, and the loader of the compiled CPU extension.
+
+One place decides which implementation runs:
+
+- ``triton``: the Triton kernels in ``fastmae.kernels`` (CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``, which is how they are tested without a GPU);
+- ``cpp``: the C++ kernels of ``fastmae._C`` (CPU tensors);
+- ``torch``: the plain PyTorch reference math (any device).
+
+By default CUDA tensors go to Triton and CPU tensors to C++ (torch math, with one warning, if
+the extension is missing). ``FASTMAE_BACKEND=torch|cpp|triton`` forces one for every op.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "cpp", "triton")
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation .` from a fastmae checkout "
+    "(a compiler and ninja are needed)"
+)
+
+# The C++ ops every CPU path needs; an extension missing one is stale (built from older sources).
+REQUIRED_CPP_OPS = (
+    "gather_mask_fwd", "gather_mask_bwd",
+    "unshuffle_scatter_fwd", "unshuffle_scatter_bwd",
+    "norm_mse_loss_fwd", "norm_mse_loss_bwd",
+)
+_ext_state: dict = {}
+
+
+def _load_extension() -> str | None:
+    try:
+        importlib.import_module("fastmae._C")
+    except (ImportError, OSError, RuntimeError) as e:  # missing, or built for another torch
+        return f"{type(e).__name__}: {e}"
+    missing = [op for op in REQUIRED_CPP_OPS if not hasattr(torch.ops.fastmae_C, op)]
+    if missing:
+        return f"the built extension lacks {', '.join(missing)} (built from older sources)"
+    return None
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension is unavailable, or None when it is loaded."""
+    if "error" not in _ext_state:
+        _ext_state["error"] = _load_extension()
+    return _ext_state["error"]
+
+
+def has_extension() -> bool:
+    return extension_error() is None
+
+
+def _warn_no_extension_once() -> None:
+    if not _ext_state.get("warned"):
+        _ext_state["warned"] = True
+        warnings.warn(
+            f"fastmae's C++ extension is not available ({extension_error()}); CPU tensors use the "
+            f"slower torch math instead. To use the fused CPU kernels, {_BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def has_triton() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError:
+        return False
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forced_backend() -> str | None:
+    name = os.environ.get("FASTMAE_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown FASTMAE_BACKEND={name!r}; choose one of {', '.join(BACKENDS)} or auto")
+    return name
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend that runs an op whose inputs live on ``device``."""
+    forced = forced_backend()
+    if forced == "triton":
+        if not has_triton():
+            raise RuntimeError("FASTMAE_BACKEND=triton but triton is not installed")
+        if device.type != "cuda" and not triton_interpret():
+            raise RuntimeError(
+                f"FASTMAE_BACKEND=triton needs CUDA tensors (got {device.type}); to run the Triton "
+                "kernels on CPU tensors set TRITON_INTERPRET=1 before importing fastmae"
+            )
+        return "triton"
+    if forced == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"FASTMAE_BACKEND=cpp runs on CPU tensors only, got {device.type}")
+        if not has_extension():
+            raise RuntimeError(f"FASTMAE_BACKEND=cpp but the extension is unavailable "
+                               f"({extension_error()}); {_BUILD_HINT}")
+        return "cpp"
+    if forced == "torch":
+        return "torch"
+    if device.type == "cuda":
+        return "triton" if has_triton() else "torch"
+    if device.type == "cpu":
+        if has_extension():
+            return "cpp"
+        _warn_no_extension_once()
+    return "torch"

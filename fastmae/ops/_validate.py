@@ -1,0 +1,54 @@
+"""Argument checks shared by the fused ops: metadata checks (safe under torch.compile) in the
+public functions, and one value check of index ranges before any kernel touches memory."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_index(ids: torch.Tensor, name: str, batch: int, width: int | None = None) -> None:
+    """ids must be an int64 [batch, width] tensor (width unchecked when None)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(ids).__name__}")
+    if ids.dtype != torch.int64:
+        raise ValueError(f"{name} must be int64, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, *], got shape {tuple(ids.shape)}")
+    if ids.shape[0] != batch:
+        raise ValueError(f"{name} has batch size {ids.shape[0]} but the data has {batch}")
+    if width is not None and ids.shape[1] != width:
+        raise ValueError(f"{name} must have shape [{batch}, {width}], got {tuple(ids.shape)}")
+
+
+def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
+        raise ValueError(f"all tensors must be on one device: {desc}")
+
+
+def check_patch_grid(H: int, W: int, patch_size: int) -> tuple[int, int]:
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {patch_size}")
+    return H // patch_size, W // patch_size
+
+
+def check_index_range(ids: torch.Tensor, upper: int, name: str) -> None:
+    """Value check: every index in [0, upper). One reduction; a host sync on CUDA."""
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} holds index {bad}, outside [0, {upper})")

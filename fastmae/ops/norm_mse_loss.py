@@ -1,0 +1,155 @@
+"""norm_mse_loss: the official MAE loss with per-patch target normalisation, fused.
+
+``norm_mse_loss(pred [N, L, p*p*C], imgs [N, C, H, W], mask [N, L], p, norm_pix_loss=True,
+eps=1e-6) -> scalar fp32``, equal to the official ``forward_loss``: the target is
+``patchify(imgs)`` in ``(i, j, c)`` order per patch; with ``norm_pix_loss`` each target patch is
+``(t - mean) / sqrt(var + eps)`` with its own mean and unbiased variance; the loss is the
+``mask``-weighted mean over patches of the per-patch mean squared error. Target statistics are
+computed on the fly from pixels, in fp32; nothing of target size is stored.
+
+Predictions for the removed patches only: pass ``pred [N, M, p*p*C]`` with ``ids [N, M]`` (the
+patch index of each row, e.g. ``ids_shuffle[:, K:]``); every row then has weight 1 unless a
+``mask [N, M]`` of row weights is given as well.
+
+The loss is differentiable in ``pred`` only (the target is data): ``imgs`` gets no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend
+from ._validate import check_float, check_index, check_index_range, check_patch_grid
+
+
+def patch_targets_ref(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
+    """[N, L, p*p*C] fp32 targets in the official (i, j, c) order, normalised if asked."""
+    N, C, H, W = imgs.shape
+    p = patch_size
+    h, w = H // p, W // p
+    t = imgs.float().reshape(N, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, p * p * C)
+    if norm_pix_loss:
+        mean = t.mean(dim=-1, keepdim=True)
+        var = t.var(dim=-1, keepdim=True)
+        t = (t - mean) / (var + eps) ** 0.5
+    return t
+
+
+def _rows_targets(imgs, ids, patch_size, norm_pix_loss, eps):
+    t = patch_targets_ref(imgs, patch_size, norm_pix_loss, eps)
+    if ids is not None:
+        t = torch.gather(t, 1, ids.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    return t
+
+
+def norm_mse_loss_ref(pred, imgs, weight, ids, patch_size, norm_pix_loss=True, eps=1e-6):
+    """Reference forward: fp32 scalar."""
+    t = _rows_targets(imgs, ids, patch_size, norm_pix_loss, eps)
+    per_patch = ((pred.float() - t) ** 2).mean(dim=-1)
+    w = weight.float()
+    return (per_patch * w).sum() / w.sum()
+
+
+def norm_mse_loss_backward_ref(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss=True, eps=1e-6):
+    """Reference backward: dpred = grad * w * 2 (pred - target) / (P * sum w)."""
+    t = _rows_targets(imgs, ids, patch_size, norm_pix_loss, eps)
+    w = weight.float()
+    scale = grad.float() * 2.0 / (pred.shape[-1] * w.sum())
+    return ((pred.float() - t) * (w * scale).unsqueeze(-1)).to(pred.dtype)
+
+
+# ---------------------------------------------------------------------------- registered ops
+def _num_patches(imgs, patch_size):
+    return (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size)
+
+
+@torch.library.custom_op("fastmae::norm_mse_loss", mutates_args=())
+def _norm_mse_loss_op(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor],
+                      patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
+    backend = _backend.select_backend(pred.device)
+    if backend == "cpp":
+        return torch.ops.fastmae_C.norm_mse_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+    if ids is not None:
+        check_index_range(ids, _num_patches(imgs, patch_size), "ids")
+    if backend == "triton":
+        from fastmae.kernels.norm_mse_loss import norm_mse_loss_forward
+        return norm_mse_loss_forward(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+    return norm_mse_loss_ref(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+
+
+@_norm_mse_loss_op.register_fake
+def _(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::norm_mse_loss_backward", mutates_args=())
+def _norm_mse_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor,
+                               ids: Optional[torch.Tensor], patch_size: int, norm_pix_loss: bool,
+                               eps: float) -> torch.Tensor:
+    backend = _backend.select_backend(pred.device)
+    if backend == "cpp":
+        return torch.ops.fastmae_C.norm_mse_loss_bwd(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+    if ids is not None:
+        check_index_range(ids, _num_patches(imgs, patch_size), "ids")
+    if backend == "triton":
+        from fastmae.kernels.norm_mse_loss import norm_mse_loss_backward
+        return norm_mse_loss_backward(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+    return norm_mse_loss_backward_ref(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+
+
+@_norm_mse_loss_backward_op.register_fake
+def _(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps):
+    return torch.empty_like(pred)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, imgs, weight, ids, patch_size, norm_pix_loss, eps = inputs
+    ctx.save_for_backward(pred, imgs, weight, ids)
+    ctx.args = (patch_size, norm_pix_loss, eps)
+
+
+def _backward(ctx, grad):
+    pred, imgs, weight, ids = ctx.saved_tensors
+    dpred = None
+    if ctx.needs_input_grad[0]:
+        dpred = _norm_mse_loss_backward_op(grad, pred, imgs, weight, ids, *ctx.args)
+    return dpred, None, None, None, None, None, None
+
+
+_norm_mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- public API
+def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor], patch_size: int,
+                  norm_pix_loss: bool = True, eps: float = 1e-6, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The MAE loss (see the module doc). ``mask`` may be None only when ``ids`` is given."""
+    check_float(pred, "pred")
+    check_float(imgs, "imgs")
+    if imgs.dim() != 4:
+        raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
+    N, C, H, W = imgs.shape
+    h, w = check_patch_grid(H, W, patch_size)
+    L, P = h * w, patch_size * patch_size * C
+    if pred.dim() != 3 or pred.shape[0] != N or pred.shape[2] != P:
+        raise ValueError(f"pred must be [N, rows, p*p*C] = [{N}, *, {P}] for images {tuple(imgs.shape)} "
+                         f"and patch size {patch_size}, got {tuple(pred.shape)}")
+    M = pred.shape[1]
+    if ids is None:
+        if M != L:
+            raise ValueError(f"pred has {M} rows but the images have L = {L} patches; pass ids= to give "
+                             f"predictions for a subset of patches")
+        if mask is None:
+            raise ValueError("mask is required when pred covers every patch")
+    else:
+        check_index(ids, "ids", N, M)
+    if mask is None:
+        mask = pred.new_ones(N, M, dtype=torch.float32)
+    elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (N, M):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape [N, rows] = [{N}, {M}], got {shape}")
+    if len({pred.device, imgs.device, mask.device} | ({ids.device} if ids is not None else set())) > 1:
+        raise ValueError("pred, imgs, mask and ids must be on one device")
+    return _norm_mse_loss_op(pred.contiguous(), imgs.contiguous(), mask.float().contiguous(),
+                             None if ids is None else ids.contiguous(), int(patch_size), bool(norm_pix_loss),
+                             float(eps))
