@@ -1,0 +1,101 @@
+"""Helpers shared by the Triton kernels of fastmae: launch, vector widths, launch configurations.
+
+Vector width. A contiguous run of elements is loaded with 128-bit instructions only when the
+compiler can prove that every run starts on a 16-byte boundary. The kernels receive each row
+length that matters for alignment as a count of ``VEC``-wide vectors (``VEC`` a constexpr power
+of two), and rebuild the length as ``count * VEC``: the compiler then knows the length, and every
+offset derived from it, is a multiple of ``VEC``, whatever its value. The launcher picks the
+widest ``VEC`` (at most 16 bytes) that divides those lengths and the tensors' start addresses.
+
+Launch configurations. Every module lists the configurations its launchers can choose
+(``launch_configs()``, a list of :class:`KernelConfig`), built from the same constants and
+choice functions the launchers use; ``bench/triton_aot.py`` compiles each one ahead of time.
+
+Nothing here queries a device.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# torch dtype -> Triton signature type
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                torch.int32: "i32"}
+VECTOR_BYTES = 16  # one 128-bit access
+
+
+def vec_choices(dtype: torch.dtype) -> tuple[int, ...]:
+    """Every vector width a launcher may pick for ``dtype``: powers of two up to 16 bytes."""
+    top = VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+    return tuple(1 << i for i in range(top.bit_length()))
+
+
+def vec_width(dtype: torch.dtype, lengths: Sequence[int], tensors: Sequence[torch.Tensor] = ()) -> int:
+    """Widest vector width (elements, power of two, at most 16 bytes) dividing every length in
+    ``lengths`` and every start address in ``tensors`` (in elements of ``dtype``)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    for vec in reversed(vec_choices(dtype)):
+        if all(n % vec == 0 for n in lengths) and all(t.data_ptr() % (vec * size) == 0 for t in tensors):
+            return vec
+    return 1
+
+
+def full_vec(dtype: torch.dtype) -> int:
+    """The 128-bit vector width of ``dtype``, in elements."""
+    return vec_choices(dtype)[-1]
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch a ``@triton.jit`` kernel through ``torch.library.wrap_triton`` (traceable by
+    ``torch.compile``; plain launch in eager mode, also under ``TRITON_INTERPRET=1``)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of one kernel, as ``bench/triton_aot.py`` compiles it.
+
+    ``signature`` maps every non-constexpr argument to its Triton type (``*fp32``, ``i32``, ...);
+    ``constexprs`` gives every constexpr; ``aligned`` names the pointer arguments a real launch
+    on freshly allocated tensors specialises as 16-byte aligned. Integer sizes are not marked
+    divisible: vectorisation must come from ``VEC``, not from lucky sizes.
+    ``vector_loads`` / ``vector_stores``: the widest global access (bytes) the contiguous paths of
+    this configuration must reach (0: no claim).
+    """
+    name: str
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    aligned: tuple
+    num_warps: int
+    vector_loads: int = 0
+    vector_stores: int = 0
+
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.constexprs.items()]
+        dtypes = sorted({v for v in self.signature.values() if v.startswith("*fp") or v.startswith("*bf")})
+        return f"{self.name}[{','.join(dtypes)}; {', '.join(parts)}; warps={self.num_warps}]"
+
+
+def signature_of(kernel: Callable, types: dict, constexprs: dict) -> dict:
+    """Signature dict in the kernel's argument order: constexprs marked ``constexpr``."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        else:
+            raise KeyError(f"{kernel.__name__}: no type given for argument {name!r}")
+    return sig
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return TRITON_TYPES[dtype]
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
