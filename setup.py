@@ -16,7 +16,7 @@ if os.environ.get("FASTMAE_NO_EXTENSION", "0") != "1":
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     link_flags = []
     if "OpenMP" in torch.__config__.parallel_info():  # at::parallel_for inlines OpenMP pragmas
         cxx_flags.append("-fopenmp")

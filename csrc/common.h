@@ -1,0 +1,136 @@
+// Shared helpers of fastmae's C++ CPU kernels: argument checks, the one-pass index-range
+// check every kernel runs before touching memory, and fp32 <-> storage conversions written so
+// that the loops using them vectorise.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace fastmae {
+
+// ------------------------------------------------------------------ fp32 <-> storage dtype
+// bf16 by bit manipulation (round to nearest even, NaN kept quiet), the same results as
+// c10::BFloat16 but branch-free, so loops over it vectorise. fp16 goes through c10::Half.
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+inline float to_f(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline T from_f(float v);
+template <>
+inline float from_f<float>(float v) { return v; }
+template <>
+inline c10::Half from_f<c10::Half>(float v) { return c10::Half(v); }
+template <>
+inline c10::BFloat16 from_f<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = (v != v) ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// Dispatch over the three float dtypes the ops accept (scalar_t inside the lambda).
+#define FASTMAE_DISPATCH_FLOAT(TYPE, NAME, ...)              \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                             \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// Unsigned integer type of the same size as T: pure copies move bits, never convert.
+template <typename T>
+using bits_t = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+static_assert(sizeof(bits_t<c10::BFloat16>) == 2 && sizeof(bits_t<float>) == 4, "bits_t");
+
+// ------------------------------------------------------------------ argument checks
+// The Python op layer checks metadata before calling these ops; the kernels check again
+// (cheaply) so that a direct call through torch.ops can never read or write out of bounds.
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ids must be a contiguous CPU int64 [batch, width] tensor (width unchecked when < 0).
+inline void check_ids(const at::Tensor& ids, const char* name, int64_t batch, int64_t width = -1) {
+  TORCH_CHECK_VALUE(ids.device().is_cpu(), name, " must be a CPU tensor, got ", ids.device());
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong, name, " must be int64, got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.dim() == 2, name, " must be 2-D [N, *], got shape ", ids.sizes());
+  TORCH_CHECK_VALUE(ids.size(0) == batch, name, " has batch size ", ids.size(0), " but the data has ",
+                    batch);
+  TORCH_CHECK_VALUE(width < 0 || ids.size(1) == width, name, " must have shape [", batch, ", ", width,
+                    "], got ", ids.sizes());
+  TORCH_CHECK_VALUE(ids.is_contiguous(), name, " must be contiguous");
+}
+
+// Patch grid (h, w) of an H x W image; the patch size must divide both sides.
+inline std::pair<int64_t, int64_t> patch_grid(int64_t H, int64_t W, int64_t p) {
+  TORCH_CHECK_VALUE(p > 0, "patch_size must be positive, got ", p);
+  TORCH_CHECK_VALUE(H % p == 0 && W % p == 0, "image size ", H, "x", W,
+                    " is not divisible by the patch size ", p);
+  return {H / p, W / p};
+}
+
+// Every index in [0, upper), checked in one pass before any kernel reads through them;
+// raises IndexError naming the tensor and the offending value.
+inline void check_index_range(const at::Tensor& ids, int64_t upper, const char* name) {
+  const int64_t n = ids.numel();
+  if (n == 0) return;
+  const int64_t* v = ids.data_ptr<int64_t>();
+  int64_t lo = v[0], hi = v[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = v[i] < lo ? v[i] : lo;
+    hi = v[i] > hi ? v[i] : hi;
+  }
+  if (lo < 0 || hi >= upper) {
+    const int64_t bad = lo < 0 ? lo : hi;
+    TORCH_CHECK_INDEX(false, name, " holds index ", bad, ", outside [0, ", upper, ")");
+  }
+}
+
+// sum_{k < n} f(k) in fp32 with 16 independent partial sums combined in a fixed order: plain
+// float reductions do not vectorise without fast-math (the compiler may not reorder them); this
+// form does, and it is deterministic.
+template <typename F>
+inline float sum_f32(int64_t n, const F& f) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int u = 0; u < kLanes; ++u) acc[u] += f(k + u);
+  }
+  for (int u = 0; k < n; ++k, ++u) acc[u] += f(k);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int u = 0; u < width; ++u) acc[u] += acc[u + width];
+  }
+  return acc[0];
+}
+
+// Work items per at::parallel_for task so that a task moves at least ~32 KiB.
+inline int64_t grain_for(int64_t bytes_per_item) {
+  constexpr int64_t kTaskBytes = 32 * 1024;
+  return bytes_per_item >= kTaskBytes ? 1 : kTaskBytes / (bytes_per_item > 0 ? bytes_per_item : 1);
+}
+
+// A per-thread scratch buffer, grown on demand and reused across calls (no per-call malloc).
+template <typename T>
+inline T* scratch(std::vector<T>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+}  // namespace fastmae

@@ -1,0 +1,209 @@
+// norm_mse_loss: the MAE loss with per-patch target normalisation, fused (forward and backward).
+//
+// Row (n, m) of pred [N, M, P = p*p*C] predicts patch l = ids[n, m] (or l = m) in the official
+// (i, j, c) order: pred[n, m, (i*p + j)*C + c] ~ imgs[n, c, hi*p + i, wj*p + j]. Each task loads a
+// patch's pixels into a small fp32 buffer in that order (the target), normalises it with the
+// patch's own mean and unbiased variance when norm_pix is set (two passes over the cached patch),
+// and compares it with the prediction row; nothing of target size is stored.
+// Forward: loss = sum_rows w * mean_k (pred - t)^2 / sum(w). Rows are split into fixed chunks
+// whose fp64 partial sums are added in chunk order: the result does not depend on the number of
+// threads and is bitwise reproducible.
+// Backward: dpred = grad * w * 2 (pred - t) / (P * sum(w)), one pass.
+#include "common.h"
+
+#include <cmath>
+
+namespace fastmae {
+namespace {
+
+struct Geometry {
+  int64_t N, M, C, H, W, p, w, P;
+};
+
+// Normalisation of one target patch: t = (pixel - mean) * rstd (mean 0, rstd 1 without norm_pix).
+struct PatchStats {
+  float mean, rstd;
+};
+
+// fp32 pixels of patch l of one image (img = imgs + n*C*H*W) into x[P], in (i, j, c) order, and
+// their statistics (two passes over the cached patch for the variance, as torch.var).
+// CC > 0 fixes the channel count at compile time so the interleaving store vectorises.
+template <int CC, typename img_t>
+inline PatchStats load_patch(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
+  const int64_t C = CC > 0 ? CC : g.C, p = g.p, W = g.W, H = g.H, P = g.P;
+  const img_t* patch = img + (l / g.w) * p * W + (l % g.w) * p;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < p; ++i) {
+      const img_t* s = patch + (c * H + i) * W;
+      float* dst = x + i * p * C + c;
+      for (int64_t j = 0; j < p; ++j) dst[j * C] = to_f(s[j]);
+    }
+  }
+  if (!norm_pix) return {0.f, 1.f};
+  const float mean = sum_f32(P, [&](int64_t k) { return x[k]; }) / float(P);
+  const float sq = sum_f32(P, [&](int64_t k) { return (x[k] - mean) * (x[k] - mean); });
+  const float var = sq / float(P - 1);  // unbiased, as torch.var
+  return {mean, 1.f / std::sqrt(var + eps)};
+}
+
+// The pixels and statistics of the target of pred row `row` (patch ids[row], or row % M).
+template <typename img_t>
+inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t row, const Geometry& g,
+                                 bool norm_pix, float eps, float* x) {
+  const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
+  const img_t* img = imgs + n * g.C * g.H * g.W;
+  switch (g.C) {
+    case 1: return load_patch<1>(img, l, g, norm_pix, eps, x);
+    case 3: return load_patch<3>(img, l, g, norm_pix, eps, x);
+    default: return load_patch<0>(img, l, g, norm_pix, eps, x);
+  }
+}
+
+// Rows per chunk of the forward reduction: fixed, so the summation order is too.
+constexpr int64_t kRowsPerChunk = 8;
+
+template <typename pred_t, typename img_t>
+double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids, const Geometry& g,
+                bool norm_pix, float eps) {
+  const int64_t rows = g.N * g.M, P = g.P;
+  const int64_t nchunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  thread_local std::vector<double> partial_buf;
+  double* partial = scratch(partial_buf, nchunks);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+    thread_local std::vector<float> x_buf;
+    float* x = scratch(x_buf, P);
+    for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
+      double acc = 0.0;
+      const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
+      for (int64_t row = chunk * kRowsPerChunk; row < r1; ++row) {
+        const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
+        const pred_t* pr = pred + row * P;
+        const float se = sum_f32(P, [&](int64_t k) {
+          const float diff = to_f(pr[k]) - (x[k] - st.mean) * st.rstd;
+          return diff * diff;
+        });
+        acc += double(weight[row]) * double(se / float(P));
+      }
+      partial[chunk] = acc;
+    }
+  });
+  double total = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) total += partial[c];
+  return total;
+}
+
+template <typename pred_t, typename img_t>
+void loss_grad(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
+               pred_t* dpred, const Geometry& g, bool norm_pix, float eps) {
+  const int64_t rows = g.N * g.M, P = g.P;
+  at::parallel_for(0, rows, grain_for(3 * P * int64_t(sizeof(pred_t))), [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> x_buf;
+    float* x = scratch(x_buf, P);
+    for (int64_t row = begin; row < end; ++row) {
+      const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
+      const float coef = weight[row] * scale;
+      const pred_t* pr = pred + row * P;
+      pred_t* o = dpred + row * P;
+      for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
+    }
+  });
+}
+
+// Checks shared by forward and backward; returns the geometry.
+Geometry check_loss_args(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& ids, int64_t patch_size) {
+  check_float_input(pred, "pred");
+  check_float_input(imgs, "imgs");
+  TORCH_CHECK_VALUE(imgs.dim() == 4, "imgs must be [N, C, H, W], got shape ", imgs.sizes());
+  Geometry g{};
+  g.N = imgs.size(0), g.C = imgs.size(1), g.H = imgs.size(2), g.W = imgs.size(3), g.p = patch_size;
+  const auto [h, w] = patch_grid(g.H, g.W, g.p);
+  g.w = w;
+  g.P = g.p * g.p * g.C;
+  const int64_t L = h * w;
+  TORCH_CHECK_VALUE(pred.dim() == 3 && pred.size(0) == g.N && pred.size(2) == g.P,
+                    "pred must be [N, rows, p*p*C] = [", g.N, ", *, ", g.P, "] for images ", imgs.sizes(),
+                    " and patch size ", g.p, ", got ", pred.sizes());
+  g.M = pred.size(1);
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                        weight.dim() == 2 && weight.size(0) == g.N && weight.size(1) == g.M,
+                    "weight must be a contiguous float32 [N, rows] = [", g.N, ", ", g.M, "] tensor, got ",
+                    weight.scalar_type(), " ", weight.sizes());
+  if (ids.has_value()) {
+    check_ids(*ids, "ids", g.N, g.M);
+    check_index_range(*ids, L, "ids");
+  } else {
+    TORCH_CHECK_VALUE(g.M == L, "pred has ", g.M, " rows but the images have L = ", L,
+                      " patches; pass ids to give predictions for a subset of patches");
+  }
+  return g;
+}
+
+// sum(weight) in fp64, sequential (N*M values): fixed order.
+double weight_sum(const at::Tensor& weight) {
+  const float* wt = weight.const_data_ptr<float>();
+  double s = 0.0;
+  for (int64_t i = 0, n = weight.numel(); i < n; ++i) s += wt[i];
+  return s;
+}
+
+// Calls fn.template operator()<pred_t, img_t>() for the two tensors' dtypes.
+template <typename Fn>
+void dispatch_pred_img(const at::Tensor& pred, const at::Tensor& imgs, const Fn& fn) {
+  FASTMAE_DISPATCH_FLOAT(pred.scalar_type(), "norm_mse_loss", [&] {
+    using pred_t = scalar_t;
+    FASTMAE_DISPATCH_FLOAT(imgs.scalar_type(), "norm_mse_loss", [&] {
+      using img_t = scalar_t;
+      fn(pred_t{}, img_t{});
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor norm_mse_loss_fwd(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& ids, int64_t patch_size, bool norm_pix, double eps) {
+  const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size);
+  const int64_t* idp = ids.has_value() ? ids->const_data_ptr<int64_t>() : nullptr;
+  double total = 0.0;
+  dispatch_pred_img(pred, imgs, [&](auto p0, auto i0) {
+    using pred_t = decltype(p0);
+    using img_t = decltype(i0);
+    total = loss_sum<pred_t, img_t>(pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(),
+                                    weight.const_data_ptr<float>(), idp, g, norm_pix, float(eps));
+  });
+  return at::scalar_tensor(total / weight_sum(weight), pred.options().dtype(at::kFloat));
+}
+
+at::Tensor norm_mse_loss_bwd(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& ids, int64_t patch_size,
+                             bool norm_pix, double eps) {
+  const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size);
+  TORCH_CHECK_VALUE(grad.numel() == 1 && grad.device().is_cpu(), "grad must be a scalar CPU tensor, got shape ",
+                    grad.sizes());
+  const float scale = grad.item<float>() * 2.f / (float(g.P) * float(weight_sum(weight)));
+  const int64_t* idp = ids.has_value() ? ids->const_data_ptr<int64_t>() : nullptr;
+  at::Tensor dpred = at::empty_like(pred);
+  dispatch_pred_img(pred, imgs, [&](auto p0, auto i0) {
+    using pred_t = decltype(p0);
+    using img_t = decltype(i0);
+    loss_grad<pred_t, img_t>(scale, pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(),
+                             weight.const_data_ptr<float>(), idp, dpred.mutable_data_ptr<pred_t>(), g, norm_pix,
+                             float(eps));
+  });
+  return dpred;
+}
+
+}  // namespace fastmae
+
+TORCH_LIBRARY_FRAGMENT(fastmae_C, m) {
+  m.def("norm_mse_loss_fwd(Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, bool norm_pix, "
+        "float eps) -> Tensor");
+  m.def("norm_mse_loss_bwd(Tensor grad, Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, "
+        "bool norm_pix, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {
+  m.impl("norm_mse_loss_fwd", &fastmae::norm_mse_loss_fwd);
+  m.impl("norm_mse_loss_bwd", &fastmae::norm_mse_loss_bwd);
+}
