@@ -1,3 +1,6 @@
+"""``python -m fastmae`` (also what ``torchrun -m fastmae`` runs): the ``fastmae`` command."""
+import sys
+
 from .cli import main
 
-main()
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""Checkpoints: atomic save, validated load, and the model rebuilt from its stored configuration.
+
+A checkpoint is one ``torch.save`` file (loadable with ``weights_only=True``) holding
+
+- ``model``: the state_dict with the official keys (loads into the official
+  ``models_mae.MaskedAutoencoderViT`` with ``strict=True``);
+- ``model_config``: the constructor arguments, so the model can be rebuilt from the file alone;
+- ``optimizer``, ``scaler`` (fp16 GradScaler state or None), ``epoch`` (the epoch in progress),
+  ``epoch_iter`` (data batches of that epoch already consumed), ``step`` (optimizer steps so far),
+  ``meters`` (running sums for the epoch's log line), ``nonfinite`` (consecutive skipped steps);
+- ``args``: the command-line arguments as a dict; ``rng``: the torch, CUDA, numpy and python
+  RNG states;
+- ``format`` / ``version``: what this file is.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
+target: a crash leaves either the old or the new checkpoint, never half of one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+
+FORMAT = "fastmae-checkpoint"
+VERSION = 1
+LAST = "checkpoint-last.pth"
+REQUIRED_KEYS = ("model", "model_config", "optimizer", "scaler", "epoch", "epoch_iter", "step",
+                 "args", "rng")
+# Constructor arguments stored in ``model_config`` (norm_layer is always LayerNorm(eps)).
+CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+               "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio",
+               "norm_pix_loss", "layer_norm_eps")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, not a fastmae checkpoint, or does not fit the run."""
+
+
+# ---------------------------------------------------------------------------- model config
+def model_config(model) -> dict:
+    """The constructor arguments of an MAE (fast or reference), as plain Python values."""
+    pe = model.patch_embed
+    blocks, dblocks = model.blocks, model.decoder_blocks
+    return dict(
+        img_size=list(pe.img_size), patch_size=pe.patch_size[0], in_chans=model.in_chans,
+        embed_dim=model.cls_token.shape[-1], depth=len(blocks),
+        num_heads=blocks[0].attn.num_heads if len(blocks) else 1,
+        decoder_embed_dim=model.mask_token.shape[-1], decoder_depth=len(dblocks),
+        decoder_num_heads=dblocks[0].attn.num_heads if len(dblocks) else 1,
+        mlp_ratio=(blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features) if len(blocks) else 4.0,
+        norm_pix_loss=bool(model.norm_pix_loss), layer_norm_eps=float(model.norm.eps),
+    )
+
+
+def build_model(config: dict, reference_impl: bool = False, **kwargs):
+    """An MAE from a stored ``model_config`` (``reference_impl=True``: the plain reference)."""
+    from functools import partial
+
+    from . import reference
+    from .model import MaskedAutoencoderViT
+
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise CheckpointError(f"model configuration lacks {', '.join(missing)}")
+    cfg = {k: config[k] for k in CONFIG_KEYS if k != "layer_norm_eps"}
+    if isinstance(cfg["img_size"], (list, tuple)):
+        cfg["img_size"] = tuple(cfg["img_size"])
+    cfg["norm_layer"] = partial(torch.nn.LayerNorm, eps=config["layer_norm_eps"])
+    cls = reference.MaskedAutoencoderViT if reference_impl else MaskedAutoencoderViT
+    return cls(**cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------- RNG states
+def rng_states() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])
+    n = states["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+# ---------------------------------------------------------------------------- save / load
+def save_atomic(obj, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file, fsync and rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Read and check a fastmae checkpoint; :class:`CheckpointError` says what is wrong."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            KeyError, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt or truncated and cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path!r} is not a fastmae checkpoint (no format={FORMAT!r} marker); "
+            f"only files written by `fastmae pretrain` can be resumed or visualized")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {ckpt.get('version')}, "
+                              f"this fastmae reads version {VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: it lacks {', '.join(missing)}")
+    return ckpt
+
+
+def check_state_dict(model, state: dict, path: str) -> None:
+    """Raise unless ``state`` has exactly the model's keys with the same shapes (checked before
+    anything is copied, so a mismatch never leaves a half-loaded model)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append(f"shape mismatches {wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path!r} does not fit the model: " + "; ".join(problems))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path!r} holds non-finite weights in {bad[:5]}")
+
+
+def load_model(path: str, device="cpu", reference_impl: bool = False, **kwargs):
+    """(model, checkpoint): the MAE a checkpoint describes, with its weights, in eval mode."""
+    ckpt = load(path)
+    try:
+        model = build_model(ckpt["model_config"], reference_impl=reference_impl, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has an invalid model configuration: {e}") from None
+    check_state_dict(model, ckpt["model"], path)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.to(device).eval(), ckpt
+
+
+def latest(output_dir: str) -> str | None:
+    """The newest checkpoint in ``output_dir``: ``checkpoint-last.pth`` (rewritten whenever any
+    checkpoint is), else the highest-numbered ``checkpoint-<epoch>.pth``; None when there is none."""
+    last = os.path.join(output_dir, LAST)
+    if os.path.isfile(last):
+        return last
+    numbered = []
+    for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(p))
+        if m:
+            numbered.append((int(m.group(1)), p))
+    return max(numbered)[1] if numbered else None
