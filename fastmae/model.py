@@ -80,6 +80,10 @@ class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
 
     def forward_decoder(self, x, ids_restore):
         x = self.decoder_embed(x)
+        # Under autocast decoder_embed returns bf16/fp16, and the official cat with the fp32
+        # mask token and the fp32 position add promote the decoder's residual stream back to
+        # fp32. unshuffle_scatter works in x's dtype, so promote first: same precision policy.
+        x = x.to(torch.promote_types(x.dtype, self.mask_token.dtype))
         x = ops.unshuffle_scatter(x, self.mask_token, ids_restore, self.decoder_pos_embed)
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)

@@ -1,17 +1,26 @@
 """Memory-efficient attention with selectable backends.
 
-``attention(q, k, v, backend="auto")`` with q, k, v ``[B, heads, S, head_dim]`` returns
-``softmax(q k^T / sqrt(head_dim)) v`` of the same shape. Backends:
+``attention(q, k, v, backend="auto")`` with q ``[B, heads, Sq, head_dim]`` and k, v
+``[B, heads, Sk, head_dim]`` returns ``softmax(q k^T / sqrt(head_dim)) v``, shaped like q.
+Backends:
 
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-  kernels where PyTorch has them; the default);
-- ``xformers``: ``xformers.ops.memory_efficient_attention`` (CUDA only, optional dependency);
-- ``math``: the explicit formula, the reference;
-- ``auto``: xformers for CUDA tensors when it imports, else sdpa.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``. PyTorch picks its fused
+  kernel (flash attention on CPU and CUDA, memory-efficient attention on CUDA): the
+  ``[Sq, Sk]`` probability matrix is never stored for backward, only a per-row log-sum-exp.
+  Any device; float32, float64, bfloat16, float16.
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` (an optional dependency). CUDA
+  tensors only (xformers ships no CPU operators); float32, bfloat16, float16.
+- ``math``: the explicit formula, the reference (it stores the probability matrix). The softmax
+  runs in fp32 for low-precision inputs, as the fused kernels do.
+- ``auto``: ``xformers`` for CUDA tensors when xformers imports, else ``sdpa``.
+
+A backend that cannot run on the given tensors raises a ValueError that says why and which
+backend to use instead; ``xformers`` requested but not importable raises a RuntimeError with the
+import error. The choice depends only on the backend name, the device and the dtype, so under
+``torch.compile`` it is made once at trace time and costs nothing per call.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -19,50 +28,96 @@ import torch.nn.functional as F
 
 ATTN_BACKENDS = ("auto", "sdpa", "xformers", "math")
 
+# dtypes each concrete backend accepts (math takes any floating dtype)
+_SDPA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_XFORMERS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-def attention_ref(q, k, v):
+_xformers_state: dict = {}
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v, computed explicitly (fp32 softmax for low-precision inputs)."""
     scale = q.shape[-1] ** -0.5
     attn = (q @ k.transpose(-2, -1)) * scale
-    attn = attn.float().softmax(dim=-1).to(q.dtype)
+    attn = attn.float().softmax(dim=-1).to(v.dtype)
     return attn @ v
 
 
-@functools.lru_cache(maxsize=None)
 def _xformers_ops():
-    try:
-        return importlib.import_module("xformers.ops"), None
-    except Exception as e:  # ImportError, or a binary built for another torch
-        return None, f"{type(e).__name__}: {e}"
+    """(xformers.ops, None) when xformers imports, else (None, the import error). Imported once,
+    on first use: importing xformers is slow and most runs never need it."""
+    if "ops" not in _xformers_state:
+        try:
+            _xformers_state["ops"], _xformers_state["error"] = importlib.import_module("xformers.ops"), None
+        except Exception as e:  # ImportError, or a binary built for another torch
+            _xformers_state["ops"], _xformers_state["error"] = None, f"{type(e).__name__}: {e}"
+    return _xformers_state["ops"], _xformers_state["error"]
+
+
+@torch.compiler.assume_constant_result
+def xformers_import_error() -> str:
+    """Why xformers cannot be used ('' when it imports). Constant under torch.compile, so the
+    backend choice adds no guard and no graph break."""
+    return _xformers_ops()[1] or ""
 
 
 def check_attn_backend(backend: str) -> str:
+    """The name itself must be one of ATTN_BACKENDS (ValueError otherwise)."""
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     return backend
 
 
 def resolve_attn_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend (``sdpa``, ``xformers`` or ``math``) that runs ``backend`` on tensors
+    of this device and dtype, or a clear error when it cannot."""
     check_attn_backend(backend)
+    device = torch.device(device)
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and _xformers_ops()[0] is not None else "sdpa"
+        usable = device.type == "cuda" and dtype in _XFORMERS_DTYPES and not xformers_import_error()
+        return "xformers" if usable else "sdpa"
     if backend == "xformers":
         if device.type != "cuda":
-            raise RuntimeError(f"attention backend 'xformers' has no kernels for {device.type} tensors; "
-                               "use 'sdpa' (or 'auto', which picks it there)")
-        if _xformers_ops()[0] is None:
-            raise RuntimeError(f"attention backend 'xformers' is not importable ({_xformers_ops()[1]}); "
-                               "install xformers or use 'sdpa'")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise RuntimeError(f"attention backend 'xformers' does not take {dtype}; use 'sdpa'")
+            raise ValueError(f"attention backend 'xformers' has no kernels for {device.type} tensors (xformers "
+                             f"ships CUDA operators only); use 'sdpa', or 'auto', which picks it there")
+        if dtype not in _XFORMERS_DTYPES:
+            raise ValueError(f"attention backend 'xformers' does not take {dtype}; use float32, bfloat16 or "
+                             f"float16 inputs, or the 'sdpa' backend")
+        err = xformers_import_error()
+        if err:
+            raise RuntimeError(f"attention backend 'xformers' is not usable: importing xformers.ops failed "
+                               f"({err}); install xformers built for this torch "
+                               f"(`pip install xformers`), or use 'sdpa'")
+    if backend == "sdpa" and dtype not in _SDPA_DTYPES:
+        raise ValueError(f"attention backend 'sdpa' does not take {dtype}; use a floating dtype "
+                         f"(float32, float64, bfloat16, float16)")
+    if backend == "math" and not dtype.is_floating_point:
+        raise ValueError(f"attention backend 'math' needs floating inputs, got {dtype}")
     return backend
 
 
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, S, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q [B, heads, Sq, d], k and v [B, heads, Sk, d] must agree in B, heads and d "
+                         f"(k and v in every dimension), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Scaled dot-product attention on ``[B, heads, S, head_dim]`` tensors."""
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one [B, heads, S, head_dim] shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    """Scaled dot-product attention on ``[B, heads, S, head_dim]`` tensors (see the module doc).
+
+    Under autocast the inputs are taken as they come (a model's q, k, v leave an autocast
+    ``Linear`` already in the low-precision dtype); ``sdpa`` follows autocast's own rule.
+    """
+    _check_qkv(q, k, v)
     backend = resolve_attn_backend(backend, q.device, q.dtype)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
