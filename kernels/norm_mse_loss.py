@@ -1,0 +1,316 @@
+"""Triton kernels for ``fastmae.ops.norm_mse_loss``: the MAE loss with per-patch normalised
+targets, computed from pixels on the fly.
+
+One program per prediction row ``(n, m)`` (patch ``l = ids[n, m]``):
+
+1. with ``NORM_PIX``, the patch's mean and unbiased variance, in fp32, from its pixels read in
+   image order (``VEC``-wide segments of image rows, like ``gather_mask``); chunks of the patch
+   are combined with Chan's parallel formula, so a patch that fits one chunk (ViT-B/16: 768
+   pixels) gets the exact two-pass statistics from registers;
+2. the squared error against the prediction row, walked in its own ``(i, j, c)`` order: the
+   prediction is read with ``VEC``-wide vector loads, the pixel of each element is fetched from
+   the cache lines pass 1 just brought in.
+
+Forward: each program writes ``weight[n, m] * mean_k (pred - t)^2`` to an fp32 ``[N, M]`` buffer;
+a single-program kernel then sums it and the weights in a fixed order (deterministic) and writes
+the 0-d loss. Backward: the weight sum first (same small kernel), then one pass writing
+``dpred = grad * weight * 2 (pred - t) / (P * sum(weight))``. Nothing of target size is stored.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelConfig, dtype_name, full_vec, launch, signature_of, vec_width, FLOAT_DTYPES
+
+NUM_WARPS = 4
+TILE = 1024  # elements per loop step (statistics pass: BLOCK_S segments of VEC_I pixels)
+SUM_BLOCK = 1024  # rows per step of the final reduction
+SUM_WARPS = 4
+
+
+def vec_options(dtype: torch.dtype) -> tuple[int, ...]:
+    """Vector widths this module's launchers choose from: scalar or a full 16-byte vector."""
+    return (1, full_vec(dtype))
+
+
+@triton.jit
+def _norm_mse_patch_stats(src, C, p, p_vecs, s_img_c, s_img_h, eps, VEC_I: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Mean and 1/sqrt(unbiased variance + eps) of the C*p*p pixels of the patch at ``src``."""
+    n_segs = C * p * p_vecs
+    lane = tl.arange(0, VEC_I)
+    count = tl.zeros((), dtype=tl.float32)
+    mean = tl.zeros((), dtype=tl.float32)
+    m2 = tl.zeros((), dtype=tl.float32)
+    for s0 in range(0, n_segs, BLOCK_S):
+        seg = s0 + tl.arange(0, BLOCK_S)
+        row = seg // p_vecs  # c * p + i
+        jv = seg - row * p_vecs
+        c = (row // p).to(tl.int64)
+        i = (row - c * p).to(tl.int64)
+        ok = (seg < n_segs)[:, None] & (lane < VEC_I)[None, :]
+        x = tl.load(src + (c * s_img_c + i * s_img_h + jv * VEC_I)[:, None] + lane[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        cnt = (tl.minimum(n_segs - s0, BLOCK_S) * VEC_I).to(tl.float32)
+        c_mean = tl.sum(tl.sum(x, axis=1), axis=0) / cnt
+        dev = tl.where(ok, x - c_mean, 0.0)
+        c_m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+        total = count + cnt
+        delta = c_mean - mean
+        mean += delta * (cnt / total)
+        m2 += c_m2 + delta * delta * (count * cnt / total)
+        count = total
+    var = m2 / (count - 1.0)
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _norm_mse_row(pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs,
+                  s_img_n_vecs, s_img_c_vecs, s_img_h_vecs, s_ids_n, eps,
+                  NORM_PIX: tl.constexpr, VEC_I: tl.constexpr, VEC_P: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
+    """Locate row ``pid`` = (n, m): its prediction-row offset, its patch, and the patch statistics."""
+    n = pid // M
+    m = pid % M
+    patch = tl.load(ids_ptr + n * s_ids_n + m)
+    hi = patch // w
+    wj = patch % w
+    p = p_vecs * VEC_I
+    s_img_c = s_img_c_vecs * VEC_I
+    s_img_h = s_img_h_vecs * VEC_I
+    src = imgs_ptr + n * (s_img_n_vecs * VEC_I) + hi * p * s_img_h + wj * p
+    row = n * (s_pred_n_vecs * VEC_P) + m * (s_pred_m_vecs * VEC_P)  # offset of the prediction row
+    if NORM_PIX:
+        mean, rstd = _norm_mse_patch_stats(src, C, p, p_vecs, s_img_c, s_img_h, eps, VEC_I, BLOCK_S)
+    else:
+        mean = 0.0
+        rstd = 1.0
+    return n, m, row, src, p, s_img_c, s_img_h, mean, rstd
+
+
+@triton.jit
+def _norm_mse_target(src, e, ok, C, p, s_img_c, s_img_h, mean, rstd, NORM_PIX: tl.constexpr):
+    """Targets of prediction elements ``e`` (official (i, j, c) order) of the patch at ``src``."""
+    pc = p * C
+    i = e // pc
+    rem = e - i * pc
+    j = rem // C
+    c = rem - j * C
+    x = tl.load(src + c.to(tl.int64) * s_img_c + i.to(tl.int64) * s_img_h + j, mask=ok, other=0.0).to(tl.float32)
+    if NORM_PIX:
+        x = (x - mean) * rstd
+    return x
+
+
+@triton.jit
+def _norm_mse_loss_fwd_kernel(
+    pred_ptr,  # [N, M, P] predictions, P = p*p*C in (i, j, c) order, unit stride along P
+    imgs_ptr,  # [N, C, H, W] pixels, unit stride along W
+    weight_ptr,  # [N, M] fp32 row weights (the mask)
+    ids_ptr,  # [N, M] int64 patch index of each row (stride 0 along N for the identity)
+    rows_ptr,  # [N * M] fp32 output: weight * mean squared error of each row
+    M, C, w,  # rows per sample, channels, patches per image row
+    p_vecs,  # patch size in VEC_I-wide vectors
+    P_vecs,  # row length P in VEC_P-wide vectors
+    s_pred_n_vecs, s_pred_m_vecs,  # pred strides in VEC_P vectors
+    s_img_n_vecs, s_img_c_vecs, s_img_h_vecs,  # imgs strides in VEC_I vectors
+    s_w_n, s_ids_n,  # weight and ids strides along N (elements)
+    eps,  # variance epsilon
+    NORM_PIX: tl.constexpr,
+    VEC_I: tl.constexpr,
+    VEC_P: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n, m, row, src, p, s_img_c, s_img_h, mean, rstd = _norm_mse_row(
+        pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
+        s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S, BLOCK_E)
+    P = P_vecs * VEC_P
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for e0 in range(0, P, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        ok = e < P
+        pr = tl.load(pred_ptr + row + e, mask=ok, other=0.0).to(tl.float32)
+        t = _norm_mse_target(src, e, ok, C, p, s_img_c, s_img_h, mean, rstd, NORM_PIX)
+        diff = tl.where(ok, pr - t, 0.0)
+        acc += diff * diff
+    weight = tl.load(weight_ptr + n * s_w_n + m)
+    tl.store(rows_ptr + pid, weight * (tl.sum(acc, axis=0) / P))
+
+
+@triton.jit
+def _norm_mse_loss_bwd_kernel(
+    grad_ptr,  # [] fp32 gradient of the loss
+    wsum_ptr,  # [1] fp32 sum of the weights
+    pred_ptr,  # [N, M, P] predictions, unit stride along P
+    imgs_ptr,  # [N, C, H, W] pixels, unit stride along W
+    weight_ptr,  # [N, M] fp32 row weights
+    ids_ptr,  # [N, M] int64 patch index of each row (stride 0 along N for the identity)
+    dpred_ptr,  # [N, M, P] output gradient, same strides as pred
+    M, C, w, p_vecs, P_vecs,
+    s_pred_n_vecs, s_pred_m_vecs,  # pred and dpred strides in VEC_P vectors
+    s_img_n_vecs, s_img_c_vecs, s_img_h_vecs,  # imgs strides in VEC_I vectors
+    s_w_n, s_ids_n,
+    eps,
+    NORM_PIX: tl.constexpr,
+    VEC_I: tl.constexpr,
+    VEC_P: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n, m, row, src, p, s_img_c, s_img_h, mean, rstd = _norm_mse_row(
+        pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
+        s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S, BLOCK_E)
+    P = P_vecs * VEC_P
+    weight = tl.load(weight_ptr + n * s_w_n + m)
+    scale = tl.load(grad_ptr) * weight * 2.0 / (P * tl.load(wsum_ptr))
+    for e0 in range(0, P, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        ok = e < P
+        pr = tl.load(pred_ptr + row + e, mask=ok, other=0.0).to(tl.float32)
+        t = _norm_mse_target(src, e, ok, C, p, s_img_c, s_img_h, mean, rstd, NORM_PIX)
+        tl.store(dpred_ptr + row + e, (scale * (pr - t)).to(dpred_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _norm_mse_loss_sum_kernel(
+    rows_ptr,  # [R] fp32 weighted row losses (read only when HAS_ROWS)
+    weight_ptr,  # [R] fp32 row weights, contiguous
+    out_ptr,  # [] fp32: sum(rows) / sum(weight), or sum(weight) without HAS_ROWS
+    R,  # rows
+    HAS_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_l = tl.zeros([BLOCK], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK):  # one program, fixed order: deterministic
+        r = r0 + tl.arange(0, BLOCK)
+        ok = r < R
+        acc_w += tl.load(weight_ptr + r, mask=ok, other=0.0)
+        if HAS_ROWS:
+            acc_l += tl.load(rows_ptr + r, mask=ok, other=0.0)
+    if HAS_ROWS:
+        tl.store(out_ptr, tl.sum(acc_l, axis=0) / tl.sum(acc_w, axis=0))
+    else:
+        tl.store(out_ptr, tl.sum(acc_w, axis=0))
+
+
+# ---------------------------------------------------------------------------- launchers
+def _prepare(pred, imgs, weight, ids, patch_size):
+    """Check shapes; return the kernel arguments shared by forward and backward."""
+    if imgs.dim() != 4 or imgs.stride(-1) != 1:
+        raise ValueError(f"imgs must be [N, C, H, W] with unit stride along W, got {tuple(imgs.shape)} {imgs.stride()}")
+    N, C, H, W = imgs.shape
+    p = int(patch_size)
+    if p <= 0 or H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    P = C * p * p
+    if pred.dim() != 3 or pred.shape[0] != N or pred.shape[2] != P or pred.stride(-1) != 1:
+        raise ValueError(f"pred must be [N={N}, M, P={P}] with unit stride along P, got {tuple(pred.shape)}")
+    M = pred.shape[1]
+    if tuple(weight.shape) != (N, M) or weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 [{N}, {M}] tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if pred.dtype not in FLOAT_DTYPES or imgs.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"pred and imgs must be float32, bfloat16 or float16, got {pred.dtype} and {imgs.dtype}")
+    if ids is None:
+        if M != (H // p) * (W // p):
+            raise ValueError(f"pred has {M} rows but the images have {(H // p) * (W // p)} patches and no ids")
+        ids, s_ids_n = torch.arange(M, device=pred.device), 0  # identity, shared by every sample
+    else:
+        if tuple(ids.shape) != (N, M) or ids.dtype != torch.int64 or ids.stride(-1) != 1:
+            raise ValueError(f"ids must be int64 [{N}, {M}] with unit stride, got {ids.dtype} {tuple(ids.shape)}")
+        s_ids_n = ids.stride(0)
+    vec_i = vec_width(imgs.dtype, [p, *imgs.stride()[:3]], [imgs])
+    vec_i = vec_i if vec_i in vec_options(imgs.dtype) else 1
+    vec_p = vec_width(pred.dtype, [P, *pred.stride()[:2]], [pred])
+    vec_p = vec_p if vec_p in vec_options(pred.dtype) else 1
+    ints = (M, C, W // p, p // vec_i, P // vec_p, pred.stride(0) // vec_p, pred.stride(1) // vec_p,
+            imgs.stride(0) // vec_i, imgs.stride(1) // vec_i, imgs.stride(2) // vec_i, weight.stride(0), s_ids_n)
+    return N * M, ids, ints, vec_i, vec_p
+
+
+def _constexprs(norm_pix: bool, vec_i: int, vec_p: int) -> dict:
+    return {"NORM_PIX": bool(norm_pix), "VEC_I": vec_i, "VEC_P": vec_p, "BLOCK_S": TILE // vec_i, "BLOCK_E": TILE}
+
+
+def norm_mse_loss_forward(pred, imgs, weight, ids: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
+                          eps: float) -> torch.Tensor:
+    """The MAE loss (0-d fp32) of ``pred [N, M, p*p*C]`` against the patches ``ids [N, M]`` (all
+    patches when None) of ``imgs [N, C, H, W]``, rows weighted by ``weight [N, M]`` fp32."""
+    rows, ids, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+    loss = torch.empty((), dtype=torch.float32, device=pred.device)
+    row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
+    if rows:
+        launch(_norm_mse_loss_fwd_kernel, (rows,), pred, imgs, weight, ids, row_loss, *ints, float(eps),
+               **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
+    launch(_norm_mse_loss_sum_kernel, (1,), row_loss, weight, loss, rows, HAS_ROWS=True, BLOCK=SUM_BLOCK,
+           num_warps=SUM_WARPS)
+    return loss
+
+
+def norm_mse_loss_backward(grad, pred, imgs, weight, ids: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
+                           eps: float) -> torch.Tensor:
+    """``dpred`` (``pred.dtype``, ``pred``'s shape) for the 0-d fp32 loss gradient ``grad``."""
+    rows, ids, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+    if grad.numel() != 1:
+        raise ValueError(f"grad must hold one value (the loss is a scalar), got shape {tuple(grad.shape)}")
+    grad = grad.reshape(()).to(torch.float32)
+    dpred = torch.empty_like(pred)
+    if rows == 0:
+        return dpred
+    if dpred.stride() != pred.stride():
+        raise ValueError(f"pred must be laid out densely, got strides {pred.stride()}")
+    wsum = torch.empty(1, dtype=torch.float32, device=pred.device)
+    launch(_norm_mse_loss_sum_kernel, (1,), weight, weight, wsum, rows, HAS_ROWS=False, BLOCK=SUM_BLOCK,
+           num_warps=SUM_WARPS)
+    launch(_norm_mse_loss_bwd_kernel, (rows,), grad, wsum, pred, imgs, weight, ids, dpred, *ints, float(eps),
+           **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
+    return dpred
+
+
+# ---------------------------------------------------------------------------- configurations
+def launch_configs() -> list[KernelConfig]:
+    """Every configuration the launchers can choose: (pred dtype, imgs dtype) x VEC_P x VEC_I x
+    NORM_PIX, for both kernels, and the two variants of the final sum."""
+    ints = dict.fromkeys(["M", "C", "w", "p_vecs", "P_vecs", "s_pred_n_vecs", "s_pred_m_vecs", "s_img_n_vecs",
+                          "s_img_c_vecs", "s_img_h_vecs", "s_w_n", "s_ids_n"], "i32")
+    configs = []
+    for pdt in FLOAT_DTYPES:
+        for idt in FLOAT_DTYPES:
+            tp, ti = "*" + dtype_name(pdt), "*" + dtype_name(idt)
+            for vec_p in vec_options(pdt):
+                for vec_i in vec_options(idt):
+                    # the prediction row is the contiguous stream that must reach its vector width
+                    # (the image-order statistics pass too, when it runs)
+                    for norm_pix in (False, True):
+                        ce = _constexprs(norm_pix, vec_i, vec_p)
+                        need_ld = vec_p * pdt.itemsize
+                        if norm_pix:
+                            need_ld = max(need_ld, vec_i * idt.itemsize)
+                        base = {"pred_ptr": tp, "imgs_ptr": ti, "weight_ptr": "*fp32", "ids_ptr": "*i64", **ints,
+                                "eps": "fp32"}
+                        fwd = {**base, "rows_ptr": "*fp32"}
+                        configs.append(KernelConfig(
+                            "norm_mse_loss_fwd", _norm_mse_loss_fwd_kernel,
+                            signature_of(_norm_mse_loss_fwd_kernel, fwd, ce), ce,
+                            ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "rows_ptr"), NUM_WARPS, need_ld, 0))
+                        bwd = {**base, "grad_ptr": "*fp32", "wsum_ptr": "*fp32", "dpred_ptr": tp}
+                        configs.append(KernelConfig(
+                            "norm_mse_loss_bwd", _norm_mse_loss_bwd_kernel,
+                            signature_of(_norm_mse_loss_bwd_kernel, bwd, ce), ce,
+                            ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "dpred_ptr", "grad_ptr", "wsum_ptr"),
+                            NUM_WARPS, need_ld, vec_p * pdt.itemsize))
+    for has_rows in (False, True):
+        ce = {"HAS_ROWS": has_rows, "BLOCK": SUM_BLOCK}
+        configs.append(KernelConfig(
+            "norm_mse_loss_sum", _norm_mse_loss_sum_kernel,
+            signature_of(_norm_mse_loss_sum_kernel, {"rows_ptr": "*fp32", "weight_ptr": "*fp32", "out_ptr": "*fp32",
+                                                     "R": "i32"}, ce),
+            ce, ("rows_ptr", "weight_ptr", "out_ptr"), SUM_WARPS))  # N*M floats of any count: no width claim
+    return configs
