@@ -134,16 +134,25 @@ def init_distributed(device_type: str) -> Dist:
     return info
 
 
-def resolve_device(name: str | None, dist_info: Dist) -> torch.device:
+def parse_device(name: str | None) -> torch.device:
+    """``--device``: cpu or cuda[:N]; None means cuda when available, else cpu."""
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} was asked for but CUDA is not available (use --device cpu)")
-        if dist_info.enabled:
-            dev = torch.device("cuda", dist_info.local_rank)
-    elif dev.type != "cpu":
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but CUDA is not available (use --device cpu)")
+    return dev
+
+
+def resolve_device(name: str | None, dist_info: Dist) -> torch.device:
+    """The device of this process (under torchrun on CUDA: the GPU of its local rank)."""
+    dev = parse_device(name)
+    if dev.type == "cuda" and dist_info.enabled:
+        dev = torch.device("cuda", dist_info.local_rank)
     return dev
 
 
@@ -258,8 +267,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     """
     from torch.utils.data import DataLoader
 
-    requested = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist_info = init_distributed(requested.type)
+    dist_info = init_distributed(parse_device(args.device).type)
     device = resolve_device(args.device, dist_info)
     main = dist_info.is_main
     say = print if main else (lambda *a, **k: None)
