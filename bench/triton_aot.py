@@ -126,12 +126,30 @@ def all_configs(modules=KERNEL_MODULES):
     return configs
 
 
-def compile_all(ccs=(80, 90), modules=KERNEL_MODULES) -> list[Record]:
-    """Compile every launch configuration of every kernel for every target in ``ccs``."""
+_worker_configs: dict = {}
+
+
+def _compile_task(task) -> Record:
+    """Worker side of ``compile_all(jobs > 1)``: (module, index in its launch_configs(), cc)."""
+    module, index, cc = task
+    if module not in _worker_configs:
+        _worker_configs[module] = all_configs((module,))
+    return compile_config(_worker_configs[module][index], cc)
+
+
+def compile_all(ccs=(80, 90), modules=KERNEL_MODULES, jobs: int = 1) -> list[Record]:
+    """Compile every launch configuration of every kernel for every target in ``ccs``
+    (``jobs`` worker processes; compiled kernels are cached by triton, so reruns are fast)."""
     err = backend_error()
     if err is not None:
         raise RuntimeError(err)
-    return [compile_config(cfg, cc) for cfg in all_configs(modules) for cc in ccs]
+    tasks = [(m, i, cc) for m in modules for i in range(len(all_configs((m,)))) for cc in ccs]
+    if jobs <= 1:
+        return [_compile_task(t) for t in tasks]
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_task, tasks, chunksize=8))
 
 
 def summary(records: list[Record]) -> list[dict]:
@@ -173,8 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--module", nargs="+", default=list(KERNEL_MODULES), choices=KERNEL_MODULES)
     ap.add_argument("--json", help="also write the records to this JSON file")
     ap.add_argument("--summary", action="store_true", help="print only the per-kernel summary")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     args = ap.parse_args(argv)
-    records = compile_all(tuple(args.cc), tuple(args.module))
+    records = compile_all(tuple(args.cc), tuple(args.module), args.jobs)
     print(format_table(records, full=not args.summary))
     if args.json:
         with open(args.json, "w") as f:
