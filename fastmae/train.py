@@ -203,7 +203,6 @@ class Result:
     """What :func:`pretrain` returns."""
     model: torch.nn.Module
     steps: int
-    epochs_done: int
     seconds: float
     images_per_sec: float
     final_loss: float | None
@@ -364,7 +363,6 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     t_start = time.time()
     images_seen, last_loss, saved, epoch_losses = 0, None, None, []
     stop = args.max_steps is not None and step >= args.max_steps
-    epoch = start_epoch
     model.train(True)
     for epoch in range(start_epoch, args.epochs):
         if stop:
@@ -439,13 +437,13 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
                 writer.add_scalar("train_loss", last_loss, epoch_1000x)
                 writer.add_scalar("lr", lr, epoch_1000x)
             rate = imgs_epoch / max(time.time() - t_epoch, 1e-9)
+            shown = "nan" if last_loss is None else f"{last_loss:.4f}"
             if bar is not None:
                 bar.update(args.accum_iter)
-                bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "nan", lr=f"{lr:.2e}",
-                                img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             elif main and (step % PRINT_FREQ == 0):
                 print(f"epoch {epoch + 1}/{args.epochs} [{it}/{used_iters}] step {step} "
-                      f"loss {last_loss:.4f} lr {lr:.3e} {rate:.1f} img/s", flush=True)
+                      f"loss {shown} lr {lr:.3e} {rate:.1f} img/s", flush=True)
             if main and last_path and args.save_every and step % args.save_every == 0:
                 save(last_path, epoch, it)
                 saved = last_path
@@ -499,7 +497,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         import torch.distributed as dist
 
         dist.barrier()
-    result = Result(model=model_without_ddp, steps=step, epochs_done=epoch, seconds=seconds,
+    result = Result(model=model_without_ddp, steps=step, seconds=seconds,
                     images_per_sec=images_seen / max(seconds, 1e-9), final_loss=last_loss,
                     checkpoint=saved, picture=picture, losses=epoch_losses)
     if main:
