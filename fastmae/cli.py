@@ -62,7 +62,7 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                         "afresh when there is none)")
     g.add_argument("--start_epoch", type=int, default=0, metavar="N", help="first epoch (a resume overrides it)")
     g.add_argument("--num_workers", type=int, default=10, help="DataLoader worker processes")
-    g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
 
     f = p.add_argument_group("fastmae flags")
     f.add_argument("--precision", choices=tuple(train.PRECISIONS), default=None,
@@ -125,11 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_pretrain(args) -> int:
-    if args.precision is None:
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        args.precision = "fp16" if device.startswith("cuda") else "fp32"
     try:
         train.pretrain(args)
     finally:

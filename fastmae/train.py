@@ -36,6 +36,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import data, reference
+from ._checks import num_kept
 
 # Small models for the embedded demo and for tests (official names come from fastmae.model).
 PRESETS = {
@@ -271,8 +272,16 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     main = dist_info.is_main
     say = print if main else (lambda *a, **k: None)
 
-    if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 0:
-        raise ValueError("--batch_size and --accum_iter must be at least 1 and --epochs at least 0")
+    for flag, value, low in [("--batch_size", args.batch_size, 1), ("--accum_iter", args.accum_iter, 1),
+                             ("--epochs", args.epochs, 0), ("--num_workers", args.num_workers, 0),
+                             ("--save-every", args.save_every, 0), ("--max-nonfinite", args.max_nonfinite, 1),
+                             ("--max-steps", 1 if args.max_steps is None else args.max_steps, 1)]:
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    if args.warmup_epochs < 0 or args.weight_decay < 0 or args.blr <= 0 or (args.lr is not None and args.lr <= 0):
+        raise ValueError("--warmup_epochs and --weight_decay must be >= 0, --blr and --lr > 0")
+    if args.precision is None:  # the official code trains with fp16 autocast on CUDA
+        args.precision = "fp16" if device.type == "cuda" else "fp32"
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
     seed = args.seed + dist_info.rank  # as the official code; DDP broadcasts rank 0's weights
@@ -283,6 +292,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         torch.backends.cudnn.benchmark = True
 
     model = create_model(args.model, args.input_size, args.norm_pix_loss, args.attn_backend).to(device)
+    num_kept(model.patch_embed.num_patches, args.mask_ratio)  # a clear error now, not at the first step
     model_without_ddp = model
     global_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:

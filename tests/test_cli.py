@@ -101,6 +101,9 @@ def test_demo_settings_train_on_the_embedded_photographs(tmp_path, capsys):
     (["--resume", "/no/such/checkpoint.pth"], "checkpoint '/no/such/checkpoint.pth' does not exist"),
     (["--batch_size", "64"], "fewer than one optimizer step"),
     (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--mask_ratio", "1.0"], "mask_ratio must lie in [0, 1)"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--save-every", "-1"], "--save-every must be at least 0"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, folder, capsys, flags, message):
     argv = ["pretrain", *TINY, "--output_dir", str(tmp_path), "--data_path", folder, *flags]
