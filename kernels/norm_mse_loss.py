@@ -286,13 +286,13 @@ def launch_configs() -> list[KernelConfig]:
             tp, ti = "*" + dtype_name(pdt), "*" + dtype_name(idt)
             for vec_p in vec_options(pdt):
                 for vec_i in vec_options(idt):
-                    # the prediction row is the contiguous stream that must reach its vector width
-                    # (the image-order statistics pass too, when it runs)
                     for norm_pix in (False, True):
                         ce = _constexprs(norm_pix, vec_i, vec_p)
-                        need_ld = vec_p * pdt.itemsize
-                        if norm_pix:
-                            need_ld = max(need_ld, vec_i * idt.itemsize)
+                        # Width claims, one stream each so that the PTX check can attribute them:
+                        # without NORM_PIX the only vector loads are of the prediction row (pixels
+                        # are fetched in (i, j, c) order); with it, the statistics pass reads the
+                        # image in VEC_I vectors (proven alone where VEC_P = 1). dpred stores: VEC_P.
+                        need_ld = vec_i * idt.itemsize if norm_pix else vec_p * pdt.itemsize
                         base = {"pred_ptr": tp, "imgs_ptr": ti, "weight_ptr": "*fp32", "ids_ptr": "*i64", **ints,
                                 "eps": "fp32"}
                         fwd = {**base, "rows_ptr": "*fp32"}

@@ -136,7 +136,7 @@ def _unshuffle_scatter_bwd_kernel(
     else:
         # one sample, every row
         for o0 in range(0, L + 1, BLOCK_R):
-            o = o0 + tl.arange(0, BLOCK_R)
+            o = (o0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             g, removed = _unshuffle_scatter_bwd_tile(grad_ptr, ids_ptr, dx_ptr, pid, o, d, d_ok, L, K, s_grad_n,
                                                      s_grad_r, s_dx_n, s_dx_r, s_ids_n)
             acc += tl.where(removed[:, None], g, 0.0)
