@@ -136,7 +136,8 @@ def caption_for(model, mask_ratio: float, seed: int, title: str | None = None) -
     H, W = model.patch_embed.img_size
     lines = [f"MAE reconstructions{f' ({title})' if title else ''}: {H}x{W} images, {p}x{p} patches, "
              f"mask ratio {mask_ratio:g} ({K} of {L} patches visible to the encoder, removed ones "
-             f"shown grey; masks drawn with seed {seed})."]
+             f"shown grey; masks drawn with seed {seed}). The loss covers only removed patches, so the "
+             f"reconstruction of visible ones is untrained; the last column pastes the visible input back."]
     if model.norm_pix_loss:
         lines.append("Trained with norm_pix_loss: the model predicts each patch normalised by its own mean "
                      "and variance; for display the predictions are un-normalised with the mean and variance "

@@ -306,6 +306,15 @@ def test_resume_from_a_save_every_checkpoint_after_a_crash(tmp_path, folder):
     assert_states_equal(full.model.state_dict(), rest.model.state_dict(), "model")
 
 
+def test_latest_checkpoint(tmp_path):
+    assert ckpt_io.latest(str(tmp_path)) is None
+    for name in ("checkpoint-3.pth", "checkpoint-12.pth", "checkpoint-7.pth", "checkpoint-x.pth", "other.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    assert ckpt_io.latest(str(tmp_path)) == str(tmp_path / "checkpoint-12.pth")  # numerically, not by name
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"x")
+    assert ckpt_io.latest(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, folder, capsys):
     res = run(tmp_path, folder, "--epochs", "1", "--resume", "auto")
     assert res.steps == 4 and "no checkpoint" in capsys.readouterr().out
