@@ -29,14 +29,14 @@ VECTOR_BYTES = 16  # one 128-bit access
 
 def vec_choices(dtype: torch.dtype) -> tuple[int, ...]:
     """Every vector width a launcher may pick for ``dtype``: powers of two up to 16 bytes."""
-    top = VECTOR_BYTES // torch.empty((), dtype=dtype).element_size()
+    top = VECTOR_BYTES // dtype.itemsize
     return tuple(1 << i for i in range(top.bit_length()))
 
 
 def vec_width(dtype: torch.dtype, lengths: Sequence[int], tensors: Sequence[torch.Tensor] = ()) -> int:
     """Widest vector width (elements, power of two, at most 16 bytes) dividing every length in
     ``lengths`` and every start address in ``tensors`` (in elements of ``dtype``)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     for vec in reversed(vec_choices(dtype)):
         if all(n % vec == 0 for n in lengths) and all(t.data_ptr() % (vec * size) == 0 for t in tensors):
             return vec
@@ -95,7 +95,3 @@ def signature_of(kernel: Callable, types: dict, constexprs: dict) -> dict:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return TRITON_TYPES[dtype]
-
-
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -113,9 +113,10 @@ def gather_mask_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: 
     if imgs.dim() != 4 or imgs.stride(-1) != 1:
         raise ValueError(f"imgs must be [N, C, H, W] with unit stride along W, got shape {tuple(imgs.shape)} "
                          f"strides {imgs.stride()}")
-    if ids_keep.dim() != 2 or ids_keep.shape[0] != imgs.shape[0] or ids_keep.dtype != torch.int64:
-        raise ValueError(f"ids_keep must be int64 [N, K] with N = {imgs.shape[0]}, got {ids_keep.dtype} "
-                         f"{tuple(ids_keep.shape)}")
+    if (ids_keep.dim() != 2 or ids_keep.shape[0] != imgs.shape[0] or ids_keep.dtype != torch.int64
+            or ids_keep.stride(-1) != 1):
+        raise ValueError(f"ids_keep must be int64 [N, K] with N = {imgs.shape[0]} and unit stride along K, got "
+                         f"{ids_keep.dtype} {tuple(ids_keep.shape)} strides {ids_keep.stride()}")
     N, C, H, W = imgs.shape
     p = int(patch_size)
     if p <= 0 or H % p or W % p:
@@ -182,6 +183,7 @@ def launch_configs() -> list[KernelConfig]:
                 ce, ("imgs_ptr", "ids_ptr", "out_ptr"), NUM_WARPS, vector_loads=width, vector_stores=width))
             configs.append(KernelConfig(
                 "gather_mask_bwd", _gather_mask_bwd_kernel,
-                signature_of(_gather_mask_bwd_kernel, {"grad_ptr": t, "inv_ptr": "*i32", "dimg_ptr": t, **ints_bwd}, ce),
+                signature_of(_gather_mask_bwd_kernel,
+                             {"grad_ptr": t, "inv_ptr": "*i32", "dimg_ptr": t, **ints_bwd}, ce),
                 ce, ("grad_ptr", "inv_ptr", "dimg_ptr"), NUM_WARPS, vector_loads=width, vector_stores=width))
     return configs

@@ -127,7 +127,8 @@ def _unshuffle_scatter_bwd_kernel(
         o = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         pos_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for n in range(0, N):
-            g, removed = _unshuffle_scatter_bwd_tile(grad_ptr, ids_ptr, dx_ptr, tl.cast(n, tl.int64), o, d, d_ok, L, K, s_grad_n,
+            n64 = tl.cast(n, tl.int64)  # sample offsets in int64
+            g, removed = _unshuffle_scatter_bwd_tile(grad_ptr, ids_ptr, dx_ptr, n64, o, d, d_ok, L, K, s_grad_n,
                                                      s_grad_r, s_dx_n, s_dx_r, s_ids_n)
             pos_acc += g
             acc += tl.where(removed[:, None], g, 0.0)
@@ -177,8 +178,10 @@ def unshuffle_scatter_forward(x: torch.Tensor, mask_token: torch.Tensor, ids_res
     if x.dim() != 3 or x.stride(-1) != 1:
         raise ValueError(f"x must be [N, 1+K, D] with unit stride along D, got {tuple(x.shape)} {x.stride()}")
     N, K1, D = x.shape
-    if ids_restore.dim() != 2 or ids_restore.shape[0] != N or ids_restore.dtype != torch.int64:
-        raise ValueError(f"ids_restore must be int64 [N={N}, L], got {ids_restore.dtype} {tuple(ids_restore.shape)}")
+    if ids_restore.dim() != 2 or ids_restore.shape[0] != N or ids_restore.dtype != torch.int64 \
+            or ids_restore.stride(-1) != 1:
+        raise ValueError(f"ids_restore must be int64 [N={N}, L] with unit stride along L, got {ids_restore.dtype} "
+                         f"{tuple(ids_restore.shape)} strides {ids_restore.stride()}")
     L = ids_restore.shape[1]
     if mask_token.shape != (D,) or mask_token.dtype != x.dtype or mask_token.stride(0) != 1:
         raise ValueError(f"mask_token must be a contiguous [{D}] {x.dtype} tensor, got {mask_token.dtype} "
@@ -211,8 +214,9 @@ def unshuffle_scatter_backward(grad: torch.Tensor, ids_restore: torch.Tensor, K:
         raise ValueError(f"grad must be [N, 1+L, D] with unit stride along D, got {tuple(grad.shape)} {grad.stride()}")
     N, L1, D = grad.shape
     L, K = L1 - 1, int(K)
-    if tuple(ids_restore.shape) != (N, L) or ids_restore.dtype != torch.int64:
-        raise ValueError(f"ids_restore must be int64 [{N}, {L}], got {ids_restore.dtype} {tuple(ids_restore.shape)}")
+    if tuple(ids_restore.shape) != (N, L) or ids_restore.dtype != torch.int64 or ids_restore.stride(-1) != 1:
+        raise ValueError(f"ids_restore must be int64 [{N}, {L}] with unit stride along L, got {ids_restore.dtype} "
+                         f"{tuple(ids_restore.shape)} strides {ids_restore.stride()}")
     if not 0 <= K <= L:
         raise ValueError(f"K = {K} kept tokens must be within [0, L = {L}]")
     dev, dtype = grad.device, grad.dtype

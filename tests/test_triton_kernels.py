@@ -257,12 +257,15 @@ def test_norm_mse_loss_constant_patch(poison):
 # ---------------------------------------------------------------------------- configurations
 def test_launch_configs_cover_the_launchers_choices():
     """The AOT list (launch_configs) holds every VEC the launchers can pick, for every dtype."""
-    from fastmae.kernels._common import vec_choices
+    from fastmae.kernels._common import dtype_name, vec_choices
     for dtype in DTYPES:
-        gm = {c.constexprs["VEC"] for c in gm_kernels.launch_configs() if c.name == "gather_mask_fwd"
-              and c.signature["imgs_ptr"] == "*" + {torch.float32: "fp32", torch.bfloat16: "bf16",
-                                                    torch.float16: "fp16"}[dtype]}
+        gm = {c.constexprs["VEC"] for c in gm_kernels.launch_configs()
+              if c.name == "gather_mask_fwd" and c.signature["imgs_ptr"] == "*" + dtype_name(dtype)}
         assert gm == set(vec_choices(dtype))
+        nm = {(c.constexprs["VEC_P"], c.constexprs["VEC_I"]) for c in nml_kernels.launch_configs()
+              if c.name == "norm_mse_loss_bwd" and c.signature["pred_ptr"] == "*" + dtype_name(dtype)
+              and c.signature["imgs_ptr"] == "*" + dtype_name(dtype)}
+        assert nm == {(a, b) for a in nml_kernels.vec_options(dtype) for b in nml_kernels.vec_options(dtype)}
     us = us_kernels.launch_configs()
     for D in (1, 8, 20, 33, 64, 96, 128, 200, 512, 1024):
         bd = us_kernels._block_d(D)
