@@ -74,11 +74,15 @@ class EmbeddedImages(Dataset):
     """The default training set: scikit-image's bundled photographs, each visited ``repeats``
     times per epoch. Items are ``(PIL image, 0)``, like an untransformed ImageFolder."""
 
-    def __init__(self, names=EMBEDDED_IMAGES, repeats: int = EMBEDDED_REPEATS):
+    def __init__(self, names=EMBEDDED_IMAGES, repeats: int = EMBEDDED_REPEATS, max_side: int = 512):
+        from PIL import Image
+
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
         self.names = tuple(names)
         self.images = [load_embedded_image(n) for n in self.names]
+        for im in self.images:  # the largest (retina, 1411 px) would make every crop slow
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         self.repeats = repeats
 
     def __len__(self):
@@ -129,8 +133,8 @@ class SeededSamples(Dataset):
 
     ``image`` is ``transform(PIL image)``; ``noise [num_patches]`` is the masking noise the model
     argsorts (uniform in [0, 1), as ``torch.rand`` in the official ``random_masking``). Both are
-    drawn with torch's RNG seeded by :func:`sample_seed`, inside ``fork_rng`` so that the caller's
-    RNG stream is left untouched (this matters with ``num_workers=0``).
+    drawn with torch's CPU generator seeded by :func:`sample_seed`, whose previous state is then
+    restored, so that the caller's RNG stream is left untouched (this matters with ``num_workers=0``).
     """
 
     def __init__(self, base, transform, num_patches: int, seed: int):
@@ -144,10 +148,13 @@ class SeededSamples(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         img, _ = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        saved = torch.get_rng_state()  # torchvision's transforms draw from torch's CPU generator
+        try:
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             img = self.transform(img)
             noise = torch.rand(self.num_patches)
+        finally:
+            torch.set_rng_state(saved)
         return img, noise
 
 

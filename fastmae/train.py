@@ -259,6 +259,20 @@ def _check_resume(ckpt, path, model, optimizer, dataset_len, global_batch):
 
 
 # ---------------------------------------------------------------------------- the loop
+def _optimizer_step(model, optimizer, scaler, clip_grad) -> None:
+    """Clip (after unscaling, with fp16) if asked, then step; the scaler skips inf/nan gradients."""
+    if scaler is not None:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+
+
 def pretrain(args, dataset=None, on_step=None) -> Result:
     """Run pre-training as described by ``args`` (the ``fastmae pretrain`` namespace).
 
@@ -429,16 +443,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
                         f"fp32/bf16; the last good checkpoint is {saved or 'not written yet'}")
             else:
                 nonfinite = 0
-                if scaler is not None:
-                    if args.clip_grad:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    if args.clip_grad:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                    optimizer.step()
+                _optimizer_step(model, optimizer, scaler, args.clip_grad)
             optimizer.zero_grad(set_to_none=True)
             group_bad = False
             step += 1
