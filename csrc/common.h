@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -53,6 +54,48 @@ inline c10::BFloat16 from_f<c10::BFloat16>(float v) {
 template <typename T>
 using bits_t = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
 static_assert(sizeof(bits_t<c10::BFloat16>) == 2 && sizeof(bits_t<float>) == 4, "bits_t");
+
+// ------------------------------------------------------------------ instruction-set dispatch
+// The extension is built for the baseline x86-64 ISA (SSE2), so that it loads anywhere; the hot
+// loops are compiled a second time for AVX2 + FMA + F16C and chosen at run time.
+// FASTMAE_DEFINE_ISA_VARIANTS(name, body) defines name_avx2<Ts...>(args...) and
+// name_base<Ts...>(args...), each with `body<Ts...>(args...)` and everything it calls inlined
+// into it (flatten), so that the whole loop nest is compiled for that instruction set.
+// FASTMAE_CPU_ISA=base forces the baseline variant (to test it on an AVX2 machine).
+inline bool use_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool supported =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const char* isa = std::getenv("FASTMAE_CPU_ISA");
+  return supported && !(isa != nullptr && std::strcmp(isa, "base") == 0);
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define FASTMAE_AVX2_TARGET __attribute__((target("avx2,fma,f16c"), flatten))
+#else
+#define FASTMAE_AVX2_TARGET __attribute__((flatten))
+#endif
+
+#define FASTMAE_DEFINE_ISA_VARIANTS(NAME, BODY)                                       \
+  template <typename... Ts, typename... Args>                                         \
+  FASTMAE_AVX2_TARGET void NAME##_avx2(Args... args) {                                \
+    BODY<Ts...>(args...);                                                             \
+  }                                                                                   \
+  template <typename... Ts, typename... Args>                                         \
+  __attribute__((flatten)) void NAME##_base(Args... args) {                           \
+    BODY<Ts...>(args...);                                                             \
+  }                                                                                   \
+  template <typename... Ts, typename... Args>                                         \
+  inline void NAME(bool avx2, Args... args) {                                         \
+    if (avx2) {                                                                       \
+      NAME##_avx2<Ts...>(args...);                                                    \
+    } else {                                                                          \
+      NAME##_base<Ts...>(args...);                                                    \
+    }                                                                                 \
+  }
 
 // ------------------------------------------------------------------ argument checks
 // The Python op layer checks metadata before calling these ops; the kernels check again
@@ -102,12 +145,12 @@ inline void check_index_range(const at::Tensor& ids, int64_t upper, const char* 
   }
 }
 
-// sum_{k < n} f(k) in fp32 with 16 independent partial sums combined in a fixed order: plain
+// sum_{k < n} f(k) in fp32 with 32 independent partial sums combined in a fixed order: plain
 // float reductions do not vectorise without fast-math (the compiler may not reorder them); this
 // form does, and it is deterministic.
 template <typename F>
 inline float sum_f32(int64_t n, const F& f) {
-  constexpr int kLanes = 16;
+  constexpr int kLanes = 32;
   float acc[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -118,6 +161,20 @@ inline float sum_f32(int64_t n, const F& f) {
     for (int u = 0; u < width; ++u) acc[u] += acc[u + width];
   }
   return acc[0];
+}
+
+// Prefetch the C*p pixel rows (p pixels each) of one patch: patches are read in an order the
+// hardware prefetchers cannot guess (random ids, rows far apart), so the next patch's lines are
+// requested while the current one is processed.
+template <typename T>
+inline void prefetch_patch(const T* patch, int64_t C, int64_t p, int64_t H, int64_t W) {
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < p; ++i) {
+      const T* s = patch + (c * H + i) * W;
+      __builtin_prefetch(s);
+      __builtin_prefetch(s + p - 1);
+    }
+  }
 }
 
 // Work items per at::parallel_for task so that a task moves at least ~32 KiB.

@@ -11,81 +11,86 @@
 namespace fastmae {
 namespace {
 
+struct Grid {
+  int64_t N, C, H, W, K, p, h, w, D;  // D = C*p*p values per patch row
+};
+
+// Output rows [begin, end) of the forward (row = n*K + k): a pure copy of bits.
 template <typename scalar_t>
-void gather_fwd_kernel(const scalar_t* imgs, const int64_t* ids, scalar_t* out, int64_t N, int64_t C,
-                       int64_t H, int64_t W, int64_t K, int64_t p) {
+inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* out, Grid g, int64_t begin,
+                            int64_t end) {
   using B = bits_t<scalar_t>;
-  const int64_t w = W / p, D = C * p * p;
+  const int64_t C = g.C, H = g.H, W = g.W, p = g.p;
   const B* src = reinterpret_cast<const B*>(imgs);
-  B* dst = reinterpret_cast<B*>(out);
-  at::parallel_for(0, N * K, grain_for(2 * D * int64_t(sizeof(B))), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / K, l = ids[row];
-      const int64_t hi = l / w, wj = l % w;
-      const B* patch = src + (n * C * H + hi * p) * W + wj * p;  // pixel (c=0, i=0, j=0)
-      B* o = dst + row * D;
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t i = 0; i < p; ++i, o += p) {
-          const B* s = patch + (c * H + i) * W;
-          for (int64_t j = 0; j < p; ++j) o[j] = s[j];
-        }
+  auto patch_of = [&](int64_t row) {  // pixel (c=0, i=0, j=0) of the patch of output row `row`
+    const int64_t n = row / g.K, l = ids[row];
+    return src + (n * C * H + (l / g.w) * p) * W + (l % g.w) * p;
+  };
+  for (int64_t row = begin; row < end; ++row) {
+    const B* patch = patch_of(row);
+    if (row + 1 < g.N * g.K) prefetch_patch(patch_of(row + 1), C, p, H, W);
+    B* o = reinterpret_cast<B*>(out) + row * g.D;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < p; ++i, o += p) {
+        const B* s = patch + (c * H + i) * W;
+        for (int64_t j = 0; j < p; ++j) o[j] = s[j];
       }
     }
-  });
+  }
 }
+FASTMAE_DEFINE_ISA_VARIANTS(gather_fwd_task, gather_fwd_rows)
 
+// Image-gradient grid rows [begin, end) of the backward (t = n*h + hi): C*p whole image rows each.
 template <typename scalar_t>
-void gather_bwd_kernel(const scalar_t* grad, const int64_t* ids, scalar_t* out, int64_t N, int64_t C,
-                       int64_t H, int64_t W, int64_t K, int64_t p) {
+inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* out, Grid g, int64_t begin,
+                            int64_t end) {
   using B = bits_t<scalar_t>;
-  const int64_t h = H / p, w = W / p, D = C * p * p;
+  const int64_t C = g.C, H = g.H, W = g.W, K = g.K, p = g.p, w = g.w, D = g.D;
   const B* gbits = reinterpret_cast<const B*>(grad);
   B* obits = reinterpret_cast<B*>(out);
-  at::parallel_for(0, N * h, grain_for(2 * C * p * W * int64_t(sizeof(B))), [&](int64_t begin, int64_t end) {
-    // head[wj]: first row k of ids_keep[n] holding patch (hi, wj), or -1; next[k]: the following
-    // row holding the same patch. Built per task from the K indices of sample n.
-    thread_local std::vector<int64_t> head_buf, next_buf;
-    int64_t* head = scratch(head_buf, w);
-    int64_t* next = scratch(next_buf, K);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / h, hi = t % h;
-      const int64_t* idn = ids + n * K;
-      std::fill(head, head + w, int64_t(-1));
-      for (int64_t k = K - 1; k >= 0; --k) {
-        if (idn[k] / w == hi) {
-          const int64_t wj = idn[k] % w;
-          next[k] = head[wj];
-          head[wj] = k;
-        }
+  // head[wj]: first row k of ids_keep[n] holding patch (hi, wj), or -1; next[k]: the following
+  // row holding the same patch. Built per grid row from the K indices of sample n.
+  thread_local std::vector<int64_t> head_buf, next_buf;
+  int64_t* head = scratch(head_buf, w);
+  int64_t* next = scratch(next_buf, K);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n = t / g.h, hi = t % g.h;
+    const int64_t* idn = ids + n * K;
+    std::fill(head, head + w, int64_t(-1));
+    for (int64_t k = K - 1; k >= 0; --k) {
+      if (idn[k] / w == hi) {
+        const int64_t wj = idn[k] % w;
+        next[k] = head[wj];
+        head[wj] = k;
       }
-      const int64_t grow0 = n * K;
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t i = 0; i < p; ++i) {
-          const int64_t y = hi * p + i;
-          B* orow = obits + ((n * C + c) * H + y) * W;
-          const int64_t goff = (c * p + i) * p;  // this pixel row's offset inside a patch row
-          for (int64_t wj = 0; wj < w; ++wj) {
-            B* o = orow + wj * p;
-            const int64_t k = head[wj];
-            if (k < 0) {
-              for (int64_t j = 0; j < p; ++j) o[j] = B(0);
-            } else if (next[k] < 0) {
-              const B* g = gbits + (grow0 + k) * D + goff;
-              for (int64_t j = 0; j < p; ++j) o[j] = g[j];
-            } else {  // duplicate indices: fp32 sum in k order, rounded once
-              scalar_t* os = reinterpret_cast<scalar_t*>(o);
-              for (int64_t j = 0; j < p; ++j) {
-                float acc = 0.f;
-                for (int64_t kk = k; kk >= 0; kk = next[kk]) acc += to_f(grad[(grow0 + kk) * D + goff + j]);
-                os[j] = from_f<scalar_t>(acc);
-              }
+    }
+    const int64_t grow0 = n * K;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < p; ++i) {
+        B* orow = obits + ((n * C + c) * H + hi * p + i) * W;
+        const int64_t goff = (c * p + i) * p;  // this pixel row's offset inside a patch row
+        for (int64_t wj = 0; wj < w; ++wj) {
+          B* o = orow + wj * p;
+          const int64_t k = head[wj];
+          if (k < 0) {
+            for (int64_t j = 0; j < p; ++j) o[j] = B(0);
+          } else if (next[k] < 0) {
+            const B* gr = gbits + (grow0 + k) * D + goff;
+            for (int64_t j = 0; j < p; ++j) o[j] = gr[j];
+          } else {  // a patch kept twice: fp32 sum in k order, rounded once
+            scalar_t* os = reinterpret_cast<scalar_t*>(o);
+            for (int64_t j = 0; j < p; ++j) {
+              float acc = 0.f;
+              for (int64_t kk = k; kk >= 0; kk = next[kk]) acc += to_f(grad[(grow0 + kk) * D + goff + j]);
+              os[j] = from_f<scalar_t>(acc);
             }
           }
         }
       }
     }
-  });
+  }
 }
+FASTMAE_DEFINE_ISA_VARIANTS(gather_bwd_task, gather_bwd_rows)
 
 void check_gather_ids(const at::Tensor& ids_keep, int64_t N, int64_t L) {
   check_ids(ids_keep, "ids_keep", N);
@@ -104,9 +109,15 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
   check_gather_ids(ids_keep, N, h * w);
   const int64_t K = ids_keep.size(1);
   at::Tensor out = at::empty({N, K, C * p * p}, imgs.options());
+  const Grid g{N, C, H, W, K, p, h, w, C * p * p};
+  const bool avx2 = use_avx2();
   FASTMAE_DISPATCH_FLOAT(imgs.scalar_type(), "gather_mask_fwd", [&] {
-    gather_fwd_kernel<scalar_t>(imgs.const_data_ptr<scalar_t>(), ids_keep.const_data_ptr<int64_t>(),
-                                out.mutable_data_ptr<scalar_t>(), N, C, H, W, K, p);
+    const scalar_t* src = imgs.const_data_ptr<scalar_t>();
+    const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * K, grain_for(2 * g.D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
+      gather_fwd_task<scalar_t>(avx2, src, idp, dst, g, begin, end);
+    });
   });
   return out;
 }
@@ -124,9 +135,15 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
                     " rows per sample");
   const int64_t C = D / (p * p);
   at::Tensor out = at::empty({N, C, H, W}, grad.options());
+  const Grid g{N, C, H, W, K, p, h, w, D};
+  const bool avx2 = use_avx2();
   FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "gather_mask_bwd", [&] {
-    gather_bwd_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), ids_keep.const_data_ptr<int64_t>(),
-                                out.mutable_data_ptr<scalar_t>(), N, C, H, W, K, p);
+    const scalar_t* src = grad.const_data_ptr<scalar_t>();
+    const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * h, grain_for(2 * C * p * W * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
+      gather_bwd_task<scalar_t>(avx2, src, idp, dst, g, begin, end);
+    });
   });
   return out;
 }

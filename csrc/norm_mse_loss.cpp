@@ -25,18 +25,59 @@ struct PatchStats {
   float mean, rstd;
 };
 
+// out = a0 b0 c0 a1 b1 c1 ...: three channel rows of n floats interleaved, four pixels at a time
+// with two-input vector shuffles (the compiler lowers them to the target's shuffle instructions;
+// a plain stride-3 store loop stays scalar).
+inline void interleave3(const float* a, const float* b, const float* c, int64_t n, float* out) {
+  typedef float v4f __attribute__((vector_size(16)));
+  typedef int v4i __attribute__((vector_size(16)));
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4, out += 12) {
+    v4f va, vb, vc;
+    std::memcpy(&va, a + j, sizeof(va));
+    std::memcpy(&vb, b + j, sizeof(vb));
+    std::memcpy(&vc, c + j, sizeof(vc));
+    const v4f ab01 = __builtin_shuffle(va, vb, v4i{0, 4, 1, 5});  // a0 b0 a1 b1
+    const v4f bc12 = __builtin_shuffle(vb, vc, v4i{1, 5, 2, 6});  // b1 c1 b2 c2
+    const v4f ab33 = __builtin_shuffle(va, vb, v4i{3, 7, 3, 7});  // a3 b3 a3 b3
+    const v4f o0 = __builtin_shuffle(ab01, vc, v4i{0, 1, 4, 2});  // a0 b0 c0 a1
+    const v4f o1 = __builtin_shuffle(bc12, va, v4i{0, 1, 6, 2});  // b1 c1 a2 b2
+    const v4f o2 = __builtin_shuffle(vc, ab33, v4i{2, 4, 5, 3});  // c2 a3 b3 c3
+    std::memcpy(out, &o0, sizeof(o0));
+    std::memcpy(out + 4, &o1, sizeof(o1));
+    std::memcpy(out + 8, &o2, sizeof(o2));
+  }
+  for (; j < n; ++j, out += 3) {
+    out[0] = a[j];
+    out[1] = b[j];
+    out[2] = c[j];
+  }
+}
+
 // fp32 pixels of patch l of one image (img = imgs + n*C*H*W) into x[P], in (i, j, c) order, and
 // their statistics (two passes over the cached patch for the variance, as torch.var).
-// CC > 0 fixes the channel count at compile time so the interleaving store vectorises.
+// x must hold P + 3*p floats (the tail is scratch). CC > 0 fixes the channel count at compile time.
 template <int CC, typename img_t>
 inline PatchStats load_patch(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
   const int64_t C = CC > 0 ? CC : g.C, p = g.p, W = g.W, H = g.H, P = g.P;
   const img_t* patch = img + (l / g.w) * p * W + (l % g.w) * p;
-  for (int64_t c = 0; c < C; ++c) {
+  if constexpr (CC == 3) {  // RGB: convert the three channel rows, then interleave them
+    float* rows = x + P;
     for (int64_t i = 0; i < p; ++i) {
-      const img_t* s = patch + (c * H + i) * W;
-      float* dst = x + i * p * C + c;
-      for (int64_t j = 0; j < p; ++j) dst[j * C] = to_f(s[j]);
+      for (int64_t c = 0; c < 3; ++c) {
+        const img_t* s = patch + (c * H + i) * W;
+        float* r = rows + c * p;
+        for (int64_t j = 0; j < p; ++j) r[j] = to_f(s[j]);
+      }
+      interleave3(rows, rows + p, rows + 2 * p, p, x + i * p * 3);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t i = 0; i < p; ++i) {
+        const img_t* s = patch + (c * H + i) * W;
+        float* dst = x + i * p * C + c;
+        for (int64_t j = 0; j < p; ++j) dst[j * C] = to_f(s[j]);
+      }
     }
   }
   if (!norm_pix) return {0.f, 1.f};
@@ -46,10 +87,18 @@ inline PatchStats load_patch(const img_t* img, int64_t l, const Geometry& g, boo
   return {mean, 1.f / std::sqrt(var + eps)};
 }
 
+// Pixel (c=0, i=0, j=0) of the target patch of pred row `row`.
+template <typename img_t>
+inline const img_t* row_patch(const img_t* imgs, const int64_t* ids, int64_t row, const Geometry& g) {
+  const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
+  return imgs + n * g.C * g.H * g.W + (l / g.w) * g.p * g.W + (l % g.w) * g.p;
+}
+
 // The pixels and statistics of the target of pred row `row` (patch ids[row], or row % M).
 template <typename img_t>
 inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t row, const Geometry& g,
                                  bool norm_pix, float eps, float* x) {
+  if (row + 1 < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + 1, g), g.C, g.p, g.H, g.W);
   const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
   const img_t* img = imgs + n * g.C * g.H * g.W;
   switch (g.C) {
@@ -62,30 +111,56 @@ inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t 
 // Rows per chunk of the forward reduction: fixed, so the summation order is too.
 constexpr int64_t kRowsPerChunk = 8;
 
+// Chunks [cbegin, cend) of the forward: partial[chunk] = sum over its rows of w * mean_k (pred - t)^2.
+template <typename pred_t, typename img_t>
+inline void loss_chunks(const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids, Geometry g,
+                        bool norm_pix, float eps, double* partial, int64_t cbegin, int64_t cend) {
+  const int64_t rows = g.N * g.M, P = g.P;
+  thread_local std::vector<float> x_buf;
+  float* x = scratch(x_buf, P + 3 * g.p);
+  for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
+    double acc = 0.0;
+    const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
+    for (int64_t row = chunk * kRowsPerChunk; row < r1; ++row) {
+      const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
+      const pred_t* pr = pred + row * P;
+      const float se = sum_f32(P, [&](int64_t k) {
+        const float diff = to_f(pr[k]) - (x[k] - st.mean) * st.rstd;
+        return diff * diff;
+      });
+      acc += double(weight[row]) * double(se / float(P));
+    }
+    partial[chunk] = acc;
+  }
+}
+FASTMAE_DEFINE_ISA_VARIANTS(loss_task, loss_chunks)
+
+// Rows [begin, end) of the backward: dpred = (pred - t) * w * scale.
+template <typename pred_t, typename img_t>
+inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
+                      pred_t* dpred, Geometry g, bool norm_pix, float eps, int64_t begin, int64_t end) {
+  const int64_t P = g.P;
+  thread_local std::vector<float> x_buf;
+  float* x = scratch(x_buf, P + 3 * g.p);
+  for (int64_t row = begin; row < end; ++row) {
+    const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
+    const float coef = weight[row] * scale;
+    const pred_t* pr = pred + row * P;
+    pred_t* o = dpred + row * P;
+    for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
+  }
+}
+FASTMAE_DEFINE_ISA_VARIANTS(grad_task, grad_rows)
+
 template <typename pred_t, typename img_t>
 double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids, const Geometry& g,
                 bool norm_pix, float eps) {
-  const int64_t rows = g.N * g.M, P = g.P;
-  const int64_t nchunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t nchunks = (g.N * g.M + kRowsPerChunk - 1) / kRowsPerChunk;
   thread_local std::vector<double> partial_buf;
   double* partial = scratch(partial_buf, nchunks);
+  const bool avx2 = use_avx2();
   at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
-    thread_local std::vector<float> x_buf;
-    float* x = scratch(x_buf, P);
-    for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
-      double acc = 0.0;
-      const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
-      for (int64_t row = chunk * kRowsPerChunk; row < r1; ++row) {
-        const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
-        const pred_t* pr = pred + row * P;
-        const float se = sum_f32(P, [&](int64_t k) {
-          const float diff = to_f(pr[k]) - (x[k] - st.mean) * st.rstd;
-          return diff * diff;
-        });
-        acc += double(weight[row]) * double(se / float(P));
-      }
-      partial[chunk] = acc;
-    }
+    loss_task<pred_t, img_t>(avx2, pred, imgs, weight, ids, g, norm_pix, eps, partial, cbegin, cend);
   });
   double total = 0.0;
   for (int64_t c = 0; c < nchunks; ++c) total += partial[c];
@@ -95,17 +170,9 @@ double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, cons
 template <typename pred_t, typename img_t>
 void loss_grad(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
                pred_t* dpred, const Geometry& g, bool norm_pix, float eps) {
-  const int64_t rows = g.N * g.M, P = g.P;
-  at::parallel_for(0, rows, grain_for(3 * P * int64_t(sizeof(pred_t))), [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> x_buf;
-    float* x = scratch(x_buf, P);
-    for (int64_t row = begin; row < end; ++row) {
-      const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
-      const float coef = weight[row] * scale;
-      const pred_t* pr = pred + row * P;
-      pred_t* o = dpred + row * P;
-      for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
-    }
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, g.N * g.M, grain_for(3 * g.P * int64_t(sizeof(pred_t))), [&](int64_t begin, int64_t end) {
+    grad_task<pred_t, img_t>(avx2, scale, pred, imgs, weight, ids, dpred, g, norm_pix, eps, begin, end);
   });
 }
 

@@ -319,6 +319,22 @@ def test_norm_mse_loss_deterministic(backend):
         torch.set_num_threads(old)
 
 
+# ============================================================================ C++ baseline ISA
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_baseline_isa(dtype, monkeypatch, request):
+    """The C++ hot loops exist twice (AVX2 and the baseline x86-64 ISA, chosen at run time): run
+    the baseline variant too (FASTMAE_CPU_ISA=base), over shapes with tails."""
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    monkeypatch.setenv("FASTMAE_CPU_ISA", "base")
+    test_gather_mask(GATHER_CASES[2], dtype, "cpp", request)
+    test_unshuffle_scatter(UNSHUFFLE_CASES[4], dtype, "pos", "cpp", request)
+    test_unshuffle_scatter(UNSHUFFLE_CASES[1], dtype, "nopos", "cpp", request)
+    test_norm_mse_loss(LOSS_CASES[1], dtype, "full", True, "cpp", request)
+    test_norm_mse_loss(LOSS_CASES[2], dtype, "ids+weights", True, "cpp", request)
+    test_norm_mse_loss(LOSS_CASES[0], dtype, "ids", False, "cpp", request)
+
+
 # ============================================================================ outputs fully written
 def _primitive_calls(gen):
     """(name, op call, output spec, reference) for every registered primitive, at small sizes
