@@ -11,8 +11,9 @@ Backward: ``dx`` is the scatter of ``grad`` rows back to their source rows (a pe
 fp32 partial ``[D]`` row of a ``[programs, D]`` buffer, and a second small kernel sums the partial
 rows in a fixed order, so the mask-token gradient is bitwise reproducible. Two schedules:
 
-- without the position gradient (MAE's fixed sin-cos table): a program per ``(n, D block)`` walks
-  all ``1+L`` rows of its sample; the partial buffer is ``[N, D]``;
+- without the position gradient (MAE's fixed sin-cos table): a program per ``(n, row split,
+  D block)`` walks a split of its sample's ``1+L`` rows (whole ``BLOCK_R`` blocks; splits only as
+  many as needed for about ``TARGET_PROGRAMS`` programs); the partial buffer is ``[N * splits, D]``;
 - with it: a program per ``(row block, D block)`` walks all ``N`` samples and also owns its
   ``dpos`` tile (summed in registers, written once); the partial buffer is ``[row blocks, D]``.
 
@@ -33,6 +34,7 @@ NUM_WARPS_POS = 2  # the position-gradient schedule has small tiles: 2 warps kee
 BLOCK_D_CHOICES = (32, 64, 128)  # columns per tile
 TILE = 2048  # elements per tile (BLOCK_R * BLOCK_D): forward and the per-sample backward
 TILE_POS = 512  # elements per tile of the backward that also sums the position gradient
+TARGET_PROGRAMS = 512  # per-sample backward: split rows until about this many programs (no device query)
 PARTIAL_ROWS = 16  # partial rows summed per step by the mask-token reduction
 PARTIAL_COLS = 128
 
@@ -102,6 +104,7 @@ def _unshuffle_scatter_bwd_kernel(
     dpos_ptr,  # [1+L, D] position gradient (written only when NEED_POS)
     part_ptr,  # [programs along axis 0, D] fp32 partial mask-token gradients
     N, L, K,  # samples, patches, kept patches
+    row_splits, rows_per_split,  # without NEED_POS: splits of each sample's rows, rows per split
     D_vecs,  # D in VEC-wide vectors
     s_grad_n_vecs, s_grad_r_vecs,  # grad strides in vectors
     s_dx_n_vecs, s_dx_r_vecs,  # dx strides in vectors
@@ -135,10 +138,12 @@ def _unshuffle_scatter_bwd_kernel(
         tl.store(dpos_ptr + o[:, None] * (s_dpos_r_vecs * VEC) + d[None, :], pos_acc.to(dpos_ptr.dtype.element_ty),
                  mask=(o <= L)[:, None] & d_ok[None, :])
     else:
-        # one sample, every row
-        for o0 in range(0, L + 1, BLOCK_R):
-            o = (o0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-            g, removed = _unshuffle_scatter_bwd_tile(grad_ptr, ids_ptr, dx_ptr, pid, o, d, d_ok, L, K, s_grad_n,
+        # one split of one sample's rows: whole BLOCK_R blocks (rows_per_split is a multiple of it)
+        n = pid // row_splits
+        first = (pid % row_splits) * rows_per_split
+        for o0 in range(first, tl.minimum(first + rows_per_split, L + 1), BLOCK_R):
+            o = o0 + tl.arange(0, BLOCK_R)
+            g, removed = _unshuffle_scatter_bwd_tile(grad_ptr, ids_ptr, dx_ptr, n, o, d, d_ok, L, K, s_grad_n,
                                                      s_grad_r, s_dx_n, s_dx_r, s_ids_n)
             acc += tl.where(removed[:, None], g, 0.0)
     tl.store(part_ptr + pid * (s_part_r_vecs * VEC) + d, tl.sum(acc, axis=0), mask=d_ok)
@@ -229,13 +234,20 @@ def unshuffle_scatter_backward(grad: torch.Tensor, ids_restore: torch.Tensor, K:
         return dx, dmask, dpos
     block_d = _block_d(D)
     block_r = _block_r(block_d, need_pos_grad)
-    programs = triton.cdiv(L1, block_r) if need_pos_grad else N
+    row_blocks, d_blocks = triton.cdiv(L1, block_r), triton.cdiv(D, block_d)
+    if need_pos_grad:
+        programs, splits, blocks_per_split = row_blocks, 1, row_blocks
+    else:
+        splits = min(row_blocks, max(1, triton.cdiv(TARGET_PROGRAMS, N * d_blocks)))
+        blocks_per_split = triton.cdiv(row_blocks, splits)
+        splits = triton.cdiv(row_blocks, blocks_per_split)
+        programs = N * splits
     part = torch.empty(programs, D, dtype=torch.float32, device=dev)
     dpos_arg = dpos if need_pos_grad else part  # never written without NEED_POS
     vec = vec_width(dtype, [D, *grad.stride()[:2], *dx.stride()[:2], dpos_arg.stride(0), part.stride(0)],
                     [grad, dx, dpos_arg, part])
-    launch(_unshuffle_scatter_bwd_kernel, (programs, triton.cdiv(D, block_d)),
-           grad, ids_restore, dx, dpos_arg, part, N, L, K, D // vec,
+    launch(_unshuffle_scatter_bwd_kernel, (programs, d_blocks),
+           grad, ids_restore, dx, dpos_arg, part, N, L, K, splits, blocks_per_split * block_r, D // vec,
            grad.stride(0) // vec, grad.stride(1) // vec, dx.stride(0) // vec, dx.stride(1) // vec,
            dpos_arg.stride(0) // vec, part.stride(0) // vec, ids_restore.stride(0),
            NEED_POS=bool(need_pos_grad), VEC=vec, BLOCK_R=block_r, BLOCK_D=block_d,
@@ -250,7 +262,7 @@ def launch_configs() -> list[KernelConfig]:
     """Every configuration the launchers can choose: dtype x VEC x BLOCK_D x (HAS_POS | NEED_POS)."""
     fwd_ints = dict.fromkeys(["L", "K", "D_vecs", "s_x_n_vecs", "s_x_r_vecs", "s_pos_r_vecs", "s_out_n_vecs",
                               "s_out_r_vecs", "s_ids_n"], "i32")
-    bwd_ints = dict.fromkeys(["N", "L", "K", "D_vecs", "s_grad_n_vecs", "s_grad_r_vecs", "s_dx_n_vecs",
+    bwd_ints = dict.fromkeys(["N", "L", "K", "row_splits", "rows_per_split", "D_vecs", "s_grad_n_vecs", "s_grad_r_vecs", "s_dx_n_vecs",
                               "s_dx_r_vecs", "s_dpos_r_vecs", "s_part_r_vecs", "s_ids_n"], "i32")
     configs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -190,6 +190,21 @@ def test_unshuffle_scatter_dmask_deterministic(with_pos, poison):
         assert torch.equal(dmask, runs[0][1]) and torch.equal(dpos, runs[0][2]) and torch.equal(dx, runs[0][0])
 
 
+@pytest.mark.parametrize("target", [1, 5, 10 ** 6])
+def test_unshuffle_scatter_backward_row_splits(target, monkeypatch, poison):
+    """The per-sample backward splits each sample's rows into whole blocks to have about
+    TARGET_PROGRAMS programs: one split, uneven splits (128 + 128 + 5 rows) and one block each."""
+    monkeypatch.setattr(us_kernels, "TARGET_PROGRAMS", target)
+    N, L, K, D = 2, 260, 65, 20  # BLOCK_D 32, BLOCK_R 64: 5 row blocks per sample
+    gen = _rng("unshuffle-splits", target)
+    grad = _randn(gen, N, L + 1, D)
+    ids_restore = _perms(gen, N, L)
+    dx, dmask, _ = us_kernels.unshuffle_scatter_backward(grad, ids_restore, K, False)
+    rdx, rdmask, _ = unshuffle_scatter_backward_ref(grad, ids_restore, K, False)
+    assert_exact(dx, rdx, "dx")
+    tolerance(dmask, rdmask, rdmask, "d mask_token")
+
+
 def test_unshuffle_scatter_uses_no_atomics():
     """Determinism by construction: partial sums in a buffer, a fixed-order reduction, no atomics."""
     assert "tl.atomic" not in inspect.getsource(us_kernels)
