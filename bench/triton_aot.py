@@ -77,12 +77,19 @@ def cuobjdump_path() -> str:
 
 
 def access_bytes(ptx: str) -> tuple[int, int]:
-    """Widest global load and store in ``ptx``, in bytes."""
+    """Widest global load and store of float data in ``ptx``, in bytes.
+
+    Accesses with 64-bit elements (``.b64``/``.u64``/``.s64``) are left out: in these kernels they
+    are the int64 index tensors and offset tables, never float data (fp32/bf16/fp16 vectors are
+    emitted as ``.b32`` lanes, or ``.b16`` when scalar), so the width reported is that of the
+    float streams the configurations make claims about."""
     widest = {"ld": 0, "st": 0}
     for op, quals in _ACCESS.findall(ptx):
         parts = quals.split(".")
         lanes = next((int(q[1:]) for q in parts if re.fullmatch(r"v\d+", q)), 1)
         bits = next((int(q[1:]) for q in parts if re.fullmatch(r"[bfsu]\d+", q)), 0)
+        if bits == 64:
+            continue
         widest[op] = max(widest[op], lanes * bits // 8)
     return widest["ld"], widest["st"]
 

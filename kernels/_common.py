@@ -76,7 +76,7 @@ class KernelConfig:
 
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in self.constexprs.items()]
-        dtypes = sorted({v for v in self.signature.values() if v.startswith("*fp") or v.startswith("*bf")})
+        dtypes = list(dict.fromkeys(v for v in self.signature.values() if v[:3] in ("*fp", "*bf")))
         return f"{self.name}[{','.join(dtypes)}; {', '.join(parts)}; warps={self.num_warps}]"
 
 

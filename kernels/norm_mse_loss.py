@@ -9,7 +9,8 @@ One program per prediction row ``(n, m)`` (patch ``l = ids[n, m]``):
    pixels) gets the exact two-pass statistics from registers;
 2. the squared error against the prediction row, walked in its own ``(i, j, c)`` order: the
    prediction is read with ``VEC``-wide vector loads, the pixel of each element is fetched from
-   the cache lines pass 1 just brought in.
+   the cache lines pass 1 just brought in, at an offset read from a ``[P]`` table (the same for
+   every patch; built once per geometry and cached), so no per-element integer division.
 
 Forward: each program writes ``weight[n, m] * mean_k (pred - t)^2`` to an fp32 ``[N, M]`` buffer;
 a single-program kernel then sums it and the weights in a fixed order (deterministic) and writes
@@ -18,6 +19,7 @@ the 0-d loss. Backward: the weight sum first (same small kernel), then one pass 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -88,18 +90,14 @@ def _norm_mse_row(pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_p
     else:
         mean = 0.0
         rstd = 1.0
-    return n, m, row, src, p, s_img_c, s_img_h, mean, rstd
+    return n, m, row, src, mean, rstd
 
 
 @triton.jit
-def _norm_mse_target(src, e, ok, C, p, s_img_c, s_img_h, mean, rstd, NORM_PIX: tl.constexpr):
+def _norm_mse_target(src, poff_ptr, e, ok, mean, rstd, NORM_PIX: tl.constexpr):
     """Targets of prediction elements ``e`` (official (i, j, c) order) of the patch at ``src``."""
-    pc = p * C
-    i = e // pc
-    rem = e - i * pc
-    j = rem // C
-    c = rem - j * C
-    x = tl.load(src + c.to(tl.int64) * s_img_c + i.to(tl.int64) * s_img_h + j, mask=ok, other=0.0).to(tl.float32)
+    off = tl.load(poff_ptr + e, mask=ok, other=0)
+    x = tl.load(src + off, mask=ok, other=0.0).to(tl.float32)
     if NORM_PIX:
         x = (x - mean) * rstd
     return x
@@ -111,6 +109,7 @@ def _norm_mse_loss_fwd_kernel(
     imgs_ptr,  # [N, C, H, W] pixels, unit stride along W
     weight_ptr,  # [N, M] fp32 row weights (the mask)
     ids_ptr,  # [N, M] int64 patch index of each row (stride 0 along N for the identity)
+    poff_ptr,  # [P] int64 offset, from the patch's first pixel, of the pixel of each prediction element
     rows_ptr,  # [N * M] fp32 output: weight * mean squared error of each row
     M, C, w,  # rows per sample, channels, patches per image row
     p_vecs,  # patch size in VEC_I-wide vectors
@@ -126,7 +125,7 @@ def _norm_mse_loss_fwd_kernel(
     BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    n, m, row, src, p, s_img_c, s_img_h, mean, rstd = _norm_mse_row(
+    n, m, row, src, mean, rstd = _norm_mse_row(
         pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
         s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S, BLOCK_E)
     P = P_vecs * VEC_P
@@ -135,7 +134,7 @@ def _norm_mse_loss_fwd_kernel(
         e = e0 + tl.arange(0, BLOCK_E)
         ok = e < P
         pr = tl.load(pred_ptr + row + e, mask=ok, other=0.0).to(tl.float32)
-        t = _norm_mse_target(src, e, ok, C, p, s_img_c, s_img_h, mean, rstd, NORM_PIX)
+        t = _norm_mse_target(src, poff_ptr, e, ok, mean, rstd, NORM_PIX)
         diff = tl.where(ok, pr - t, 0.0)
         acc += diff * diff
     weight = tl.load(weight_ptr + n * s_w_n + m)
@@ -150,6 +149,7 @@ def _norm_mse_loss_bwd_kernel(
     imgs_ptr,  # [N, C, H, W] pixels, unit stride along W
     weight_ptr,  # [N, M] fp32 row weights
     ids_ptr,  # [N, M] int64 patch index of each row (stride 0 along N for the identity)
+    poff_ptr,  # [P] int64 offset, from the patch's first pixel, of the pixel of each prediction element
     dpred_ptr,  # [N, M, P] output gradient, same strides as pred
     M, C, w, p_vecs, P_vecs,
     s_pred_n_vecs, s_pred_m_vecs,  # pred and dpred strides in VEC_P vectors
@@ -163,7 +163,7 @@ def _norm_mse_loss_bwd_kernel(
     BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    n, m, row, src, p, s_img_c, s_img_h, mean, rstd = _norm_mse_row(
+    n, m, row, src, mean, rstd = _norm_mse_row(
         pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
         s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S, BLOCK_E)
     P = P_vecs * VEC_P
@@ -173,7 +173,7 @@ def _norm_mse_loss_bwd_kernel(
         e = e0 + tl.arange(0, BLOCK_E)
         ok = e < P
         pr = tl.load(pred_ptr + row + e, mask=ok, other=0.0).to(tl.float32)
-        t = _norm_mse_target(src, e, ok, C, p, s_img_c, s_img_h, mean, rstd, NORM_PIX)
+        t = _norm_mse_target(src, poff_ptr, e, ok, mean, rstd, NORM_PIX)
         tl.store(dpred_ptr + row + e, (scale * (pr - t)).to(dpred_ptr.dtype.element_ty), mask=ok)
 
 
@@ -201,6 +201,21 @@ def _norm_mse_loss_sum_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=64)
+def _pixel_offsets(C: int, p: int, s_c: int, s_h: int, device: torch.device) -> torch.Tensor:
+    """[P] int64: offset, from a patch's first pixel, of the pixel that prediction element
+    ``e = (i*p + j)*C + c`` targets (``c*s_c + i*s_h + j``). Small, one per geometry: cached."""
+    e = torch.arange(C * p * p, device=device)
+    i, j, c = e // (p * C), (e // C) % p, e % C
+    return c * s_c + i * s_h + j
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(M: int, device: torch.device) -> torch.Tensor:
+    """[M] int64 0..M-1: the patch index of each row when pred covers every patch."""
+    return torch.arange(M, device=device)
+
+
 def _prepare(pred, imgs, weight, ids, patch_size):
     """Check shapes; return the kernel arguments shared by forward and backward."""
     if imgs.dim() != 4 or imgs.stride(-1) != 1:
@@ -221,7 +236,7 @@ def _prepare(pred, imgs, weight, ids, patch_size):
     if ids is None:
         if M != (H // p) * (W // p):
             raise ValueError(f"pred has {M} rows but the images have {(H // p) * (W // p)} patches and no ids")
-        ids, s_ids_n = torch.arange(M, device=pred.device), 0  # identity, shared by every sample
+        ids, s_ids_n = _identity(M, pred.device), 0  # shared by every sample
     else:
         if tuple(ids.shape) != (N, M) or ids.dtype != torch.int64 or ids.stride(-1) != 1:
             raise ValueError(f"ids must be int64 [{N}, {M}] with unit stride, got {ids.dtype} {tuple(ids.shape)}")
@@ -232,7 +247,8 @@ def _prepare(pred, imgs, weight, ids, patch_size):
     vec_p = vec_p if vec_p in vec_options(pred.dtype) else 1
     ints = (M, C, W // p, p // vec_i, P // vec_p, pred.stride(0) // vec_p, pred.stride(1) // vec_p,
             imgs.stride(0) // vec_i, imgs.stride(1) // vec_i, imgs.stride(2) // vec_i, weight.stride(0), s_ids_n)
-    return N * M, ids, ints, vec_i, vec_p
+    poff = _pixel_offsets(C, p, imgs.stride(1), imgs.stride(2), imgs.device)
+    return N * M, ids, poff, ints, vec_i, vec_p
 
 
 def _constexprs(norm_pix: bool, vec_i: int, vec_p: int) -> dict:
@@ -243,11 +259,11 @@ def norm_mse_loss_forward(pred, imgs, weight, ids: Optional[torch.Tensor], patch
                           eps: float) -> torch.Tensor:
     """The MAE loss (0-d fp32) of ``pred [N, M, p*p*C]`` against the patches ``ids [N, M]`` (all
     patches when None) of ``imgs [N, C, H, W]``, rows weighted by ``weight [N, M]`` fp32."""
-    rows, ids, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+    rows, ids, poff, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
     row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
     if rows:
-        launch(_norm_mse_loss_fwd_kernel, (rows,), pred, imgs, weight, ids, row_loss, *ints, float(eps),
+        launch(_norm_mse_loss_fwd_kernel, (rows,), pred, imgs, weight, ids, poff, row_loss, *ints, float(eps),
                **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
     launch(_norm_mse_loss_sum_kernel, (1,), row_loss, weight, loss, rows, HAS_ROWS=True, BLOCK=SUM_BLOCK,
            num_warps=SUM_WARPS)
@@ -257,7 +273,7 @@ def norm_mse_loss_forward(pred, imgs, weight, ids: Optional[torch.Tensor], patch
 def norm_mse_loss_backward(grad, pred, imgs, weight, ids: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
                            eps: float) -> torch.Tensor:
     """``dpred`` (``pred.dtype``, ``pred``'s shape) for the 0-d fp32 loss gradient ``grad``."""
-    rows, ids, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+    rows, ids, poff, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
     if grad.numel() != 1:
         raise ValueError(f"grad must hold one value (the loss is a scalar), got shape {tuple(grad.shape)}")
     grad = grad.reshape(()).to(torch.float32)
@@ -269,7 +285,7 @@ def norm_mse_loss_backward(grad, pred, imgs, weight, ids: Optional[torch.Tensor]
     wsum = torch.empty(1, dtype=torch.float32, device=pred.device)
     launch(_norm_mse_loss_sum_kernel, (1,), weight, weight, wsum, rows, HAS_ROWS=False, BLOCK=SUM_BLOCK,
            num_warps=SUM_WARPS)
-    launch(_norm_mse_loss_bwd_kernel, (rows,), grad, wsum, pred, imgs, weight, ids, dpred, *ints, float(eps),
+    launch(_norm_mse_loss_bwd_kernel, (rows,), grad, wsum, pred, imgs, weight, ids, poff, dpred, *ints, float(eps),
            **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
     return dpred
 
@@ -293,18 +309,20 @@ def launch_configs() -> list[KernelConfig]:
                         # are fetched in (i, j, c) order); with it, the statistics pass reads the
                         # image in VEC_I vectors (proven alone where VEC_P = 1). dpred stores: VEC_P.
                         need_ld = vec_i * idt.itemsize if norm_pix else vec_p * pdt.itemsize
-                        base = {"pred_ptr": tp, "imgs_ptr": ti, "weight_ptr": "*fp32", "ids_ptr": "*i64", **ints,
-                                "eps": "fp32"}
+                        base = {"pred_ptr": tp, "imgs_ptr": ti, "weight_ptr": "*fp32", "ids_ptr": "*i64",
+                                "poff_ptr": "*i64", **ints, "eps": "fp32"}
                         fwd = {**base, "rows_ptr": "*fp32"}
                         configs.append(KernelConfig(
                             "norm_mse_loss_fwd", _norm_mse_loss_fwd_kernel,
                             signature_of(_norm_mse_loss_fwd_kernel, fwd, ce), ce,
-                            ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "rows_ptr"), NUM_WARPS, need_ld, 0))
+                            ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "poff_ptr", "rows_ptr"), NUM_WARPS,
+                            need_ld, 0))
                         bwd = {**base, "grad_ptr": "*fp32", "wsum_ptr": "*fp32", "dpred_ptr": tp}
                         configs.append(KernelConfig(
                             "norm_mse_loss_bwd", _norm_mse_loss_bwd_kernel,
                             signature_of(_norm_mse_loss_bwd_kernel, bwd, ce), ce,
-                            ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "dpred_ptr", "grad_ptr", "wsum_ptr"),
+                            ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "poff_ptr", "dpred_ptr", "grad_ptr",
+                             "wsum_ptr"),
                             NUM_WARPS, need_ld, vec_p * pdt.itemsize))
     for has_rows in (False, True):
         ce = {"HAS_ROWS": has_rows, "BLOCK": SUM_BLOCK}
