@@ -11,8 +11,8 @@ kernels' ``VEC`` parameter, whatever the sizes. Then read, per kernel:
   ``cuobjdump`` shipped in the triton wheel;
 - the widest global load and store in the PTX (16 bytes = 128-bit ``ld.global.v4.b32``).
 
-Usage: ``python bench/triton_aot.py [--cc 80 90] [--json out.json]`` prints one row per
-(configuration, target). ``compile_all()`` returns the same records for tests. Needs the triton
+Usage: ``python bench/triton_aot.py [--cc 80 90] [--module ...] [--jobs 2] [--summary]
+[--json out.json]`` prints one row per (configuration, target), then a per-kernel summary. ``compile_all()`` returns the same records for tests. Needs the triton
 NVIDIA backend (no GPU); must run with ``TRITON_INTERPRET`` unset or 0 (the script clears it
 before importing the kernels).
 """
@@ -126,10 +126,25 @@ def compile_config(cfg, cc: int) -> Record:
 
 
 def all_configs(modules=KERNEL_MODULES):
+    """Every launch configuration of the kernels in ``modules``, plus, per kernel, its widest
+    configuration with every integer argument typed i64: what triton's specialisation gives a
+    launch whose sizes or strides reach 2**31."""
     import importlib
     configs = []
     for name in modules:
-        configs += importlib.import_module(f"fastmae.kernels.{name}").launch_configs()
+        mod_configs = importlib.import_module(f"fastmae.kernels.{name}").launch_configs()
+        configs += mod_configs
+        def width(cfg):
+            return (cfg.vector_loads + cfg.vector_stores,
+                    sum(v for k, v in cfg.constexprs.items() if k.startswith("VEC")),
+                    sum(v is True for v in cfg.constexprs.values()))  # optional passes on
+        widest = {}
+        for cfg in mod_configs:
+            if cfg.name not in widest or width(cfg) > width(widest[cfg.name]):
+                widest[cfg.name] = cfg
+        for cfg in widest.values():
+            sig = {k: ("i64" if v == "i32" else v) for k, v in cfg.signature.items()}
+            configs.append(dataclasses.replace(cfg, name=cfg.name + "+i64", signature=sig))
     return configs
 
 
