@@ -41,6 +41,7 @@ GATHER_CASES = [
 ]
 # unshuffle_scatter: (N, K, L, D); D = 1, odd, and across the C++ column-block boundary (64/128)
 UNSHUFFLE_CASES = [
+    (2, 0, 4, 8),  # K = 0: only the cls token kept
     (1, 1, 4, 8),
     (2, 3, 4, 33),
     (1, 5, 6, 1),
