@@ -80,9 +80,16 @@ def test_sdpa_and_math_differ_from_a_wrong_answer():
     assert rel_err(bad, good) > 1e-3
 
 
-def test_auto_resolves_to_sdpa_on_cpu():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert resolve_attn_backend("auto", torch.device("cpu"), dtype) == "sdpa"
+def test_auto_on_cpu():
+    """sdpa, except math for bf16/fp16 with short key sequences (the CPU flash kernel's slow case)."""
+    cpu, short, long = torch.device("cpu"), attn_mod.CPU_LOWP_MATH_MAX_SEQ, attn_mod.CPU_LOWP_MATH_MAX_SEQ + 1
+    for n in (1, 50, short, long, 197, None):
+        assert resolve_attn_backend("auto", cpu, torch.float32, n) == "sdpa"
+    for dtype in (torch.bfloat16, torch.float16):
+        for n in (1, 50, short):
+            assert resolve_attn_backend("auto", cpu, dtype, n) == "math"
+        for n in (long, 197, None):
+            assert resolve_attn_backend("auto", cpu, dtype, n) == "sdpa"
 
 
 @pytest.mark.parametrize("backend,device,dtype,exc,msg", [
@@ -107,9 +114,9 @@ def test_xformers_not_importable_error(monkeypatch):
 
 def test_auto_picks_xformers_on_cuda_when_importable(monkeypatch):
     monkeypatch.setattr(attn_mod, "_xformers_state", {"ops": object(), "error": None})
-    assert resolve_attn_backend("auto", torch.device("cuda"), torch.bfloat16) == "xformers"
+    assert resolve_attn_backend("auto", torch.device("cuda"), torch.bfloat16, 50) == "xformers"
     assert resolve_attn_backend("auto", torch.device("cuda"), torch.float64) == "sdpa"
-    assert resolve_attn_backend("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
+    assert resolve_attn_backend("auto", torch.device("cpu"), torch.bfloat16, 197) == "sdpa"
 
 
 def test_bad_qkv_errors():

@@ -12,7 +12,16 @@ Backends:
   tensors only (xformers ships no CPU operators); float32, bfloat16, float16.
 - ``math``: the explicit formula, the reference (it stores the probability matrix). The softmax
   runs in fp32 for low-precision inputs, as the fused kernels do.
-- ``auto``: ``xformers`` for CUDA tensors when xformers imports, else ``sdpa``.
+- ``auto``: ``xformers`` for CUDA tensors when xformers imports, else ``sdpa``; except on CPU
+  for bfloat16/float16 inputs with short key sequences (``Sk <= CPU_LOWP_MATH_MAX_SEQ``), where
+  ``math`` runs. PyTorch's CPU flash kernel is slow in reduced precision at such lengths, in its
+  backward above all: measured on the 2-core AMD EPYC (Zen 5, no AMX) development machine, one
+  thread, forward + backward in bf16: [16, 12, 50, 64] (the MAE ViT-B encoder) sdpa 60 ms against
+  math 7 ms (compiled math 10 ms); [2, 8, 145, 32] sdpa 11 ms against math 2 ms; while at
+  [16, 16, 197, 32] (the ViT-B decoder) sdpa 140-165 ms against math 165-225 ms, and in fp32 sdpa
+  is as fast or faster everywhere. The probability matrix that math stores is small at these
+  lengths (12 x 50 x 50 per image and block in the encoder). ``bench/test_bench_model.py``
+  (``test_attention_backends``) re-measures the choice at the model's shapes.
 
 A backend that cannot run on the given tensors raises a ValueError that says why and which
 backend to use instead; ``xformers`` requested but not importable raises a RuntimeError with the
@@ -33,6 +42,7 @@ _SDPA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _XFORMERS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _xformers_state: dict = {}
+CPU_LOWP_MATH_MAX_SEQ = 160  # auto on CPU: math for bf16/fp16 when Sk <= this (see the module doc)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -68,14 +78,20 @@ def check_attn_backend(backend: str) -> str:
     return backend
 
 
-def resolve_attn_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_attn_backend(backend: str, device: torch.device, dtype: torch.dtype, seq_len_k: int | None = None) -> str:
     """The concrete backend (``sdpa``, ``xformers`` or ``math``) that runs ``backend`` on tensors
-    of this device and dtype, or a clear error when it cannot."""
+    of this device and dtype (and key length, which only ``auto`` on CPU consults), or a clear
+    error when it cannot."""
     check_attn_backend(backend)
     device = torch.device(device)
     if backend == "auto":
-        usable = device.type == "cuda" and dtype in _XFORMERS_DTYPES and not xformers_import_error()
-        return "xformers" if usable else "sdpa"
+        if device.type == "cuda":
+            usable = dtype in _XFORMERS_DTYPES and not xformers_import_error()
+            return "xformers" if usable else "sdpa"
+        short = seq_len_k is not None and seq_len_k <= CPU_LOWP_MATH_MAX_SEQ
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short:
+            return "math"
+        return "sdpa"
     if backend == "xformers":
         if device.type != "cuda":
             raise ValueError(f"attention backend 'xformers' has no kernels for {device.type} tensors (xformers "
@@ -118,7 +134,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     ``Linear`` already in the low-precision dtype); ``sdpa`` follows autocast's own rule.
     """
     _check_qkv(q, k, v)
-    backend = resolve_attn_backend(backend, q.device, q.dtype)
+    backend = resolve_attn_backend(backend, q.device, q.dtype, k.shape[-2])
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "math":
