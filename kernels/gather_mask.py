@@ -104,10 +104,6 @@ def _gather_mask_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-def _vec(dtype: torch.dtype, p: int, tensors, strides) -> int:
-    return vec_width(dtype, [p, *strides], tensors)
-
-
 def gather_mask_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``imgs [N, C, H, W]``, ``ids_keep [N, K]`` int64 -> kept patches ``[N, K, C*p*p]``."""
     if imgs.dim() != 4 or imgs.stride(-1) != 1:
@@ -125,7 +121,7 @@ def gather_mask_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: 
     out = torch.empty(N, K, C * p * p, dtype=imgs.dtype, device=imgs.device)
     if out.numel() == 0:
         return out
-    vec = _vec(imgs.dtype, p, (imgs, out), (*imgs.stride()[:3], *out.stride()[:2]))
+    vec = vec_width(imgs.dtype, [p, *imgs.stride()[:3], *out.stride()[:2]], [imgs, out])
     launch(_gather_mask_fwd_kernel, (N * K,),
            imgs, ids_keep, out, K, C, W // p, p // vec,
            imgs.stride(0) // vec, imgs.stride(1) // vec, imgs.stride(2) // vec,
@@ -155,7 +151,7 @@ def gather_mask_backward(grad: torch.Tensor, ids_keep: torch.Tensor, patch_size:
     if K:
         rows = torch.arange(K, dtype=torch.int32, device=grad.device).expand(N, K)
         inv.scatter_(1, ids_keep, rows)
-    vec = _vec(grad.dtype, p, (grad, dimg), (*grad.stride()[:2], *dimg.stride()[:3]))
+    vec = vec_width(grad.dtype, [p, *grad.stride()[:2], *dimg.stride()[:3]], [grad, dimg])
     launch(_gather_mask_bwd_kernel, (N * L,),
            grad, inv, dimg, L, C, w, p // vec,
            grad.stride(0) // vec, grad.stride(1) // vec,

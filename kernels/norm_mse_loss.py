@@ -70,10 +70,9 @@ def _norm_mse_patch_stats(src, C, p, p_vecs, s_img_c, s_img_h, eps, VEC_I: tl.co
 
 
 @triton.jit
-def _norm_mse_row(pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs,
+def _norm_mse_row(imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, s_pred_n_vecs, s_pred_m_vecs,
                   s_img_n_vecs, s_img_c_vecs, s_img_h_vecs, s_ids_n, eps,
-                  NORM_PIX: tl.constexpr, VEC_I: tl.constexpr, VEC_P: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_E: tl.constexpr):
+                  NORM_PIX: tl.constexpr, VEC_I: tl.constexpr, VEC_P: tl.constexpr, BLOCK_S: tl.constexpr):
     """Locate row ``pid`` = (n, m): its prediction-row offset, its patch, and the patch statistics."""
     n = pid // M
     m = pid % M
@@ -126,8 +125,8 @@ def _norm_mse_loss_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     n, m, row, src, mean, rstd = _norm_mse_row(
-        pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
-        s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S, BLOCK_E)
+        imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
+        s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S)
     P = P_vecs * VEC_P
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
     for e0 in range(0, P, BLOCK_E):
@@ -164,8 +163,8 @@ def _norm_mse_loss_bwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     n, m, row, src, mean, rstd = _norm_mse_row(
-        pred_ptr, imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, P_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
-        s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S, BLOCK_E)
+        imgs_ptr, ids_ptr, pid, M, C, w, p_vecs, s_pred_n_vecs, s_pred_m_vecs, s_img_n_vecs,
+        s_img_c_vecs, s_img_h_vecs, s_ids_n, eps, NORM_PIX, VEC_I, VEC_P, BLOCK_S)
     P = P_vecs * VEC_P
     weight = tl.load(weight_ptr + n * s_w_n + m)
     scale = tl.load(grad_ptr) * weight * 2.0 / (P * tl.load(wsum_ptr))
