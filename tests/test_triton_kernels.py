@@ -288,3 +288,17 @@ def test_launch_configs_cover_the_launchers_choices():
             br = us_kernels._block_r(bd, need_pos)
             assert any(c.name == "unshuffle_scatter_bwd" and c.constexprs["BLOCK_D"] == bd
                        and c.constexprs["BLOCK_R"] == br and c.constexprs["NEED_POS"] == need_pos for c in us)
+
+
+def test_vector_width_choice():
+    """VEC is the widest power of two (at most 16 bytes) dividing the lengths and start addresses."""
+    from fastmae.kernels._common import vec_width
+    fp32 = torch.empty(64)
+    bf16 = torch.empty(64, dtype=torch.bfloat16)
+    assert vec_width(torch.float32, [16, 224, 3 * 224 * 224], [fp32]) == 4  # ViT-B: 128-bit
+    assert vec_width(torch.bfloat16, [16, 224], [bf16]) == 8
+    assert vec_width(torch.float32, [14, 224], [fp32]) == 2  # p = 14: 64-bit
+    assert vec_width(torch.bfloat16, [14, 224], [bf16]) == 2
+    assert vec_width(torch.float16, [7, 21], []) == 1
+    assert vec_width(torch.float32, [16, 224], [fp32[1:]]) == 1  # start 4 bytes past a boundary
+    assert vec_width(torch.bfloat16, [16, 224], [bf16[4:]]) == 4  # 8 bytes past: 64-bit vectors
