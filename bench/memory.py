@@ -1,0 +1,135 @@
+"""Peak memory of one training step, measured in a fresh process.
+
+    python bench/memory.py --config vitb --impl fast --compiled --precision fp32 --batch 16 [--grad-checkpointing]
+
+prints one JSON object. The process builds the model and its fused AdamW (bench/model_step.py), runs
+warm-up steps (compilation, optimizer state creation, first-touch of every buffer), then measures
+one steady-state step two ways:
+
+- ``tensor_peak_bytes`` (the figure the comparison uses): bytes of live CPU tensors at the step's
+  high-water mark. The resting state (``resting_bytes``: parameters, buffers, optimizer state,
+  summed over unique storages) plus the peak of what the step itself allocates, read from
+  ``torch.profiler`` with ``profile_memory=True``: every CPU allocation and free during the step
+  is an event carrying the running total of bytes allocated since profiling began, so its maximum
+  is the step's own peak (activations kept for backward, gradients, temporaries, the optimizer's
+  scratch). Gradients are set to None before the step, so they count in the step's peak.
+  This is what PyTorch's allocator hands out, independent of how malloc caches memory.
+- ``rss_step_peak_bytes``: the process's resident-set high-water mark during that step (VmHWM,
+  reset just before the step through /proc/self/clear_refs). It includes the interpreter,
+  libraries and compiled code and what glibc keeps cached, so it is larger and noisier; it is
+  reported so the tensor accounting can be cross-checked (the step's RSS growth should be close
+  to the step's tensor peak). ``ru_maxrss_bytes`` is the whole process's high-water mark,
+  compilation included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import model_step as S  # noqa: E402
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def resting_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of the parameters, buffers and optimizer state, each storage counted once."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for state in opt.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def step_tensor_peak(fn) -> int:
+    """Peak bytes allocated (and still live) during ``fn``, from the profiler's memory events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+    return max(totals, default=0)
+
+
+def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,
+            grad_checkpointing: bool = False, warmup: int = 2) -> dict:
+    model = S.build_model(config, impl, grad_checkpointing=grad_checkpointing)
+    opt = S.make_optimizer(model)
+    runner = S.compile_model(model, impl) if compiled else model
+    imgs = S.make_images(config, batch)
+    t0 = time.perf_counter()
+    S.train_step(runner, opt, imgs, precision)  # compiles when asked
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        S.train_step(runner, opt, imgs, precision)
+    opt.zero_grad(set_to_none=True)
+    rest = resting_bytes(model, opt)
+    rss_before = _vm_kib("VmRSS")
+    rss_reset = _reset_rss_peak()
+    peak = step_tensor_peak(lambda: S.train_step(runner, opt, imgs, precision))
+    rss_peak = _vm_kib("VmHWM") if rss_reset else None
+    return dict(
+        config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
+        grad_checkpointing=grad_checkpointing, threads=torch.get_num_threads(),
+        resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
+        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
+        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
+        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        first_step_s=first_step_s,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step (fresh process).")
+    parser.add_argument("--config", choices=list(S.CONFIGS), default="vitb")
+    parser.add_argument("--impl", choices=["fast", "ref"], default="fast")
+    parser.add_argument("--compiled", action="store_true")
+    parser.add_argument("--precision", choices=list(S.PRECISIONS), default="fp32")
+    parser.add_argument("--batch", type=int, default=None, help="default: the configuration's benchmark batch")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    args = parser.parse_args(argv)
+    batch = args.batch or S.batch_size(args.config)
+    result = measure(args.config, args.impl, args.compiled, args.precision, batch, args.grad_checkpointing)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The end-to-end training step the model benchmarks time and measure, shared by
+``bench/test_bench_model.py`` (speed) and ``bench/memory.py`` (peak memory, fresh process).
+
+A step is ``zero_grad(set_to_none=True)``, the forward under the chosen precision, ``backward``
+and one AdamW step. Every provider gets the same step:
+
+- ``fast-compiled``: ``torch.compile(fastmae model, fullgraph=True)``;
+- ``ref-compiled``: ``torch.compile(reference model)`` (default options: the peer to beat);
+- ``ref-eager`` / ``fast-eager``: the models without compilation.
+
+Both models hold the same weights (the fast one loads the reference's state_dict) and see the
+same images and masking ratio (0.75). The optimizer is ``torch.optim.AdamW(fused=True)`` with the
+MAE recipe's betas and weight decay for every provider: on CPU the default (a per-parameter
+for-loop, ``foreach`` is a CUDA default only) is ~10x slower and would dominate the step; the
+optimizer's own cost is measured separately (``test_optimizer_step``).
+
+Configurations:
+
+- ``vitb``: ``mae_vit_base_patch16`` at 224x224 (encoder 768-d x 12, decoder 512-d x 8, patch 16),
+  batch 16 (``FASTMAE_BENCH_BATCH``). Nominal cost 59 GFLOP per image per step (3x forward).
+- ``small``: a ViT-Tiny encoder (192-d, 12 blocks, 3 heads) on 96x96 images with patch 8
+  (L = 144, K = 36) and a light decoder (256-d, 4 blocks, 8 heads of 32, MLP ratio 4), batch 64
+  (``FASTMAE_BENCH_SMALL_BATCH``): small GEMMs, so the fused ops and per-kernel overheads weigh
+  more. Its FLOPs are counted (``FlopCounterMode``), not assumed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastmae
+from fastmae import reference
+
+CONFIGS = {
+    "vitb": dict(name="mae_vit_base_patch16", kwargs=dict(norm_pix_loss=True), img=224,
+                 batch_env="FASTMAE_BENCH_BATCH", default_batch=16, nominal_gflop_per_image=59.0),
+    "small": dict(name="mae_vit_base_patch16",
+                  kwargs=dict(img_size=96, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+                              decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, mlp_ratio=4,
+                              norm_pix_loss=True),
+                  img=96, batch_env="FASTMAE_BENCH_SMALL_BATCH", default_batch=64, nominal_gflop_per_image=None),
+}
+PROVIDERS = ("fast-compiled", "ref-compiled", "ref-eager", "fast-eager")
+PRECISIONS = ("fp32", "bf16")
+MASK_RATIO = 0.75
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def batch_size(config: str) -> int:
+    cfg = CONFIGS[config]
+    return int(os.environ.get(cfg["batch_env"], cfg["default_batch"]))
+
+
+def build_model(config: str, impl: str, grad_checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
+    """The reference (``impl='ref'``) or fast (``'fast'``) model of a configuration; both hold the
+    weights the reference draws from ``seed``."""
+    cfg = CONFIGS[config]
+    torch.manual_seed(seed)
+    ref = fastmae.create_model(cfg["name"], reference_impl=True, **cfg["kwargs"])
+    if impl == "ref":
+        if grad_checkpointing:
+            raise ValueError("grad_checkpointing is an option of the fast model only")
+        return ref
+    if impl != "fast":
+        raise ValueError(f"impl must be 'fast' or 'ref', got {impl!r}")
+    fast = fastmae.create_model(cfg["name"], grad_checkpointing=grad_checkpointing, **cfg["kwargs"])
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return fast
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+
+
+def make_images(config: str, batch: int, seed: int = 1) -> torch.Tensor:
+    img = CONFIGS[config]["img"]
+    return torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(seed))
+
+
+def precision_context(precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def train_step(model, opt, imgs, precision: str) -> None:
+    """One training step (masks drawn inside the model, as in training)."""
+    opt.zero_grad(set_to_none=True)
+    with precision_context(precision):
+        loss, _, _ = model(imgs, mask_ratio=MASK_RATIO)
+    loss.backward()
+    opt.step()
+
+
+def compile_model(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """fullgraph for the fast model (it has no graph break: tests/test_compile.py); the reference
+    compiles with defaults, as a user would."""
+    return torch.compile(model, fullgraph=(impl == "fast"))
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def matmul_rate(dtype: torch.dtype, n: int, reps: int = 3) -> float:
+    """FLOP/s of a large square ``torch.mm`` (the ceiling), best of ``reps``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=c)
+    best = min(timed(lambda: torch.mm(a, b, out=c)) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def counted_flops(config: str, precision: str = "fp32") -> float:
+    """FLOPs of one training step's forward + backward per image, counted on the reference model
+    (every Conv2d, GEMM and attention matmul; the optimizer's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(config, "ref")
+    imgs = make_images(config, 1)
+    counter = FlopCounterMode(display=False)
+    with counter, precision_context(precision):
+        loss, _, _ = model(imgs, mask_ratio=MASK_RATIO)
+    with counter:
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the GEMM and attention calls of a step:
+    ``(op, name, [(shape, stride, dtype) | value, ...], kwargs)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in GEMM_OPS or "scaled_dot_product" in name:
+            desc = [(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, name, desc, dict(kwargs or {})))
+        return func(*args, **(kwargs or {}))
+
+
+def record_step_ops(model, opt, imgs, precision: str):
+    """The GEMM calls of one eager training step (forward and backward) and the attention calls."""
+    rec = RecordOps()
+    opt.zero_grad(set_to_none=True)
+    with rec:
+        with precision_context(precision):
+            loss, _, _ = model(imgs, mask_ratio=MASK_RATIO)
+        loss.backward()
+    gemms = [(f, d, kw) for f, n, d, kw in rec.calls if n in GEMM_OPS]
+    attn = [(f, n, d) for f, n, d, _ in rec.calls if "scaled_dot_product" in n]
+    return gemms, attn
+
+
+def gemm_flops(desc) -> float:
+    """FLOPs of one recorded mm / addmm / bmm / baddbmm call."""
+    shapes = [d[0] for d in desc if isinstance(d, tuple) and len(d) == 3 and isinstance(d[0], tuple)]
+    a, b = shapes[-2], shapes[-1]  # the two multiplied operands are the last two tensors
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def replay_gemms(gemms):
+    """Fresh random operands with the recorded shapes, strides and dtypes, and a function that runs
+    every GEMM once in the recorded order."""
+    calls = []
+    for func, desc, kwargs in gemms:
+        args = [torch.empty_strided(d[0], d[1], dtype=d[2]).normal_()
+                if isinstance(d, tuple) and len(d) == 3 and isinstance(d[0], tuple) else d for d in desc]
+        calls.append((func, args, kwargs))
+
+    def run():
+        for func, args, kwargs in calls:
+            func(*args, **kwargs)
+
+    return run
