@@ -58,9 +58,9 @@ static_assert(sizeof(bits_t<c10::BFloat16>) == 2 && sizeof(bits_t<float>) == 4, 
 // ------------------------------------------------------------------ instruction-set dispatch
 // The extension is built for the baseline x86-64 ISA (SSE2), so that it loads anywhere; the hot
 // loops are compiled a second time for AVX2 + FMA + F16C and chosen at run time.
-// FASTMAE_DEFINE_ISA_VARIANTS(name, body) defines name_avx2<Ts...>(args...) and
-// name_base<Ts...>(args...), each with `body<Ts...>(args...)` and everything it calls inlined
-// into it (flatten), so that the whole loop nest is compiled for that instruction set.
+// FASTMAE_DEFINE_ISA_VARIANTS(name, body) defines name_avx2<Ts...>(args...), which runs
+// `body<Ts...>(args...)` with everything it calls inlined into it (flatten) so that the whole loop
+// nest is compiled for AVX2, and name_base<Ts...>(args...), the same body for the baseline ISA.
 // FASTMAE_CPU_ISA=base forces the baseline variant (to test it on an AVX2 machine).
 inline bool use_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -85,7 +85,7 @@ inline bool use_avx2() {
     BODY<Ts...>(args...);                                                             \
   }                                                                                   \
   template <typename... Ts, typename... Args>                                         \
-  __attribute__((flatten)) void NAME##_base(Args... args) {                           \
+  void NAME##_base(Args... args) {                                                    \
     BODY<Ts...>(args...);                                                             \
   }                                                                                   \
   template <typename... Ts, typename... Args>                                         \
