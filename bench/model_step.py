@@ -163,6 +163,26 @@ def record_step_ops(model, opt, imgs, precision: str):
     return gemms, attn
 
 
+def attention_shapes(model, imgs, precision: str):
+    """[(q shape [B, heads, S, head_dim], dtype)] of every attention call in one forward, whichever
+    backend runs it (hooks on the attention modules' inputs)."""
+    shapes, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, reference.Attention):
+            def hook(mod, args):
+                B, S, D = args[0].shape
+                dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else args[0].dtype
+                shapes.append(((B, mod.num_heads, S, D // mod.num_heads), dtype))
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), precision_context(precision):
+            model(imgs, mask_ratio=MASK_RATIO)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
 def gemm_flops(desc) -> float:
     """FLOPs of one recorded mm / addmm / bmm / baddbmm call."""
     shapes = [d[0] for d in desc if isinstance(d, tuple) and len(d) == 3 and isinstance(d[0], tuple)]

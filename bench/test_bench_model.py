@@ -11,8 +11,9 @@ What runs (bench/model_step.py describes the step, configurations and providers)
   The pytest-benchmark statistics themselves are of the whole cycle and mean little.
 - ``test_gemm_bound``: every GEMM of one eager fast-model step, recorded with its shapes, strides
   and dtype, replayed with fresh operands: the GEMM time and rate at these shapes, the part of
-  the ceiling a perfect model could reach. Attention (SDPA) forward + backward at the recorded
-  shapes is timed beside it.
+  the ceiling a perfect model could reach (where the math attention backend runs, its batched
+  matmuls are among these GEMMs). Attention forward + backward, with the model's backend, at the
+  shape of every attention call is timed beside it.
 - ``test_attention_backends``: attention forward + backward per backend at the model's shapes.
 - ``test_optimizer_step``: fused AdamW over the model's parameters alone (and once the default
   per-parameter loop, for the record).
@@ -41,7 +42,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model_step as S  # noqa: E402
@@ -152,19 +152,21 @@ def test_train_step(config, precision, benchmark):
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_gemm_bound(config, precision, benchmark):
     """The step's GEMMs alone at their real shapes, and its attention calls alone."""
+    from fastmae.ops import attention
+
     bench = get_bench(config)
-    gemms, attn = S.record_step_ops(bench.models["fast"], bench.opts["fast"], bench.imgs, precision)
+    gemms, _ = S.record_step_ops(bench.models["fast"], bench.opts["fast"], bench.imgs, precision)
     bench.opts["fast"].zero_grad(set_to_none=True)
     run = S.replay_gemms(gemms)
     run()
     gemm_flops = sum(S.gemm_flops(desc) for _, desc, _ in gemms)
-    # attention forward + backward at the recorded (q, k, v) shapes of every SDPA forward call
-    attn_shapes = [desc[0] for _, name, desc in attn if "backward" not in name]
-    qkv = [[torch.randn(s[0], dtype=s[2], requires_grad=True) for _ in range(3)] for s in attn_shapes]
+    # attention forward + backward (the model's backend choice) at the shape of every attention call
+    attn_shapes = S.attention_shapes(bench.models["fast"], bench.imgs, precision)
+    qkv = [[torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3)] for shape, dtype in attn_shapes]
 
     def run_attention():
         for q, k, v in qkv:
-            F.scaled_dot_product_attention(q, k, v).sum().backward()
+            attention(q, k, v, backend=bench.models["fast"].attn_backend).sum().backward()
 
     run_attention()
     attn_times, mm_rates = [], []
@@ -196,10 +198,9 @@ def test_attention_backends(config, precision, benchmark):
     from fastmae.ops import attention
 
     bench = get_bench(config)
-    _, attn = S.record_step_ops(bench.models["fast"], bench.opts["fast"], bench.imgs, precision)
-    bench.opts["fast"].zero_grad(set_to_none=True)
-    shapes = sorted({desc[0][0] for _, name, desc in attn if "backward" not in name})
-    dtype = attn[0][2][0][2]
+    calls = S.attention_shapes(bench.models["fast"], bench.imgs, precision)
+    shapes = sorted({shape for shape, _ in calls})
+    dtype = calls[0][1]
     fns = {"sdpa": lambda q, k, v: attention(q, k, v, backend="sdpa"),
            "math": lambda q, k, v: attention(q, k, v, backend="math")}
     fns["math-compiled"] = torch.compile(fns["math"], fullgraph=True)
@@ -221,7 +222,7 @@ def test_attention_backends(config, precision, benchmark):
     benchmark.pedantic(cycle, rounds=max(ROUNDS, 3), iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
         kind="attention", config=config, precision=precision, dtype=str(dtype),
-        calls_per_step={str(sh): sum(1 for _, n, d in attn if "backward" not in n and d[0][0] == sh) for sh in shapes},
+        calls_per_step={str(sh): sum(1 for c, _ in calls if c == sh) for sh in shapes},
         median_s={f"{sh} {name}": statistics.median(t) for (sh, name), t in times.items()},
         threads=torch.get_num_threads(), env=_env(), quick=QUICK)
 
