@@ -516,8 +516,11 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
                     images_per_sec=images_seen / max(seconds, 1e-9), final_loss=last_loss,
                     checkpoint=saved, picture=picture, losses=epoch_losses)
     if main:
-        print(f"done: {step} steps in {_fmt_time(seconds)} ({result.images_per_sec:.1f} images/s), final loss "
-              f"{last_loss if last_loss is None else f'{last_loss:.4f}'}")
+        final = "none" if last_loss is None else f"{last_loss:.4f}"
+        if epoch_losses:
+            final += f" (last epoch mean {epoch_losses[-1]:.4f}, first {epoch_losses[0]:.4f})"
+        print(f"done: {step} steps in {_fmt_time(seconds)} ({result.images_per_sec:.1f} images/s), "
+              f"final loss {final}")
         if saved:
             print(f"checkpoint: {saved}")
         if log_path:
