@@ -5,7 +5,10 @@ Differences from the reference, none of them visible in the numbers:
   Conv2d with kernel = stride = p is a linear map per patch);
 - the decoder input is built by ``unshuffle_scatter`` in one pass;
 - the loss is ``norm_mse_loss``, fused, with its gradient in one pass;
-- attention goes through ``fastmae.ops.attention`` (SDPA by default, xformers on CUDA).
+- attention goes through ``fastmae.ops.attention`` (``auto``: xformers on CUDA when installed,
+  else SDPA; on CPU the explicit math for bf16/fp16 at short sequences, where it is faster);
+- under autocast the decoder's residual stream is promoted back to fp32 before
+  ``unshuffle_scatter``, as the official cat with the fp32 mask token does.
 Which backend runs each op is decided in ``fastmae.ops._backend``, never here.
 """
 from __future__ import annotations

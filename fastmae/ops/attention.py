@@ -25,8 +25,8 @@ Backends:
 
 A backend that cannot run on the given tensors raises a ValueError that says why and which
 backend to use instead; ``xformers`` requested but not importable raises a RuntimeError with the
-import error. The choice depends only on the backend name, the device and the dtype, so under
-``torch.compile`` it is made once at trace time and costs nothing per call.
+import error. The choice depends only on the backend name, the device, the dtype and the key
+length, so under ``torch.compile`` it is made once at trace time and costs nothing per call.
 """
 from __future__ import annotations
 
