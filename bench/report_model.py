@@ -93,8 +93,8 @@ def render(res, notes) -> str:
     if res["memory"]:
         lines += ["## Peak memory of a training step (fresh process; bench/memory.py)", "",
                   "| config | precision | variant | batch | tensor peak MB | x ref-compiled | resting MB | "
-                  "step peak MB | x ref-compiled (step) | RSS step peak MB |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "step peak MB | x ref-compiled (step) | RSS step peak MB | cold compile + step s |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         base = {(i["config"], i["precision"]): i for i in res["memory"] if i["variant"] == "ref-compiled"}
         for i in res["memory"]:
             b = base.get((i["config"], i["precision"]))
@@ -103,7 +103,8 @@ def render(res, notes) -> str:
             rss = i.get("rss_step_peak_bytes")
             lines.append(f"| {i['config']} | {i['precision']} | {i['variant']} | {i['batch']} | "
                          f"{i['tensor_peak_bytes'] / 2**20:.0f} | {_f(x)} | {i['resting_bytes'] / 2**20:.0f} | "
-                         f"{i['step_peak_bytes'] / 2**20:.0f} | {_f(xs)} | {_f(rss and rss / 2**20, '.0f')} |")
+                         f"{i['step_peak_bytes'] / 2**20:.0f} | {_f(xs)} | {_f(rss and rss / 2**20, '.0f')} | "
+                         f"{_f(i.get('first_step_s'), '.0f')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
