@@ -311,7 +311,9 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     global_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    # fused=True: one kernel for all parameters (on CPU ~10x faster than the per-parameter loop)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                                  fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     amp_dtype = PRECISIONS[args.precision]
 

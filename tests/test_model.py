@@ -4,7 +4,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
-from helpers import GOLDEN, rel_err
+from helpers import load_golden, rel_err
 
 import fastmae
 from fastmae import reference
@@ -79,7 +79,7 @@ def test_vit_base_matches_reference():
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(GOLDEN, weights_only=True)
+    return load_golden()
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

@@ -12,7 +12,7 @@ import torch
 
 from fastmae import checkpoint as ckpt_io
 from fastmae import data, train
-from helpers import GOLDEN
+from helpers import load_golden
 from trainkit import TINY, assert_states_equal, assert_trained_close, make_image_folder, pretrain_args
 
 
@@ -412,7 +412,7 @@ def test_saved_model_loads_into_the_official_model_strictly(tmp_path, folder):
 def test_stored_configuration_is_the_official_constructor():
     """A model_config in the golden file's format (official constructor arguments) rebuilds a model
     that takes the official code's weights strictly and computes the official loss."""
-    golden = torch.load(GOLDEN, weights_only=True)
+    golden = load_golden()
     for name in ("p8_64px_normpix1_mask0.75", "p4_32px_normpix0_mask0.5"):
         case = golden["cases"][name]
         assert set(case["config"]) == set(ckpt_io.CONFIG_KEYS)

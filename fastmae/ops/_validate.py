@@ -44,8 +44,18 @@ def check_patch_grid(H: int, W: int, patch_size: int) -> tuple[int, int]:
 
 
 def check_index_range(ids: torch.Tensor, upper: int, name: str) -> None:
-    """Value check: every index in [0, upper). One reduction; a host sync on CUDA."""
+    """Value check: every index in [0, upper), before any kernel reads or writes through it.
+
+    On the CPU an IndexError naming the bad value. On CUDA the check is queued on the device
+    (``torch._assert_async``) instead, so the training step never waits for the host: an index
+    out of range stops the kernel stream with a device-side assert carrying this message
+    instead of letting the kernel read or write out of bounds.
+    """
     if ids.numel() == 0:
+        return
+    if ids.is_cuda:
+        ok = (ids >= 0).all() & (ids < upper).all()
+        torch._assert_async(ok, f"{name} holds an index outside [0, {upper})")
         return
     lo, hi = torch.aminmax(ids)
     lo, hi = int(lo), int(hi)
