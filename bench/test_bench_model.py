@@ -77,7 +77,7 @@ def _backend_name():
 
 class Bench:
     """Per configuration: both models (same weights), their optimizers, the images, and each
-    provider's step function, built once per session."""
+    provider's step function, built once per pytest run."""
 
     def __init__(self, config: str):
         self.config, self.batch = config, S.batch_size(config)
