@@ -7,6 +7,10 @@ int64, pos_embed [1+L, D] or [1, 1+L, D] or None) -> [N, 1+L, D]``:
 - row ``1+l`` is ``x[:, 1 + ids_restore[:, l]]`` when ``ids_restore[:, l] < K`` (patch ``l`` was
   kept; kept tokens are in noise order), else ``mask_token``; plus ``pos_embed[1+l]``.
 
+``ids_restore`` must be a permutation of ``[0, L)`` per sample (as masking makes it): every
+backend checks the range; a non-permutation is not detected (the C++ backward sums duplicated
+rows, the Triton backward leaves rows of ``dx`` of never-referenced tokens unwritten).
+
 This is the official ``cat + gather + cat + pos add``. Backward: ``dx`` is a gather of ``dout``;
 ``d mask_token`` a deterministic sum of ``dout`` over removed rows; ``d pos_embed`` a sum over N.
 mask_token and pos_embed are cast to ``x.dtype`` (they are small); math is done in fp32.
