@@ -1,0 +1,249 @@
+"""GPU measurements: the Triton kernels against the torch reference compositions, and the MAE
+training step, fast against reference, on one CUDA device.
+
+    python bench/cuda.py ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
+    python bench/cuda.py model [--json out.json]   # training step, compiled and eager, bf16 and fp32
+
+``ops``: each op at ViT-B MAE shapes (L=196, K=49, p=16, C=3, decoder width 512), forward and
+forward+backward ("full"), fp32 and bf16, through three providers: ``triton`` (the public
+``fastmae.ops`` function; Triton on CUDA), ``eager`` (the op's torch reference composition) and
+``compiled`` (that composition under ``torch.compile``). Times are ``triton.testing.do_bench``
+medians (CUDA events; the L2 cache is flushed before every call, so no run is served from a warm
+cache). Backward is taken with ``torch.autograd.grad`` (no ``.grad`` accumulation). Bytes are the
+op's minimal traffic (each input read once, each output written once); their rate is compared with
+a device-to-device copy measured in the same run (read + write counted) and with the H100's
+datasheet 3.35 TB/s.
+
+``model``: one training step (zero_grad, forward with mask ratio 0.75, backward, fused AdamW) of
+``mae_vit_base_patch16`` at 224x224 and of the small configuration of ``bench/model_step.py``, for
+fast-compiled (fullgraph), ref-compiled, ref-eager and fast-eager, rotating the providers each
+round; medians of CUDA-event times, peak memory per provider (``max_memory_allocated`` over one
+step), compile time (first call minus a steady step), and the bf16 matmul rate of a large
+``torch.mm`` in the same run as the ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import triton.testing
+
+from fastmae import ops
+from fastmae.ops.gather_mask import gather_mask_ref
+from fastmae.ops.norm_mse_loss import norm_mse_loss_ref
+from fastmae.ops.unshuffle_scatter import unshuffle_scatter_ref
+
+DEV = torch.device("cuda")
+H100_BYTES_PER_S = 3.35e12
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+L, K, P_SIZE, C, IMG, D_DEC = 196, 49, 16, 3, 224, 512
+PATCH = P_SIZE * P_SIZE * C
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def copy_rate() -> float:
+    """Bytes/s (read + write) of a 1 GiB device-to-device copy."""
+    src = torch.randn(2**28, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------------------- op cases
+def _masks(N):
+    ids_shuffle = torch.rand(N, L, device=DEV).argsort(1)
+    ids_restore = ids_shuffle.argsort(1)
+    mask = torch.ones(N, L, device=DEV)
+    mask[:, :K] = 0
+    return ids_shuffle[:, :K].contiguous(), ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+def op_cases(N: int, dtype: torch.dtype):
+    """{op: (fast fn, reference fn, leaves, grad of the output, fwd bytes, bwd bytes)}."""
+    s = dtype.itemsize
+    ids_keep, ids_restore, mask = _masks(N)
+    imgs = torch.randn(N, C, IMG, IMG, device=DEV, dtype=dtype)
+    x = torch.randn(N, 1 + K, D_DEC, device=DEV, dtype=dtype)
+    tok = torch.randn(D_DEC, device=DEV, dtype=dtype)
+    pos = torch.randn(1 + L, D_DEC, device=DEV, dtype=dtype)
+    pred = torch.randn(N, L, PATCH, device=DEV, dtype=dtype)
+    img_bytes = imgs.numel() * s
+    cases = {
+        "gather_mask": (
+            lambda a: ops.gather_mask(a, ids_keep, P_SIZE),
+            lambda a: gather_mask_ref(a, ids_keep, P_SIZE),
+            [imgs], torch.randn(N, K, PATCH, device=DEV, dtype=dtype),
+            2 * N * K * PATCH * s, N * K * PATCH * s + img_bytes),
+        "unshuffle_scatter": (
+            lambda a, t, q: ops.unshuffle_scatter(a, t, ids_restore, q),
+            lambda a, t, q: unshuffle_scatter_ref(a, t, ids_restore, q),
+            [x, tok, pos], torch.randn(N, 1 + L, D_DEC, device=DEV, dtype=dtype),
+            (x.numel() + pos.numel() + N * (1 + L) * D_DEC) * s,
+            (N * (1 + L) * D_DEC + x.numel() + pos.numel() + D_DEC) * s),
+        "norm_mse_loss": (
+            lambda a: ops.norm_mse_loss(a, imgs, mask, P_SIZE),
+            lambda a: norm_mse_loss_ref(a, imgs, mask, None, P_SIZE, True, 1e-6),
+            [pred], torch.ones((), device=DEV),
+            pred.numel() * s + img_bytes, 2 * pred.numel() * s + img_bytes),
+    }
+    return cases
+
+
+def run_ops(args) -> list[dict]:
+    rate = copy_rate()
+    print(f"device {torch.cuda.get_device_name()}: copy {rate / 1e12:.2f} TB/s (read + write)", flush=True)
+    rows = []
+    for N in args.batches:
+        for dname, dtype in DTYPES.items():
+            for op, (fast, ref, leaves, grad, fwd_bytes, bwd_bytes) in op_cases(N, dtype).items():
+                leaves = [t.requires_grad_() for t in leaves]
+                compiled = torch.compile(ref)
+                providers = {"triton": fast, "eager": ref, "compiled": compiled}
+                for mode in ("forward", "full"):
+                    times = {}
+                    for name, fn in providers.items():
+                        if mode == "forward":
+                            def call(fn=fn):
+                                with torch.no_grad():
+                                    fn(*leaves)
+                        else:
+                            def call(fn=fn):
+                                torch.autograd.grad(fn(*leaves), leaves, grad)
+                        times[name] = bench_ms(call)
+                    nbytes = fwd_bytes if mode == "forward" else fwd_bytes + bwd_bytes
+                    row = dict(op=op, mode=mode, dtype=dname, N=N, bytes=nbytes, copy_bytes_per_s=rate,
+                               **{f"{k}_ms": v for k, v in times.items()})
+                    rows.append(row)
+                    print(_op_line(row), flush=True)
+    return rows
+
+
+def _op_line(r) -> str:
+    t = r["triton_ms"]
+    gbs = r["bytes"] / (t * 1e-3) / 1e9
+    return (f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['N']} | {t * 1e3:.1f} | {r['eager_ms'] * 1e3:.1f} | "
+            f"{r['compiled_ms'] * 1e3:.1f} | {r['eager_ms'] / t:.1f} | {r['compiled_ms'] / t:.1f} | "
+            f"{r['bytes'] / 1e6:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / r['copy_bytes_per_s']:.0f} | "
+            f"{r['bytes'] / H100_BYTES_PER_S * 1e6:.1f} |")
+
+
+OPS_HEADER = ("| op | mode | dtype | N | triton us | eager us | compiled us | x eager | x compiled | MB | GB/s | "
+              "% of copy | 3.35 TB/s floor us |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+# ---------------------------------------------------------------------------- training step
+def run_model(args) -> list[dict]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import model_step as ms
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs in "fp32"
+    torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    for config, batch in (("vitb", args.vitb_batch), ("small", args.small_batch)):
+        for precision in args.precisions:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            imgs = ms.make_images(config, batch).to(DEV)
+            steps = {}
+            compile_s = {}
+            for provider in args.providers:
+                impl = provider.split("-")[0]
+                model = ms.build_model(config, impl).to(DEV)
+                opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                        fused=True)
+                run = ms.compile_model(model, impl) if provider.endswith("compiled") else model
+
+                def step(run=run, opt=opt):
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        loss, _, _ = run(imgs, mask_ratio=ms.MASK_RATIO)
+                    loss.backward()
+                    opt.step()
+
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+                steps[provider] = (step, [], peak, base)
+                compile_s[provider] = first
+            for rnd in range(args.rounds):  # rotate the providers each round
+                order = list(steps)[rnd % len(steps):] + list(steps)[:rnd % len(steps)]
+                for provider in order:
+                    fn, times = steps[provider][:2]
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(args.steps_per_round):
+                        fn()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / args.steps_per_round)
+            a = torch.randn(8192, 8192, device=DEV, dtype=dtype)
+            b = torch.randn(8192, 8192, device=DEV, dtype=dtype)
+            mm_rate = 2 * 8192**3 / (bench_ms(lambda: a @ b) * 1e-3)
+            flops = ms.counted_flops(config) if config == "small" else 59e9  # per image, fwd + bwd
+            for provider, (_, times, peak, base) in steps.items():
+                med = statistics.median(times)
+                steady = med * 1e-3
+                row = dict(config=config, batch=batch, precision=precision, provider=provider, step_ms=med,
+                           min_ms=min(times), img_per_s=batch / steady, peak_gib=peak / 2**30,
+                           weights_gib=base / 2**30, compile_s=compile_s[provider] - steady,
+                           mm_tflops=mm_rate / 1e12, pct_ceiling=100 * flops * batch / steady / mm_rate)
+                rows.append(row)
+                print(f"| {config} | {batch} | {precision} | {provider} | {med:.1f} | {row['img_per_s']:.0f} | "
+                      f"{row['pct_ceiling']:.0f} | {row['peak_gib']:.2f} | {row['compile_s']:.0f} |", flush=True)
+            del steps
+            torch.cuda.empty_cache()
+    return rows
+
+
+MODEL_HEADER = ("| config | batch | precision | provider | step ms | img/s | % of mm ceiling | peak GiB | "
+                "compile s |\n|---|---:|---|---|---:|---:|---:|---:|---:|")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p_ops = sub.add_parser("ops")
+    p_ops.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    p_model = sub.add_parser("model")
+    p_model.add_argument("--vitb-batch", type=int, default=64)
+    p_model.add_argument("--small-batch", type=int, default=256)
+    p_model.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
+    p_model.add_argument("--providers", nargs="+", default=["fast-compiled", "ref-compiled", "ref-eager", "fast-eager"])
+    p_model.add_argument("--rounds", type=int, default=7)
+    p_model.add_argument("--steps-per-round", type=int, default=5)
+    for p in (p_ops, p_model):
+        p.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/cuda.py needs a CUDA device")
+    if args.what == "ops":
+        print(OPS_HEADER, flush=True)
+        rows = run_ops(args)
+    else:
+        print(MODEL_HEADER, flush=True)
+        rows = run_model(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""fastmae on a CUDA device: the Triton kernels compiled for the GPU (not the interpreter).
+
+- every op, forward and backward, against fp64 math on the CPU (the tolerance rule of
+  ``test_ops``), over the shapes of ``test_ops`` plus ViT-B shapes and unaligned inputs (the
+  kernels' narrow-vector paths), outputs poisoned with NaN before the kernels write them;
+- bitwise determinism of the reductions, ``torch.library.opcheck`` of every op on CUDA tensors;
+- the device-side index check stops the stream with its message (in a child process: a CUDA
+  assert poisons the process's context);
+- the fast model against the official golden outputs (tf32 off) and against the reference model;
+- ``torch.compile(fullgraph=True)`` training over the Triton ops (fp32 and bf16 autocast): one
+  graph, no recompilation, the eager numbers.
+
+The Triton interpreter is process-wide and the CPU tests need it, so this file runs on its own:
+``TRITON_INTERPRET=0 pytest tests/test_cuda.py``. Without a CUDA device every test is skipped.
+"""
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from functools import partial
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn as nn
+from helpers import load_golden, rel_err
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fastmae
+import test_ops as T
+from fastmae import ops, reference
+from fastmae.ops import _backend
+from fastmae.ops.gather_mask import gather_mask_ref
+from fastmae.ops.norm_mse_loss import norm_mse_loss_ref
+from fastmae.ops.unshuffle_scatter import unshuffle_scatter_ref
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(_backend.triton_interpret(), reason="TRITON_INTERPRET=1 would interpret the kernels; run "
+                       "`TRITON_INTERPRET=0 pytest tests/test_cuda.py` to compile them for the GPU"),
+]
+CUDA = torch.device("cuda")
+VITB = (64, 3, 224, 224, 16)  # N, C, H, W, p
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32(monkeypatch):
+    """fp32 matmuls in full precision (no tf32), the default backend choice (Triton on CUDA)."""
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _poison(*specs):
+    """NaN-filled CUDA blocks of the outputs' sizes, freed at once: the caching allocator hands
+    the same blocks to the next allocations of these sizes, so an unwritten element stays NaN."""
+    bufs = [torch.full(shape, math.nan, dtype=dtype, device=CUDA) for shape, dtype in specs]
+    del bufs
+
+
+def _leaf(t, offset=False):
+    """A CUDA leaf holding ``t``; ``offset``: one element past a 16-byte boundary, so the kernels
+    must fall back to narrow vectors."""
+    if offset:
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=CUDA)
+        dev = buf[1:].view(t.shape)
+        dev.copy_(t)
+    else:
+        dev = t.to(CUDA)
+    return dev.requires_grad_()
+
+
+def test_cuda_tensors_use_triton():
+    assert _backend.select_backend(CUDA) == "triton"
+
+
+# ============================================================================ gather_mask
+GATHER_CASES = T.GATHER_CASES + [(*VITB, 49), (2, 3, 224, 224, 14, 64), (3, 1, 40, 24, 8, 11)]
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
+@pytest.mark.parametrize("case", GATHER_CASES, ids=T._id)
+def test_gather_mask(case, dtype, offset, request):
+    N, C, H, W, p, K = case
+    L = (H // p) * (W // p)
+    gen = T._gen(request)
+    imgs = T._randn(gen, N, C, H, W, dtype=dtype)
+    _, ids_keep, _, _ = T._masking(gen, N, L, K)
+    grad = T._randn(gen, N, K, C * p * p, dtype=dtype)
+
+    x = _leaf(imgs, offset)
+    _poison(((N, K, C * p * p), dtype))
+    out = ops.gather_mask(x, ids_keep.to(CUDA), p)
+    _poison(((N, C, H, W), dtype))
+    out.backward(_leaf(grad, offset).detach())
+
+    imgs64 = imgs.double().requires_grad_()
+    ref = gather_mask_ref(imgs64, ids_keep, p)
+    ref.backward(grad.double())
+    # a gather is exact: the output and gradient must equal the reference bit for bit
+    assert out.dtype == dtype and x.grad.dtype == dtype
+    assert torch.equal(out.cpu().double(), ref.detach()), "gather_mask forward"
+    assert torch.equal(x.grad.cpu().double(), imgs64.grad), "gather_mask backward"
+
+
+# ============================================================================ unshuffle_scatter
+UNSHUFFLE_CASES = T.UNSHUFFLE_CASES + [(64, 49, 196, 512), (3, 36, 144, 256), (2, 5, 17, 7)]
+
+
+@pytest.mark.parametrize("pos", ["pos", "nopos"])
+@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
+@pytest.mark.parametrize("case", UNSHUFFLE_CASES, ids=T._id)
+def test_unshuffle_scatter(case, dtype, pos, request):
+    N, K, L, D = case
+    gen = T._gen(request)
+    x = T._randn(gen, N, 1 + K, D, dtype=dtype)
+    tok = T._randn(gen, 1, 1, D, dtype=dtype)
+    pe = T._randn(gen, 1, 1 + L, D, dtype=dtype) if pos == "pos" else None
+    _, _, ids_restore, _ = T._masking(gen, N, L, K)
+    grad = T._randn(gen, N, 1 + L, D, dtype=dtype)
+    leaves = [_leaf(t) for t in (x, tok) + ((pe,) if pe is not None else ())]
+
+    _poison(((N, 1 + L, D), dtype))
+    out = ops.unshuffle_scatter(leaves[0], leaves[1], ids_restore.to(CUDA), leaves[2] if pe is not None else None)
+    _poison(((N, 1 + K, D), dtype), ((D,), dtype), ((1 + L, D), dtype))
+    out.backward(grad.to(CUDA))
+
+    def run_ref(cast):
+        ls = [t.detach().cpu().to(cast).requires_grad_() for t in leaves]
+        r = unshuffle_scatter_ref(ls[0], ls[1], ids_restore, ls[2] if pe is not None else None)
+        r.backward(grad.to(cast))
+        return r, ls
+
+    ref, ref_leaves = run_ref(torch.float64)
+    base, base_leaves = run_ref(dtype)
+    assert out.dtype == dtype
+    T.assert_close("unshuffle_scatter out", out.cpu(), ref, base, dtype)
+    for name, t, r, b in zip(["dx", "dmask_token", "dpos_embed"], leaves, ref_leaves, base_leaves):
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape, name
+        T.assert_close(f"unshuffle_scatter {name}", t.grad.cpu(), r.grad, b.grad, dtype)
+
+
+def test_unshuffle_scatter_grad_deterministic():
+    """The mask-token and position gradients are fixed-order reductions: bitwise equal across runs."""
+    N, K, L, D = 64, 49, 196, 512
+    x = torch.randn(N, 1 + K, D, device=CUDA, requires_grad=True)
+    tok = torch.randn(D, device=CUDA, requires_grad=True)
+    pos = torch.randn(1 + L, D, device=CUDA, requires_grad=True)
+    ids_restore = torch.rand(N, L, device=CUDA).argsort(1)
+    grad = torch.randn(N, 1 + L, D, device=CUDA) * 1e3
+
+    def grads():
+        for t in (x, tok, pos):
+            t.grad = None
+        ops.unshuffle_scatter(x, tok, ids_restore, pos).backward(grad)
+        return [t.grad.clone() for t in (x, tok, pos)]
+
+    first = grads()
+    for _ in range(3):
+        for name, a, b in zip(["dx", "dmask_token", "dpos"], first, grads()):
+            assert torch.equal(a, b), f"{name} differs between runs"
+
+
+# ============================================================================ norm_mse_loss
+LOSS_CASES = T.LOSS_CASES + [VITB, (3, 3, 96, 96, 8), (2, 1, 40, 24, 8)]
+
+
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["normpix", "raw"])
+@pytest.mark.parametrize("mode", T.LOSS_MODES)
+@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=T._id)
+def test_norm_mse_loss(case, dtype, mode, norm_pix, request):
+    N, C, H, W, p = case
+    L, P = (H // p) * (W // p), p * p * C
+    gen = T._gen(request)
+    K = max(1, L // 4)
+    imgs = (T._randn(gen, N, C, H, W) * 0.5 + 0.3).to(dtype)
+    ids_shuffle, _, _, mask = T._masking(gen, N, L, K)
+    ids = None if mode == "full" else ids_shuffle[:, K:].contiguous()
+    M = L if ids is None else L - K
+    weight = mask if mode == "full" else (torch.rand(N, M, generator=gen) if mode == "ids+weights" else None)
+    pred = T._randn(gen, N, M, P, dtype=dtype)
+    g = torch.rand((), generator=gen) + 0.5
+
+    pred_dev = _leaf(pred)
+    loss = ops.norm_mse_loss(pred_dev, imgs.to(CUDA), None if weight is None else weight.to(CUDA), p,
+                             norm_pix_loss=norm_pix, eps=T.EPS, ids=None if ids is None else ids.to(CUDA))
+    _poison(((N, M, P), dtype))
+    (loss * g.to(CUDA)).backward()
+
+    pred64 = pred.double().requires_grad_()
+    ref = T.loss_ref64(pred64, imgs, weight, ids, p, norm_pix, T.EPS)
+    (ref * g.double()).backward()
+    base_pred = pred.clone().requires_grad_()
+    base = norm_mse_loss_ref(base_pred, imgs, weight if weight is not None else torch.ones(N, M), ids, p,
+                             norm_pix, T.EPS)
+    (base * g).backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and pred_dev.grad.dtype == dtype
+    T.assert_close("norm_mse_loss", loss.cpu(), ref, base, torch.float32)
+    T.assert_close("norm_mse_loss dpred", pred_dev.grad.cpu(), pred64.grad, base_pred.grad, dtype)
+
+
+def test_norm_mse_loss_deterministic():
+    N, C, H, W, p = VITB
+    imgs = torch.rand(N, C, H, W, device=CUDA)
+    pred = torch.randn(N, 196, p * p * C, device=CUDA, requires_grad=True)
+    mask = (torch.rand(N, 196, device=CUDA) > 0.25).float()
+
+    def run():
+        pred.grad = None
+        loss = ops.norm_mse_loss(pred, imgs, mask, p)
+        loss.backward()
+        return loss.detach().clone(), pred.grad.clone()
+
+    first = run()
+    for _ in range(3):
+        again = run()
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+# ============================================================================ checks, opcheck
+def _to_cuda(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.detach().to(CUDA).requires_grad_(arg.requires_grad)
+    return arg
+
+
+@pytest.mark.parametrize("name", list(T._opcheck_cases()))
+def test_opcheck(name):
+    op, args = T._opcheck_cases()[name]
+    torch.library.opcheck(op, tuple(_to_cuda(a) for a in args))
+
+
+_BAD_INDEX = textwrap.dedent("""
+    import torch
+    from fastmae import ops
+    imgs = torch.randn(2, 3, 32, 32, device="cuda")
+    ids = torch.tensor([[0, 1], [2, 16]], device="cuda")  # 16 patches: 16 is out of range
+    out = ops.gather_mask(imgs, ids, 8)
+    torch.cuda.synchronize()
+    print("NO ERROR")
+""")
+
+
+def test_out_of_range_index_stops_the_stream():
+    """An index outside [0, L) on CUDA is a device-side assert before the kernel reads through
+    it (no host synchronisation in forward); the run fails, and never silently."""
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_LAUNCH_BLOCKING="1")
+    proc = subprocess.run([sys.executable, "-c", _BAD_INDEX], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "NO ERROR" not in proc.stdout, proc.stdout + proc.stderr
+    assert "device-side assert" in proc.stderr or "ids_keep holds an index outside" in proc.stderr, proc.stderr
+
+
+def test_mixed_devices_are_rejected():
+    imgs = torch.randn(2, 3, 32, 32, device=CUDA)
+    with pytest.raises(ValueError, match="is on cpu but imgs on cuda"):
+        ops.gather_mask(imgs, torch.zeros(2, 1, dtype=torch.long), 8)
+
+
+# ============================================================================ model
+def _run(model, imgs, mask_ratio, noise):
+    model.zero_grad(set_to_none=True)
+    loss, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    loss.backward()
+    module = getattr(model, "_orig_mod", model)
+    grads = {n: p.grad.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return loss.detach().cpu(), pred.detach().cpu(), mask.cpu(), grads
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_golden_official_outputs(impl):
+    """Both models on the GPU reproduce what the official code computed (fp32, tf32 off)."""
+    golden = load_golden()
+    for name, case in golden["cases"].items():
+        cfg = dict(case["config"])
+        eps = cfg.pop("layer_norm_eps")
+        cls = reference.MaskedAutoencoderViT if impl == "reference" else fastmae.MaskedAutoencoderViT
+        model = cls(**cfg, norm_layer=partial(nn.LayerNorm, eps=eps)).to(CUDA)
+        model.load_state_dict(case["state_dict"], strict=True)
+        loss, pred, mask, grads = _run(model, case["imgs"].to(CUDA), case["mask_ratio"], case["noise"].to(CUDA))
+        assert torch.equal(mask, case["mask"]), name
+        assert abs(loss.item() - case["loss"].item()) <= 1e-5 * abs(case["loss"].item()), name
+        assert rel_err(pred, case["pred"]) <= 1e-5, name
+        for k, g in case["grads"].items():
+            assert rel_err(grads[k], g) <= 1e-4, (name, k, rel_err(grads[k], g))
+
+
+def test_vit_base_fast_matches_reference():
+    torch.manual_seed(0)
+    ref = reference.mae_vit_base_patch16(norm_pix_loss=True).to(CUDA)
+    fast = fastmae.mae_vit_base_patch16(norm_pix_loss=True).to(CUDA)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    imgs = torch.randn(8, 3, 224, 224, device=CUDA)
+    noise = torch.rand(8, 196, device=CUDA)
+    (la, pa, ma, ga), (lb, pb, mb, gb) = _run(fast, imgs, 0.75, noise), _run(ref, imgs, 0.75, noise)
+    assert torch.equal(ma, mb)
+    assert rel_err(la, lb) <= 1e-5 and rel_err(pa, pb) <= 1e-5
+    worst = max(ga, key=lambda n: rel_err(ga[n], gb[n]))
+    assert rel_err(ga[worst], gb[worst]) <= 1e-4, (worst, rel_err(ga[worst], gb[worst]))
+
+
+TINY = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
+            decoder_depth=2, decoder_num_heads=4, mlp_ratio=2.0, norm_pix_loss=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_matches_eager(precision):
+    """torch.compile(fullgraph=True) over the Triton ops: forward, backward and AdamW for three
+    steps in one graph, no recompilation after the first step, the eager numbers."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = fastmae.MaskedAutoencoderViT(**TINY).to(CUDA)
+    with torch.no_grad():
+        for p in eager.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    mod = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(mod, fullgraph=True, backend=counter)
+    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3)
+    opt_c = torch.optim.AdamW(mod.parameters(), lr=1e-3)
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        imgs = torch.randn(4, 3, 32, 32, generator=g).to(CUDA)
+        noise = torch.rand(4, 16, generator=g).to(CUDA)
+        outs = []
+        for model, opt in ((compiled, opt_c), (eager, opt_e)):
+            opt.zero_grad(set_to_none=True)
+            with torch._dynamo.config.patch(error_on_recompile=step > 0), \
+                    torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, pred, mask = model(imgs, mask_ratio=0.75, noise=noise)
+            loss.backward()
+            outs.append((loss.detach(), pred.detach().float(), mask, [p.grad.clone() for p in opt.param_groups[0]["params"]]))
+            opt.step()
+        (lc, pc, mc, gc), (le, pe, me, ge) = outs
+        assert torch.equal(mc, me) and torch.isfinite(lc)
+        assert rel_err(lc, le) <= tol and rel_err(pc, pe) <= tol, (step, lc.item(), le.item())
+        worst = max(rel_err(a, b) for a, b in zip(gc, ge))
+        assert worst <= 10 * tol, (step, worst)
+    assert counter.frame_count == 1
+    explanation = torch._dynamo.explain(eager)(imgs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
