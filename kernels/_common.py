@@ -49,9 +49,13 @@ def full_vec(dtype: torch.dtype) -> int:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a ``@triton.jit`` kernel through ``torch.library.wrap_triton`` (traceable by
-    ``torch.compile``; plain launch in eager mode, also under ``TRITON_INTERPRET=1``)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    """Launch a ``@triton.jit`` kernel directly.
+
+    The launchers run only inside the real implementations of the ``fastmae::`` custom ops, which
+    ``torch.compile`` never traces (it uses their fake implementations and calls the real ones at
+    run time). ``torch.library.wrap_triton`` would buy nothing there and costs a trip through
+    the Triton higher-order op on every eager call."""
+    kernel[grid](*args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

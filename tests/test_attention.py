@@ -68,6 +68,13 @@ def test_backend_matches_reference(shape, dtype, backend):
     for name, g, p, t in zip(["out", "dq", "dk", "dv"], got, plain, truth):
         assert g.dtype == dtype and g.shape == t.shape, name
         assert torch.isfinite(g).all(), name
+        if Sk == 1 and name in ("dq", "dk"):
+            # zero in truth (a softmax over one key is constant): a kernel is left with the
+            # cancellation noise of dP - rowsum(dP * P), a few eps of |dout . v| (seen on one CPU's
+            # sdpa: 2e-7 in fp32), so the bound is absolute, at that scale
+            scale = (dout.double().abs().sum(-1).max() * v.double().abs().max()).item()
+            assert g.double().abs().max().item() <= 4 * torch.finfo(dtype).eps * scale, (backend, name)
+            continue
         err, bound = _err(g, t), 2 * _err(p, t) + ATOL[dtype]
         assert err <= bound, f"{backend} {name}: rel err {err:.3g} > {bound:.3g} (plain math {_err(p, t):.3g})"
 
