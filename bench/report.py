@@ -2,10 +2,13 @@
 
     python bench/report.py bench/ops.json [more.json ...]
 
-Per op, mode and dtype: median ms of fastmae (C++ backend), the eager reference and the compiled
-reference; fastmae's speed-up over both; the op's minimal bytes moved at fastmae's median, as GB/s
-and as a share of the copy bandwidth measured in the same run (test_copy_bandwidth); and the byte
-floor projected for an H100 (3.35 TB/s datasheet bandwidth): a projection, not a measurement.
+Per op, mode and dtype, from the side-by-side cycles of one test (each provider's median ms over
+the same rounds): fastmae (C++ backend), the eager reference and the compiled reference;
+fastmae's speed-up over both; the op's minimal bytes moved at fastmae's median, as GB/s and as a
+share of the copy bandwidth sampled in the same cycles; the median page faults per call of fastmae
+and of the eager reference (first touches of fresh memory: the allocator's doing, paid inside
+the timing); and the byte floor projected for an H100 (3.35 TB/s datasheet bandwidth): a
+projection, not a measurement.
 """
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ import json
 import sys
 
 H100_BYTES_PER_S = 3.35e12
-PROVIDERS = ("fastmae", "eager", "compiled")
 
 
 def load(paths):
-    """{(op, mode, dtype): {provider: (median seconds, extra_info)}} and machine/allocator notes."""
-    rows, notes = {}, []
+    """[(path, extra_info)] of every op benchmark, and machine notes."""
+    rows, notes = [], []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -28,10 +30,8 @@ def load(paths):
                      f"{data.get('datetime', '?')}")
         for b in data["benchmarks"]:
             info = b.get("extra_info", {})
-            if "op" not in info:
-                continue
-            key = (info["op"], info["mode"], info["dtype"])
-            rows.setdefault(key, {})[info["provider"]] = (b["stats"]["median"], info)
+            if "op" in info and "providers" in info:
+                rows.append((path, info))
     return rows, notes
 
 
@@ -40,33 +40,36 @@ def _fmt(x, spec):
 
 
 def render(rows, notes) -> str:
-    copy = rows.pop(("copy", "copy", "fp32"), {}).get("copy")
-    copy_bw = copy[1]["bytes"] / copy[0] if copy else None
-    allocators = {json.dumps(info.get("allocator", {}), sort_keys=True)
-                  for provs in rows.values() for _, info in provs.values()}
     out = ["# fastmae op benchmarks (CPU)", ""]
     out += [f"- {n}" for n in notes]
-    out.append(f"- copy bandwidth (dst.copy_(src), read + write): "
-               f"{_fmt(copy_bw and copy_bw / 1e9, '.1f')} GB/s")
-    out.append(f"- allocator environment: {'; '.join(sorted(allocators)) or 'n/a'}")
+    allocators = sorted({json.dumps(info.get("allocator", {}), sort_keys=True) for _, info in rows})
+    out.append(f"- allocator environment: {'; '.join(allocators) or 'n/a'}")
+    sets = [info.get("input_sets") or 0 for _, info in rows]
+    llc = {info.get("llc_bytes") for _, info in rows}
+    out.append(f"- input sets rotated per call: {min(sets)} to {max(sets)} per test (together > 2x the "
+               f"LLC of {', '.join(_fmt(x and x / 2**20, '.0f') for x in llc)} MiB)")
+    out.append("- copy: dst.copy_(src) of 64 MB (read + write; 4 pairs in turn), sampled in every cycle of the same test")
     out.append("- H100 floor: minimal bytes / 3.35 TB/s (datasheet), a projection, never a measurement")
     out.append("")
     out.append("| op | mode | dtype | fastmae ms | eager ms | compiled ms | x eager | x compiled | MB moved "
-               "| GB/s | % of copy | H100 floor us |")
-    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (op, mode, dtype) in sorted(rows):
-        provs = rows[(op, mode, dtype)]
-        med = {p: provs[p][0] if p in provs else None for p in PROVIDERS}
-        nbytes = next(iter(provs.values()))[1]["bytes"]
+               "| GB/s | copy GB/s | % of copy | faults/call fastmae / eager | H100 floor us |")
+    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for _, info in sorted(rows, key=lambda r: (r[1]["op"], r[1]["mode"], r[1]["dtype"], r[0])):
+        prov = info["providers"]
+        med = {p: prov[p]["median_ms"] / 1e3 if p in prov else None for p in ("fastmae", "eager", "compiled", "copy")}
+        nbytes = info["bytes"]
         fast = med["fastmae"]
+        copy_bw = info["copy_bytes"] / med["copy"] if med["copy"] else None
         gbs = nbytes / fast / 1e9 if fast else None
         pct = 100 * nbytes / fast / copy_bw if fast and copy_bw else None
         speedup = {p: med[p] / fast if fast and med[p] else None for p in ("eager", "compiled")}
+        flt = "/".join(_fmt(prov.get(p, {}).get("faults_per_call"), ".0f") for p in ("fastmae", "eager"))
         out.append(
-            f"| {op} | {mode} | {dtype} | {_fmt(fast and fast * 1e3, '.2f')} | "
+            f"| {info['op']} | {info['mode']} | {info['dtype']} | {_fmt(fast and fast * 1e3, '.2f')} | "
             f"{_fmt(med['eager'] and med['eager'] * 1e3, '.2f')} | "
             f"{_fmt(med['compiled'] and med['compiled'] * 1e3, '.2f')} | {_fmt(speedup['eager'], '.1f')} | "
-            f"{_fmt(speedup['compiled'], '.1f')} | {nbytes / 1e6:.1f} | {_fmt(gbs, '.1f')} | {_fmt(pct, '.0f')} | "
+            f"{_fmt(speedup['compiled'], '.1f')} | {nbytes / 1e6:.1f} | {_fmt(gbs, '.1f')} | "
+            f"{_fmt(copy_bw and copy_bw / 1e9, '.1f')} | {_fmt(pct, '.0f')} | {flt} | "
             f"{nbytes / H100_BYTES_PER_S * 1e6:.1f} |")
     return "\n".join(out) + "\n"
 
