@@ -8,6 +8,8 @@
 // Parallel over (n, grid row), so each task writes whole image rows contiguously.
 #include "common.h"
 
+#include <type_traits>
+
 namespace fastmae {
 namespace {
 
@@ -16,11 +18,28 @@ struct Grid {
 };
 
 // Output rows [begin, end) of the forward (row = n*K + k): a pure copy of bits.
-template <typename scalar_t>
+// One patch-row segment of p values: dst = src (bits), or zeros when src is null. A fixed p
+// (PC::value > 0) makes it a fixed-size memcpy: a few vector moves, since the compiler cannot
+// vectorise the plain loop (it cannot rule out that dst and src overlap).
+template <typename PC, typename B>
+inline void copy_segment(B* dst, const B* src, int64_t p) {
+  if constexpr (PC::value > 0) {
+    if (src != nullptr) {
+      std::memcpy(dst, src, PC::value * sizeof(B));
+    } else {
+      std::memset(dst, 0, PC::value * sizeof(B));
+    }
+  } else {
+    for (int64_t j = 0; j < p; ++j) dst[j] = src != nullptr ? src[j] : B(0);
+  }
+}
+
+// PC::value > 0 fixes the patch size at compile time (the segment loops become a few vector moves).
+template <typename scalar_t, typename PC>
 inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* out, Grid g, int64_t begin,
                             int64_t end) {
   using B = bits_t<scalar_t>;
-  const int64_t C = g.C, H = g.H, W = g.W, p = g.p;
+  const int64_t C = g.C, H = g.H, W = g.W, p = PC::value > 0 ? PC::value : g.p;
   const B* src = reinterpret_cast<const B*>(imgs);
   auto patch_of = [&](int64_t row) {  // pixel (c=0, i=0, j=0) of the patch of output row `row`
     const int64_t n = row / g.K, l = ids[row];
@@ -32,8 +51,7 @@ inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* 
     B* o = reinterpret_cast<B*>(out) + row * g.D;
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t i = 0; i < p; ++i, o += p) {
-        const B* s = patch + (c * H + i) * W;
-        for (int64_t j = 0; j < p; ++j) o[j] = s[j];
+        copy_segment<PC>(o, patch + (c * H + i) * W, p);
       }
     }
   }
@@ -41,11 +59,12 @@ inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* 
 FASTMAE_DEFINE_ISA_VARIANTS(gather_fwd_task, gather_fwd_rows)
 
 // Image-gradient grid rows [begin, end) of the backward (t = n*h + hi): C*p whole image rows each.
-template <typename scalar_t>
-inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* out, Grid g, int64_t begin,
-                            int64_t end) {
+// Each image row is written left to right in one pass, zero and copied segments in turn.
+template <typename scalar_t, typename PC>
+inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* out, Grid g,
+                            int64_t begin, int64_t end) {
   using B = bits_t<scalar_t>;
-  const int64_t C = g.C, H = g.H, W = g.W, K = g.K, p = g.p, w = g.w, D = g.D;
+  const int64_t C = g.C, H = g.H, W = g.W, K = g.K, p = PC::value > 0 ? PC::value : g.p, w = g.w, D = g.D;
   const B* gbits = reinterpret_cast<const B*>(grad);
   B* obits = reinterpret_cast<B*>(out);
   // head[wj]: first row k of ids_keep[n] holding patch (hi, wj), or -1; next[k]: the following
@@ -58,8 +77,8 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
     const int64_t* idn = ids + n * K;
     std::fill(head, head + w, int64_t(-1));
     for (int64_t k = K - 1; k >= 0; --k) {
-      if (idn[k] / w == hi) {
-        const int64_t wj = idn[k] % w;
+      const uint64_t wj = uint64_t(idn[k] - hi * w);  // in [0, w) iff patch idn[k] is on grid row hi
+      if (wj < uint64_t(w)) {
         next[k] = head[wj];
         head[wj] = k;
       }
@@ -73,10 +92,9 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
           B* o = orow + wj * p;
           const int64_t k = head[wj];
           if (k < 0) {
-            for (int64_t j = 0; j < p; ++j) o[j] = B(0);
+            copy_segment<PC>(o, static_cast<const B*>(nullptr), p);
           } else if (next[k] < 0) {
-            const B* gr = gbits + (grow0 + k) * D + goff;
-            for (int64_t j = 0; j < p; ++j) o[j] = gr[j];
+            copy_segment<PC>(o, gbits + (grow0 + k) * D + goff, p);
           } else {  // a patch kept twice: fp32 sum in k order, rounded once
             scalar_t* os = reinterpret_cast<scalar_t*>(o);
             for (int64_t j = 0; j < p; ++j) {
@@ -91,6 +109,17 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
   }
 }
 FASTMAE_DEFINE_ISA_VARIANTS(gather_bwd_task, gather_bwd_rows)
+
+// Calls fn(PC{}) with PC = std::integral_constant<int, p> for the common ViT patch sizes, 0 otherwise.
+template <typename Fn>
+void dispatch_patch(int64_t p, const Fn& fn) {
+  switch (p) {
+    case 16: return fn(std::integral_constant<int, 16>{});
+    case 14: return fn(std::integral_constant<int, 14>{});
+    case 8: return fn(std::integral_constant<int, 8>{});
+    default: return fn(std::integral_constant<int, 0>{});
+  }
+}
 
 void check_gather_ids(const at::Tensor& ids_keep, int64_t N, int64_t L) {
   check_ids(ids_keep, "ids_keep", N);
@@ -115,8 +144,11 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
     const scalar_t* src = imgs.const_data_ptr<scalar_t>();
     const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * K, grain_for(2 * g.D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-      gather_fwd_task<scalar_t>(avx2, src, idp, dst, g, begin, end);
+    dispatch_patch(p, [&](auto pc) {
+      using PC = decltype(pc);
+      at::parallel_for(0, N * K, grain_for(2 * g.D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
+        gather_fwd_task<scalar_t, PC>(avx2, src, idp, dst, g, begin, end);
+      });
     });
   });
   return out;
@@ -141,8 +173,11 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
     const scalar_t* src = grad.const_data_ptr<scalar_t>();
     const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * h, grain_for(2 * C * p * W * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-      gather_bwd_task<scalar_t>(avx2, src, idp, dst, g, begin, end);
+    dispatch_patch(p, [&](auto pc) {
+      using PC = decltype(pc);
+      at::parallel_for(0, N * h, grain_for(2 * C * p * W * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
+        gather_bwd_task<scalar_t, PC>(avx2, src, idp, dst, g, begin, end);
+      });
     });
   });
   return out;
