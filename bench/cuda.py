@@ -3,6 +3,7 @@ training step, fast against reference, on one CUDA device.
 
     python bench/cuda.py ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
     python bench/cuda.py model [--json out.json]   # training step, compiled and eager, bf16 and fp32
+    python bench/cuda.py overhead                  # host time of one op call, by layer
 
 ``ops``: each op at ViT-B MAE shapes (L=196, K=49, p=16, C=3, decoder width 512), forward and
 forward+backward ("full"), fp32 and bf16, through three providers: ``triton`` (the public
@@ -163,6 +164,55 @@ OPS_HEADER = ("| op | mode | dtype | N | triton us | triton host us | eager us |
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
+# ---------------------------------------------------------------------------- host overhead
+def run_overhead(args) -> list[dict]:
+    """Where the host time of one op call goes (gather_mask, ViT-B, N = 64, fp32): the public
+    op, its backward custom op called directly (main thread) and through autograd (the engine's
+    thread), the Triton launchers without the custom-op layer, and the device time of the
+    launcher against the op (the difference is the index check and the inverse map)."""
+    import cProfile
+    import pstats
+
+    from fastmae.kernels import gather_mask as gk
+
+    N = 64
+    imgs = torch.randn(N, C, IMG, IMG, device=DEV, requires_grad=True)
+    ids_keep, _, _ = _masks(N)
+    grad = torch.randn(N, K, PATCH, device=DEV)
+    out = ops.gather_mask(imgs, ids_keep, P_SIZE)
+    calls = {
+        "op forward": lambda: ops.gather_mask(imgs, ids_keep, P_SIZE),
+        "op backward (direct)": lambda: torch.ops.fastmae.gather_mask_backward(grad, ids_keep, P_SIZE, IMG, IMG),
+        "op forward + autograd.grad": lambda: torch.autograd.grad(ops.gather_mask(imgs, ids_keep, P_SIZE), imgs, grad),
+        "autograd.grad of a saved graph": lambda: torch.autograd.grad(out, imgs, grad, retain_graph=True),
+        "launcher forward": lambda: gk.gather_mask_forward(imgs.detach(), ids_keep, P_SIZE),
+        "launcher backward": lambda: gk.gather_mask_backward(grad, ids_keep, P_SIZE, IMG, IMG),
+    }
+    rows = []
+    for name, fn in calls.items():
+        host = bench_ms(fn)
+        try:
+            dev = graph_ms(fn)
+        except Exception as e:
+            print(f"# {name}: no CUDA graph ({type(e).__name__}: {e})")
+            dev = float("nan")
+        rows.append(dict(call=name, host_ms=host, device_ms=dev))
+        print(f"| {name} | {host * 1e3:.1f} | {dev * 1e3:.1f} |", flush=True)
+    prof = cProfile.Profile()
+    fn = calls["op backward (direct)"]
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    return rows
+
+
+OVERHEAD_HEADER = "| call | host us | device us |\n|---|---:|---:|"
+
+
 # ---------------------------------------------------------------------------- training step
 def run_model(args) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +221,8 @@ def run_model(args) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs in "fp32"
     torch.backends.cudnn.allow_tf32 = True
     rows = []
-    for config, batch in (("vitb", args.vitb_batch), ("small", args.small_batch)):
+    for config in args.configs:
+        batch = args.vitb_batch if config == "vitb" else args.small_batch
         for precision in args.precisions:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             imgs = ms.make_images(config, batch).to(DEV)
@@ -245,14 +296,16 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="what", required=True)
     p_ops = sub.add_parser("ops")
     p_ops.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    p_over = sub.add_parser("overhead")
     p_model = sub.add_parser("model")
     p_model.add_argument("--vitb-batch", type=int, default=64)
     p_model.add_argument("--small-batch", type=int, default=256)
+    p_model.add_argument("--configs", nargs="+", default=["vitb", "small"], choices=["vitb", "small"])
     p_model.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
     p_model.add_argument("--providers", nargs="+", default=["fast-compiled", "ref-compiled", "ref-eager", "fast-eager"])
     p_model.add_argument("--rounds", type=int, default=7)
     p_model.add_argument("--steps-per-round", type=int, default=5)
-    for p in (p_ops, p_model):
+    for p in (p_ops, p_over, p_model):
         p.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -260,6 +313,9 @@ def main(argv=None):
     if args.what == "ops":
         print(OPS_HEADER, flush=True)
         rows = run_ops(args)
+    elif args.what == "overhead":
+        print(OVERHEAD_HEADER, flush=True)
+        rows = run_overhead(args)
     else:
         print(MODEL_HEADER, flush=True)
         rows = run_model(args)
