@@ -1,6 +1,7 @@
 """Peak memory of one training step, measured in a fresh process.
 
     python bench/memory.py --config vitb --impl fast --compiled --precision fp32 --batch 16 [--grad-checkpointing]
+        [--optimizer-in-backward]
 
 prints one JSON object. The process builds the model and its fused AdamW (bench/model_step.py), runs
 warm-up steps (compilation, optimizer state creation, first-touch of every buffer), then measures
@@ -64,7 +65,8 @@ def resting_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     """Bytes of the parameters, buffers and optimizer state, each storage counted once."""
     seen, total = set(), 0
     tensors = list(model.parameters()) + list(model.buffers())
-    for state in opt.state.values():
+    optimizers = getattr(opt, "optimizers", {0: opt}).values()  # OptimizerInBackward: one per parameter
+    for state in (st for o in optimizers for st in o.state.values()):
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
     for t in tensors:
         key = t.untyped_storage().data_ptr()
@@ -89,9 +91,9 @@ def step_tensor_peak(fn) -> int:
 
 
 def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,
-            grad_checkpointing: bool = False, warmup: int = 2) -> dict:
+            grad_checkpointing: bool = False, optimizer_in_backward: bool = False, warmup: int = 2) -> dict:
     model = S.build_model(config, impl, grad_checkpointing=grad_checkpointing)
-    opt = S.make_optimizer(model)
+    opt = S.make_optimizer(model, in_backward=optimizer_in_backward)
     runner = S.compile_model(model, impl) if compiled else model
     imgs = S.make_images(config, batch)
     t0 = time.perf_counter()
@@ -107,7 +109,8 @@ def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,
     rss_peak = _vm_kib("VmHWM") if rss_reset else None
     return dict(
         config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
-        grad_checkpointing=grad_checkpointing, threads=torch.get_num_threads(),
+        grad_checkpointing=grad_checkpointing, optimizer_in_backward=optimizer_in_backward,
+        threads=torch.get_num_threads(),
         resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
         rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
         rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
@@ -124,9 +127,12 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=list(S.PRECISIONS), default="fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: the configuration's benchmark batch")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="step AdamW per parameter during backward (fastmae.optim.OptimizerInBackward)")
     args = parser.parse_args(argv)
     batch = args.batch or S.batch_size(args.config)
-    result = measure(args.config, args.impl, args.compiled, args.precision, batch, args.grad_checkpointing)
+    result = measure(args.config, args.impl, args.compiled, args.precision, batch, args.grad_checkpointing,
+                     args.optimizer_in_backward)
     print(json.dumps(result))
     return 0
 

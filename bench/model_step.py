@@ -72,8 +72,14 @@ def build_model(config: str, impl: str, grad_checkpointing: bool = False, seed: 
     return fast
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+def make_optimizer(model: torch.nn.Module, in_backward: bool = False):
+    """Fused AdamW with the MAE recipe's betas and weight decay; ``in_backward``: the same, one per
+    parameter, stepped during backward (``fastmae.optim.OptimizerInBackward``)."""
+    opts = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    if in_backward:
+        from fastmae.optim import OptimizerInBackward
+        return OptimizerInBackward(model.parameters(), torch.optim.AdamW, **opts)
+    return torch.optim.AdamW(model.parameters(), **opts)
 
 
 def make_images(config: str, batch: int, seed: int = 1) -> torch.Tensor:

@@ -254,12 +254,14 @@ def test_optimizer_step(config, benchmark):
         threads=torch.get_num_threads(), env=_env(), quick=QUICK)
 
 
-MEMORY_VARIANTS = {  # name: (impl, compiled, grad_checkpointing)
-    "ref-compiled": ("ref", True, False),
-    "fast-compiled": ("fast", True, False),
-    "fast-compiled-ckpt": ("fast", True, True),
-    "ref-eager": ("ref", False, False),
-    "fast-eager": ("fast", False, False),
+MEMORY_VARIANTS = {  # name: (impl, compiled, grad_checkpointing, optimizer in backward)
+    "ref-compiled": ("ref", True, False, False),
+    "fast-compiled": ("fast", True, False, False),
+    "fast-compiled-ckpt": ("fast", True, True, False),
+    "fast-compiled-ckpt-obw": ("fast", True, True, True),
+    "fast-eager-ckpt-obw": ("fast", False, True, True),
+    "ref-eager": ("ref", False, False, False),
+    "fast-eager": ("fast", False, False, False),
 }
 
 
@@ -268,10 +270,11 @@ MEMORY_VARIANTS = {  # name: (impl, compiled, grad_checkpointing)
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_peak_memory(config, variant, precision, benchmark, tmp_path):
     _benches.clear()  # free this process's models before the subprocess runs
-    impl, compiled, ckpt = MEMORY_VARIANTS[variant]
+    impl, compiled, ckpt, in_backward = MEMORY_VARIANTS[variant]
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.py"),
            "--config", config, "--impl", impl, "--precision", precision, "--batch", str(S.batch_size(config))]
     cmd += (["--compiled"] if compiled else []) + (["--grad-checkpointing"] if ckpt else [])
+    cmd += ["--optimizer-in-backward"] if in_backward else []
     out = {}
 
     def run():
