@@ -1,9 +1,9 @@
 """GPU measurements: the Triton kernels against the torch reference compositions, and the MAE
 training step, fast against reference, on one CUDA device.
 
-    python bench/cuda.py ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
-    python bench/cuda.py model [--json out.json]   # training step, compiled and eager, bf16 and fp32
-    python bench/cuda.py overhead                  # host time of one op call, by layer
+    python bench/gpu.py ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
+    python bench/gpu.py model [--json out.json]   # training step, compiled and eager, bf16 and fp32
+    python bench/gpu.py overhead                  # host time of one op call, by layer
 
 ``ops``: each op at ViT-B MAE shapes (L=196, K=49, p=16, C=3, decoder width 512), forward and
 forward+backward ("full"), fp32 and bf16, through three providers: ``triton`` (the public
@@ -309,7 +309,7 @@ def main(argv=None):
         p.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench/cuda.py needs a CUDA device")
+        raise SystemExit("bench/gpu.py needs a CUDA device")
     if args.what == "ops":
         print(OPS_HEADER, flush=True)
         rows = run_ops(args)
