@@ -22,7 +22,9 @@ datasheet 3.35 TB/s.
 fast-compiled (fullgraph), ref-compiled, ref-eager and fast-eager, rotating the providers each
 round; medians of CUDA-event times, peak memory per provider (``max_memory_allocated`` over one
 step), compile time (first call minus a steady step), and the bf16 matmul rate of a large
-``torch.mm`` in the same run as the ceiling.
+``torch.mm`` in the same run as the ceiling. A provider name may add ``-ckpt`` (grad
+checkpointing, fast model) and ``-obw`` (``fastmae.optim.OptimizerInBackward``), e.g.
+``fast-eager-ckpt-obw``.
 """
 from __future__ import annotations
 
@@ -229,11 +231,10 @@ def run_model(args) -> list[dict]:
             steps = {}
             compile_s = {}
             for provider in args.providers:
-                impl = provider.split("-")[0]
-                model = ms.build_model(config, impl).to(DEV)
-                opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                        fused=True)
-                run = ms.compile_model(model, impl) if provider.endswith("compiled") else model
+                impl, *flags = provider.split("-")  # e.g. fast-eager-ckpt-obw
+                model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags).to(DEV)
+                opt = ms.make_optimizer(model, in_backward="obw" in flags)
+                run = ms.compile_model(model, impl) if "compiled" in flags else model
 
                 def step(run=run, opt=opt):
                     opt.zero_grad(set_to_none=True)
