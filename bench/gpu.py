@@ -21,7 +21,7 @@ datasheet 3.35 TB/s.
 ``mae_vit_base_patch16`` at 224x224 and of the small configuration of ``bench/model_step.py``, for
 fast-compiled (fullgraph), ref-compiled, ref-eager and fast-eager, rotating the providers each
 round; medians of CUDA-event times, peak memory per provider (``max_memory_allocated`` over one
-step), compile time (first call minus a steady step), and the bf16 matmul rate of a large
+step, less what the providers built before it hold), compile time (first call minus a steady step), and the bf16 matmul rate of a large
 ``torch.mm`` in the same run as the ceiling. A provider name may add ``-ckpt`` (grad
 checkpointing, fast model) and ``-obw`` (``fastmae.optim.OptimizerInBackward``), e.g.
 ``fast-eager-ckpt-obw``.
@@ -232,6 +232,8 @@ def run_model(args) -> list[dict]:
             compile_s = {}
             for provider in args.providers:
                 impl, *flags = provider.split("-")  # e.g. fast-eager-ckpt-obw
+                torch.cuda.synchronize()
+                others = torch.cuda.memory_allocated()  # the providers built before this one stay resident
                 model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags).to(DEV)
                 opt = ms.make_optimizer(model, in_backward="obw" in flags)
                 run = ms.compile_model(model, impl) if "compiled" in flags else model
@@ -252,10 +254,10 @@ def run_model(args) -> list[dict]:
                     step()
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                base = torch.cuda.memory_allocated() - others  # weights, AdamW state, last step's grads
                 step()
                 torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
+                peak = torch.cuda.max_memory_allocated() - others  # this provider's own high-water mark
                 steps[provider] = (step, [], peak, base)
                 compile_s[provider] = first
             for rnd in range(args.rounds):  # rotate the providers each round
@@ -278,7 +280,7 @@ def run_model(args) -> list[dict]:
                 steady = med * 1e-3
                 row = dict(config=config, batch=batch, precision=precision, provider=provider, step_ms=med,
                            min_ms=min(times), img_per_s=batch / steady, peak_gib=peak / 2**30,
-                           weights_gib=base / 2**30, compile_s=compile_s[provider] - steady,
+                           resting_gib=base / 2**30, compile_s=compile_s[provider] - steady,
                            mm_tflops=mm_rate / 1e12, pct_ceiling=100 * flops * batch / steady / mm_rate)
                 rows.append(row)
                 print(f"| {config} | {batch} | {precision} | {provider} | {med:.1f} | {row['img_per_s']:.0f} | "
