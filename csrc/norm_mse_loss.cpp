@@ -87,6 +87,60 @@ inline PatchStats load_patch(const img_t* img, int64_t l, const Geometry& g, boo
   return {mean, 1.f / std::sqrt(var + eps)};
 }
 
+// The same for C in {1, 3} and p a multiple of 8 (every ViT patch size but 14), with 8-wide
+// vectors: each group of 8 pixels of the three channel rows is interleaved by two-input
+// shuffles into 24 consecutive values of x, and the pixel sum is accumulated on the way, so
+// only the variance needs a second pass (over x, in L1).
+template <int CC, typename img_t>
+inline PatchStats load_patch_v8(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
+  const int64_t p = g.p, W = g.W, H = g.H, P = g.P;
+  const img_t* patch = img + (l / g.w) * p * W + (l % g.w) * p;
+  v8f s0 = {}, s1 = {};
+  for (int64_t i = 0; i < p; ++i) {
+    const img_t* r0 = patch + i * W;
+    float* o = x + i * p * CC;
+    for (int64_t j = 0; j < p; j += 8, o += 8 * CC) {
+      const v8f a = load8(r0 + j);
+      if constexpr (CC == 3) {
+        const v8f b = load8(r0 + H * W + j), c = load8(r0 + 2 * H * W + j);
+        s0 += a + b;
+        s1 += c;
+        // one lane permute per input and output vector, then two blends (element i of either input)
+        const v8f pa0 = __builtin_shuffle(a, v8i{0, 0, 0, 1, 0, 0, 2, 0});  // a0 .  .  a1 .  .  a2 .
+        const v8f pb0 = __builtin_shuffle(b, v8i{0, 0, 0, 0, 1, 0, 0, 2});  // .  b0 .  .  b1 .  .  b2
+        const v8f pc0 = __builtin_shuffle(c, v8i{0, 0, 0, 0, 0, 1, 0, 0});  // .  .  c0 .  .  c1 .  .
+        const v8f pa1 = __builtin_shuffle(a, v8i{0, 3, 0, 0, 4, 0, 0, 5});  // .  a3 .  .  a4 .  .  a5
+        const v8f pb1 = __builtin_shuffle(b, v8i{0, 0, 3, 0, 0, 4, 0, 0});  // .  .  b3 .  .  b4 .  .
+        const v8f pc1 = __builtin_shuffle(c, v8i{2, 0, 0, 3, 0, 0, 4, 0});  // c2 .  .  c3 .  .  c4 .
+        const v8f pa2 = __builtin_shuffle(a, v8i{0, 0, 6, 0, 0, 7, 0, 0});  // .  .  a6 .  .  a7 .  .
+        const v8f pb2 = __builtin_shuffle(b, v8i{5, 0, 0, 6, 0, 0, 7, 0});  // b5 .  .  b6 .  .  b7 .
+        const v8f pc2 = __builtin_shuffle(c, v8i{0, 5, 0, 0, 6, 0, 0, 7});  // .  c5 .  .  c6 .  .  c7
+        const v8i ab0 = {0, 9, 2, 3, 12, 5, 6, 15}, abc0 = {0, 1, 10, 3, 4, 13, 6, 7};
+        const v8i ab1 = {0, 1, 10, 3, 4, 13, 6, 7}, abc1 = {8, 1, 2, 11, 4, 5, 14, 7};
+        const v8i ab2 = {8, 1, 2, 11, 4, 5, 14, 7}, abc2 = {0, 9, 2, 3, 12, 5, 6, 15};
+        store8(o, __builtin_shuffle(__builtin_shuffle(pa0, pb0, ab0), pc0, abc0));       // a0 b0 c0 a1 b1 c1 a2 b2
+        store8(o + 8, __builtin_shuffle(__builtin_shuffle(pa1, pb1, ab1), pc1, abc1));   // c2 a3 b3 c3 a4 b4 c4 a5
+        store8(o + 16, __builtin_shuffle(__builtin_shuffle(pa2, pb2, ab2), pc2, abc2));  // b5 c5 a6 b6 c6 a7 b7 c7
+      } else {
+        s0 += a;
+        store8(o, a);
+      }
+    }
+  }
+  if (!norm_pix) return {0.f, 1.f};
+  const float mean = hsum8(s0 + s1) / float(P);
+  const v8f vm = mean - v8f{};
+  const float sq = sum_v8(P, [&](int64_t k) {
+    const v8f d = load8(x + k) - vm;
+    return d * d;
+  });
+  const float var = sq / float(P - 1);  // unbiased, as torch.var
+  return {mean, 1.f / std::sqrt(var + eps)};
+}
+
+// Whether load_patch_v8 handles this geometry (then P is a multiple of 64, so of sum_v8's 32).
+inline bool vector_path(const Geometry& g) { return (g.C == 3 || g.C == 1) && g.p % 8 == 0; }
+
 // Pixel (c=0, i=0, j=0) of the target patch of pred row `row`.
 template <typename img_t>
 inline const img_t* row_patch(const img_t* imgs, const int64_t* ids, int64_t row, const Geometry& g) {
@@ -101,6 +155,9 @@ inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t 
   if (row + 1 < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + 1, g), g.C, g.p, g.H, g.W);
   const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
   const img_t* img = imgs + n * g.C * g.H * g.W;
+  if (vector_path(g)) {
+    return g.C == 3 ? load_patch_v8<3>(img, l, g, norm_pix, eps, x) : load_patch_v8<1>(img, l, g, norm_pix, eps, x);
+  }
   switch (g.C) {
     case 1: return load_patch<1>(img, l, g, norm_pix, eps, x);
     case 3: return load_patch<3>(img, l, g, norm_pix, eps, x);
@@ -118,16 +175,26 @@ inline void loss_chunks(const pred_t* pred, const img_t* imgs, const float* weig
   const int64_t rows = g.N * g.M, P = g.P;
   thread_local std::vector<float> x_buf;
   float* x = scratch(x_buf, P + 3 * g.p);
+  const bool vec = vector_path(g);
   for (int64_t chunk = cbegin; chunk < cend; ++chunk) {
     double acc = 0.0;
     const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
     for (int64_t row = chunk * kRowsPerChunk; row < r1; ++row) {
       const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
       const pred_t* pr = pred + row * P;
-      const float se = sum_f32(P, [&](int64_t k) {
-        const float diff = to_f(pr[k]) - (x[k] - st.mean) * st.rstd;
-        return diff * diff;
-      });
+      float se;
+      if (vec) {
+        const v8f vm = st.mean - v8f{}, vr = st.rstd - v8f{};
+        se = sum_v8(P, [&](int64_t k) {
+          const v8f diff = load8(pr + k) - (load8(x + k) - vm) * vr;
+          return diff * diff;
+        });
+      } else {
+        se = sum_f32(P, [&](int64_t k) {
+          const float diff = to_f(pr[k]) - (x[k] - st.mean) * st.rstd;
+          return diff * diff;
+        });
+      }
       acc += double(weight[row]) * double(se / float(P));
     }
     partial[chunk] = acc;
@@ -142,12 +209,18 @@ inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const 
   const int64_t P = g.P;
   thread_local std::vector<float> x_buf;
   float* x = scratch(x_buf, P + 3 * g.p);
+  const bool vec = vector_path(g);
   for (int64_t row = begin; row < end; ++row) {
     const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
     const float coef = weight[row] * scale;
     const pred_t* pr = pred + row * P;
     pred_t* o = dpred + row * P;
-    for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
+    if (vec) {
+      const v8f vm = st.mean - v8f{}, vr = st.rstd - v8f{}, vc = coef - v8f{};
+      for (int64_t k = 0; k < P; k += 8) store8(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
+    } else {
+      for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
+    }
   }
 }
 FASTMAE_DEFINE_ISA_VARIANTS(grad_task, grad_rows)
