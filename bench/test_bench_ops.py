@@ -30,7 +30,9 @@ Run (on a quiet machine; both allocator settings, see PERF.md)::
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python -m pytest ...
 
 ``FASTMAE_BENCH_QUICK=1`` shrinks the shapes (a smoke run of the suite, no meaningful figures);
-``FASTMAE_BENCH_ROUNDS`` sets the timed cycles (default 15, after 5 warm-up cycles).
+``FASTMAE_BENCH_ROUNDS`` sets the timed cycles (default 15), ``FASTMAE_BENCH_WARMUP`` the warm-up
+cycles (default 5), ``FASTMAE_BENCH_INPUT_SETS`` the number of input sets (default: enough to
+exceed twice the LLC; 1 reproduces the old cache-warm figures).
 """
 import math
 import os
@@ -47,7 +49,8 @@ from fastmae.ops.unshuffle_scatter import unshuffle_scatter_ref
 
 QUICK = os.environ.get("FASTMAE_BENCH_QUICK") == "1"
 ROUNDS = int(os.environ.get("FASTMAE_BENCH_ROUNDS", "1" if QUICK else "15"))
-WARMUP = 1 if QUICK else 5
+WARMUP = int(os.environ.get("FASTMAE_BENCH_WARMUP", "1" if QUICK else "5"))
+INPUT_SETS = int(os.environ.get("FASTMAE_BENCH_INPUT_SETS", "0"))  # 0: enough to exceed 2x the LLC
 # ViT-B/16 MAE at 224, 75% masking, decoder width 512 (QUICK: a tiny stand-in)
 N, C, IMG, P_SIZE, D_DEC = (4, 3, 64, 16, 64) if QUICK else (64, 3, 224, 16, 512)
 L = (IMG // P_SIZE) ** 2
@@ -173,7 +176,7 @@ def test_bench_op(op, mode, dtype, benchmark, monkeypatch):
     tensors = first[0] + first[1] + ([first[2]] if full and first[2] is not None else [])
     set_bytes = sum(t.numel() * t.element_size() for t in tensors)
     llc = llc_bytes()
-    nsets = min(32, max(2, math.ceil(2 * llc / set_bytes) + 1))
+    nsets = INPUT_SETS or min(32, max(2, math.ceil(2 * llc / set_bytes) + 1))
     sets = [first] + [_setup(op, DTYPES[dtype], full, seed=s) for s in range(1, nsets)]
     fast_fn, ref_fn = _functions(op)
     torch._dynamo.reset()
