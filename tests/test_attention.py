@@ -176,13 +176,6 @@ def test_attention_compiles_fullgraph(backend):
         assert rel_err(c, e) < 1e-5, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_math_op_opcheck(dtype):
-    """The math backend's custom op: schema, fake implementation, autograd registration."""
-    q, k, v = _qkv(2, 3, 7, 9, 16, dtype, strided=False)
-    torch.library.opcheck(torch.ops.fastmae.attention_math, (q, k, v))
-
-
 def test_backend_choice_is_constant_under_compile(monkeypatch):
     """The xformers probe is folded to a constant at trace time: no graph break from the import."""
     torch._dynamo.reset()

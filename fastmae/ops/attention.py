@@ -10,13 +10,9 @@ Backends:
   Any device; float32, float64, bfloat16, float16.
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` (an optional dependency). CUDA
   tensors only (xformers ships no CPU operators); float32, bfloat16, float16.
-- ``math``: the explicit formula (it stores the probability matrix), as one custom op
-  (``fastmae::attention_math``) with its backward written out, so that ``torch.compile`` runs
-  ATen's kernels for it rather than its own slower fusion of the softmax; ``attention_ref`` is
-  the same formula in plain PyTorch. For low-precision inputs the softmax kernel accumulates in
-  fp32 and rounds its output once, as the official code's softmax does under autocast. It
-  computes in the dtype of q, k, v (a model's q, k, v leave an autocast ``Linear`` already in
-  the low-precision dtype).
+- ``math``: the explicit formula, the reference (it stores the probability matrix). For
+  low-precision inputs the softmax kernel accumulates in fp32 and rounds its output once, as
+  the official code's softmax does under autocast.
 - ``auto``: ``xformers`` for CUDA tensors when xformers imports, else ``sdpa``; except on CPU
   for bfloat16/float16 inputs with short key sequences (``Sk <= CPU_LOWP_MATH_MAX_SEQ``), where
   ``math`` runs. PyTorch's CPU flash kernel is slow in reduced precision at such lengths, in its
@@ -61,42 +57,6 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     scale = q.shape[-1] ** -0.5
     attn = (q @ k.transpose(-2, -1)) * scale
     return attn.softmax(dim=-1).to(v.dtype) @ v
-
-
-# ---------------------------------------------------------------------------- math, as one op
-@torch.library.custom_op("fastmae::attention_math", mutates_args=())
-def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(softmax(q k^T / sqrt(d)) v, the probabilities)`` in the inputs' dtype (autocast off).
-
-    An opaque op, so that ``torch.compile`` calls ATen's batched GEMMs and softmax kernels here
-    instead of generating its own: measured on the CPU in bf16, forward + backward, inductor's
-    version of this formula is 1.3-1.9x slower than this op compiled into the same graph
-    (bench/NOTES.md). The probabilities are returned so that backward reuses them."""
-    with torch.autocast(q.device.type, enabled=False):
-        p = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
-        return p @ v, p
-
-
-@_attention_math.register_fake
-def _(q, k, v):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1] + (k.shape[-2],))
-
-
-def _attention_math_setup(ctx, inputs, output):
-    q, k, v = inputs
-    ctx.save_for_backward(q, k, v, output[1])
-
-
-def _attention_math_backward(ctx, dout, _dprobs):
-    q, k, v, p = ctx.saved_tensors
-    with torch.autocast(q.device.type, enabled=False):
-        dv = p.transpose(-2, -1) @ dout
-        ds = torch.ops.aten._softmax_backward_data(dout @ v.transpose(-2, -1), p, -1, p.dtype)
-        ds = ds * q.shape[-1] ** -0.5
-        return ds @ k, ds.transpose(-2, -1) @ q, dv
-
-
-_attention_math.register_autograd(_attention_math_backward, setup_context=_attention_math_setup)
 
 
 def _xformers_ops():
@@ -184,7 +144,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "math":
-        return _attention_math(q, k, v)[0]
+        return attention_ref(q, k, v)
     xops = _xformers_ops()[0]  # xformers takes [B, S, heads, head_dim]
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
