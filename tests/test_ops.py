@@ -175,20 +175,27 @@ def test_unshuffle_scatter(case, dtype, pos, backend, request):
     out = ops.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
     _poison(((N, 1 + K, D), dtype), ((D,), dtype), ((1 + L, D), dtype))
     out.backward(grad)
+    check_unshuffle(out, leaves, ids_restore, grad, dtype)
+
+
+def check_unshuffle(out, leaves, ids_restore, grad, dtype):
+    """``out`` and the gradients of ``leaves`` (x, mask_token[, pos_embed]; any device) against
+    the reference run in fp64 and in plain PyTorch at ``dtype``, on the CPU."""
+    ids_restore, grad = ids_restore.cpu(), grad.cpu()
 
     def run_ref(cast):
-        ls = [t.detach().to(cast).requires_grad_() for t in leaves]
-        r = unshuffle_scatter_ref(ls[0], ls[1], ids_restore, ls[2] if pos_embed is not None else None)
+        ls = [t.detach().cpu().to(cast).requires_grad_() for t in leaves]
+        r = unshuffle_scatter_ref(ls[0], ls[1], ids_restore, ls[2] if len(ls) == 3 else None)
         r.backward(grad.to(cast))
         return r, ls
 
     ref, ref_leaves = run_ref(torch.float64)
     base, base_leaves = run_ref(dtype)
     assert out.dtype == dtype
-    assert_close("unshuffle_scatter out", out, ref, base, dtype)
+    assert_close("unshuffle_scatter out", out.cpu(), ref, base, dtype)
     for name, t, r, b in zip(["dx", "dmask_token", "dpos_embed"], leaves, ref_leaves, base_leaves):
         assert t.grad.dtype == dtype and t.grad.shape == t.shape, name
-        assert_close(f"unshuffle_scatter {name}", t.grad, r.grad, b.grad, dtype)
+        assert_close(f"unshuffle_scatter {name}", t.grad.cpu(), r.grad, b.grad, dtype)
 
 
 def test_unshuffle_scatter_fp32_token_and_pos_with_bf16_x(backend):
