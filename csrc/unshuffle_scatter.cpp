@@ -23,6 +23,41 @@ inline void copy_values(const scalar_t* src, scalar_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = s[i];
 }
 
+// 16 bf16 values as two 8-float vectors without lane-crossing permutes: in-lane interleaves with
+// zeros give the values in the order lo = 0-3 8-11, hi = 4-7 12-15 (widen16); narrow16 rounds as
+// from_f and packs in-lane, which undoes that order. (load8 / store8 need a lane permute per 8.)
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+inline void widen16(const c10::BFloat16* p, v8f& lo, v8f& hi) {
+  v16u16 v;
+  std::memcpy(&v, p, sizeof(v));
+  const v16u16 z = {};
+  const v16u16 l = __builtin_shufflevector(z, v, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  const v16u16 h = __builtin_shufflevector(z, v, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  std::memcpy(&lo, &l, sizeof(lo));
+  std::memcpy(&hi, &h, sizeof(hi));
+}
+inline v16u16 round_bf16(v8f v) {  // bf16 bits of v in the low half of each 32-bit lane
+  v8u u;
+  std::memcpy(&u, &v, sizeof(u));
+  const v8u rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const v8u nan = reinterpret_cast<v8u>(v != v);
+  const v8u r = (rounded & ~nan) | (nan & 0x7FC0u);
+  v16u16 h;
+  std::memcpy(&h, &r, sizeof(h));
+  return h;
+}
+inline void narrow16(v8f lo, v8f hi, c10::BFloat16* p) {
+  const v16u16 rl = round_bf16(lo), rh = round_bf16(hi);
+  const v16u16 o = __builtin_shufflevector(rl, rh, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
+  std::memcpy(p, &o, sizeof(o));
+}
+inline void add16_bf16(const c10::BFloat16* in, const c10::BFloat16* pos, c10::BFloat16* out) {
+  v8f al, ah, bl, bh;
+  widen16(in, al, ah);
+  widen16(pos, bl, bh);
+  narrow16(al + bl, ah + bh, out);
+}
+
 // Output rows [begin, end) of the forward (row = n*(1+L) + j).
 template <typename scalar_t>
 inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const int64_t* ids, const scalar_t* pos,
@@ -37,9 +72,14 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
     scalar_t* o = out + row * D;
     if (pos != nullptr) {
       const scalar_t* pr = pos + j * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));
+      int64_t d = 0;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        for (; d + 16 <= D; d += 16) add16_bf16(src + d, pr + d, o + d);
+      }
+      for (; d + 8 <= D; d += 8) store8(o + d, load8(src + d) + load8(pr + d));
+      for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));
     } else {
-      copy_values(src, o, D);
+      std::memcpy(o, src, D * sizeof(scalar_t));
     }
   }
 }
@@ -110,6 +150,103 @@ inline void unshuffle_bwd_blocks(const scalar_t* grad, const int64_t* ids, scala
 }
 FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_task, unshuffle_bwd_blocks)
 
+// out[0, D) = the fp32 sums acc rounded, where bf16 sums with D % 16 == 0 are held in widen16's
+// order (see unshuffle_bwd_perm_chunks).
+template <typename scalar_t>
+inline void store_perm_sums(const float* acc, scalar_t* out, int64_t D) {
+  int64_t d = 0;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (D % 16 == 0) {
+      for (; d < D; d += 16) narrow16(load8(acc + d), load8(acc + d + 8), out + d);
+    }
+  }
+  for (; d < D; ++d) out[d] = from_f<scalar_t>(acc[d]);
+}
+
+// Backward when every kept token is restored to at most one patch (ids_restore rows are
+// permutations, as masking makes them), rows j in chunks [cbegin, cend) of `chunk` rows. One pass
+// over grad, j-major: for each j the N rows grad[n, j] (each one contiguous) are summed over
+// ascending n into dpos[j] (an L1-resident fp32 row), and each is either added to the dmask sums
+// of its chunk (removed patch) or copied to its dx row. dmask is then the sum of the chunks'
+// partial sums in chunk order. Chunks are fixed by the shape, not by the thread count: bitwise
+// reproducible. Rows are prefetched one sample ahead (they lie (1+L)*D apart).
+template <typename scalar_t>
+inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
+                                      scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
+                                      int64_t cbegin, int64_t cend) {
+  thread_local std::vector<float> pos_buf;
+  float* ap = scratch(pos_buf, D);
+  constexpr int64_t kLine = 64 / int64_t(sizeof(scalar_t));
+  const int64_t rs = (L + 1) * D;
+  for (int64_t c = cbegin; c < cend; ++c) {
+    float* am = mask_part + c * D;
+    std::fill(am, am + D, 0.f);
+    const int64_t j1 = std::min(L + 1, (c + 1) * chunk);
+    for (int64_t j = c * chunk; j < j1; ++j) {
+      std::fill(ap, ap + D, 0.f);
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* gr = grad + n * rs + j * D;
+        if (n + 1 < N) {
+          for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(gr + rs + d);
+        }
+        const int64_t r = j == 0 ? -1 : ids[n * L + j - 1];
+        const int64_t D8 = D / 8 * 8;
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          if (D % 16 == 0) {  // ap, am hold each 16 columns in widen16's order
+            v8f lo, hi;
+            if (r >= K) {
+              for (int64_t d = 0; d < D; d += 16) {
+                widen16(gr + d, lo, hi);
+                if (dpos != nullptr) {
+                  store8(ap + d, load8(ap + d) + lo);
+                  store8(ap + d + 8, load8(ap + d + 8) + hi);
+                }
+                store8(am + d, load8(am + d) + lo);
+                store8(am + d + 8, load8(am + d + 8) + hi);
+              }
+            } else {
+              if (dpos != nullptr) {
+                for (int64_t d = 0; d < D; d += 16) {
+                  widen16(gr + d, lo, hi);
+                  store8(ap + d, load8(ap + d) + lo);
+                  store8(ap + d + 8, load8(ap + d + 8) + hi);
+                }
+              }
+              std::memcpy(dx + (n * (K + 1) + 1 + r) * D, gr, D * sizeof(scalar_t));
+            }
+            continue;
+          }
+        }
+        if (r >= K) {
+          if (dpos != nullptr) {
+            for (int64_t d = 0; d < D8; d += 8) {
+              const v8f v = load8(gr + d);
+              store8(ap + d, load8(ap + d) + v);
+              store8(am + d, load8(am + d) + v);
+            }
+            for (int64_t d = D8; d < D; ++d) {
+              const float v = to_f(gr[d]);
+              ap[d] += v;
+              am[d] += v;
+            }
+          } else {
+            for (int64_t d = 0; d < D8; d += 8) store8(am + d, load8(am + d) + load8(gr + d));
+            for (int64_t d = D8; d < D; ++d) am[d] += to_f(gr[d]);
+          }
+        } else {
+          if (dpos != nullptr) {
+            for (int64_t d = 0; d < D8; d += 8) store8(ap + d, load8(ap + d) + load8(gr + d));
+            for (int64_t d = D8; d < D; ++d) ap[d] += to_f(gr[d]);
+          }
+          std::memcpy(dx + (n * (K + 1) + 1 + r) * D, gr, D * sizeof(scalar_t));
+        }
+      }
+      if (dpos != nullptr) store_perm_sums(ap, dpos + j * D, D);
+    }
+  }
+}
+FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_perm_task, unshuffle_bwd_perm_chunks)
+
 }  // namespace
 
 at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_token, const at::Tensor& ids_restore,
@@ -160,6 +297,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   at::Tensor dmask = at::empty({D}, grad.options());
   at::Tensor dpos = need_pos_grad ? at::empty({L + 1, D}, grad.options()) : at::empty({0}, grad.options());
   const bool avx2 = use_avx2();
+  // Permutation check: no kept token restored to two patches (then the j-major kernel applies);
+  // tokens restored to none (only in a non-permutation) get zero rows.
+  bool unique = true;
+  std::vector<std::pair<int64_t, int64_t>> unused;  // (n, r) of kept tokens no patch restores
+  {
+    const int64_t* idp = ids_restore.const_data_ptr<int64_t>();
+    std::vector<uint8_t> seen(K);
+    for (int64_t n = 0; n < N && unique; ++n) {
+      std::fill(seen.begin(), seen.end(), uint8_t(0));
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t r = idp[n * L + l];
+        if (r < K) {
+          unique &= seen[r] == 0;
+          seen[r] = 1;
+        }
+      }
+      for (int64_t r = 0; r < K; ++r)
+        if (seen[r] == 0) unused.emplace_back(n, r);
+    }
+  }
+  if (unique) {
+    FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
+      constexpr int64_t chunk = 8;  // rows j per task (and per dmask partial sum)
+      const int64_t chunks = (L + 1 + chunk - 1) / chunk;
+      std::vector<float> mask_part(chunks * D);
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const int64_t* idp = ids_restore.const_data_ptr<int64_t>();
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      scalar_t* dpp = need_pos_grad ? dpos.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        unshuffle_bwd_perm_task<scalar_t>(avx2, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, begin, end);
+      });
+      for (const auto& [n, r] : unused) {
+        scalar_t* o = dxp + (n * (K + 1) + 1 + r) * D;
+        std::fill(o, o + D, from_f<scalar_t>(0.f));
+      }
+      std::vector<float> acc(D, 0.f);
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t d = 0; d < D; ++d) acc[d] += mask_part[c * D + d];
+      scalar_t* dmp = dmask.mutable_data_ptr<scalar_t>();
+      store_perm_sums(acc.data(), dmp, D);
+    });
+    return {dx, dmask, dpos};
+  }
   FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
     // Column blocks of >= 256 bytes, so every row segment a task reads is a few whole cache lines.
     const int64_t block = 256 / int64_t(sizeof(scalar_t));
