@@ -169,7 +169,8 @@ inline void store_perm_sums(const float* acc, scalar_t* out, int64_t D) {
 // ascending n into dpos[j] (an L1-resident fp32 row), and each is either added to the dmask sums
 // of its chunk (removed patch) or copied to its dx row. dmask is then the sum of the chunks'
 // partial sums in chunk order. Chunks are fixed by the shape, not by the thread count: bitwise
-// reproducible. Rows are prefetched one sample ahead (they lie (1+L)*D apart).
+// reproducible. Rows are prefetched four samples ahead (they lie (1+L)*D apart, beyond the
+// hardware prefetchers' reach; without it the backward ran 1.6-1.8x slower).
 template <typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
@@ -178,6 +179,7 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
   float* ap = scratch(pos_buf, D);
   constexpr int64_t kLine = 64 / int64_t(sizeof(scalar_t));
   const int64_t rs = (L + 1) * D;
+  constexpr int64_t pfd = 4;  // samples ahead (1 ahead left bf16 ~25% slower, fp32 ~3%)
   for (int64_t c = cbegin; c < cend; ++c) {
     float* am = mask_part + c * D;
     std::fill(am, am + D, 0.f);
@@ -186,8 +188,8 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
       std::fill(ap, ap + D, 0.f);
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* gr = grad + n * rs + j * D;
-        if (n + 1 < N) {
-          for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(gr + rs + d);
+        if (n + pfd < N) {
+          for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(gr + pfd * rs + d);
         }
         const int64_t r = j == 0 ? -1 : ids[n * L + j - 1];
         const int64_t D8 = D / 8 * 8;
