@@ -5,10 +5,10 @@
 // with r = ids_restore[n, l]; added in fp32 and rounded once. Parallel over output rows.
 // Backward: dx[n, 0] = grad[n, 0]; dx[n, 1+r] = grad[n, 1+l] for kept l (fp32 sum if several l
 // share an r; zero if none); dmask = sum of grad[n, 1+l] over removed (n, l); dpos = sum over n.
-// Deterministic with no float atomics: tasks own blocks of columns d, and every column is summed
-// over (n, l) in the same ascending order whatever the thread count, so results are bitwise
-// reproducible. One read of grad: each task reads its column slice of a sample's rows once for
-// the sums and again, from cache, for dx.
+// Deterministic with no float atomics, bitwise reproducible whatever the thread count. When every
+// ids_restore row is a permutation (as masking makes it), one j-major pass over grad with dmask
+// summed per fixed chunk of rows (unshuffle_bwd_perm_chunks); otherwise tasks own blocks of
+// columns d, each column summed over (n, l) in a fixed order (unshuffle_bwd_blocks).
 #include "common.h"
 
 namespace fastmae {
