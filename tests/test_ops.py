@@ -198,6 +198,25 @@ def check_unshuffle(out, leaves, ids_restore, grad, dtype):
         assert_close(f"unshuffle_scatter {name}", t.grad.cpu(), r.grad, b.grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_unshuffle_scatter_non_permutation(dtype):
+    """ids_restore that is not a permutation (repeated and missing entries) takes the C++
+    kernel's general path, which sums repeated rows as autograd of the reference does; masking
+    always gives permutations, which take the one-pass path the other tests cover."""
+    _require_cpp()
+    N, K, L, D = 3, 5, 12, 40
+    gen = torch.Generator().manual_seed(7)
+    x = _randn(gen, N, 1 + K, D, dtype=dtype, requires_grad=True)
+    tok = _randn(gen, 1, 1, D, dtype=dtype, requires_grad=True)
+    pos = _randn(gen, 1, 1 + L, D, dtype=dtype, requires_grad=True)
+    ids_restore = torch.randint(0, L, (N, L), generator=gen)
+    ids_restore[0, :3] = 2  # a kept row (index < K) used three times
+    grad = _randn(gen, N, 1 + L, D, dtype=dtype)
+    out = ops.unshuffle_scatter(x, tok, ids_restore, pos)
+    out.backward(grad)
+    check_unshuffle(out, [x, tok, pos], ids_restore, grad, dtype)
+
+
 def test_unshuffle_scatter_fp32_token_and_pos_with_bf16_x(backend):
     """mask_token / pos_embed of another dtype than x (fp32 parameters, bf16 activations)."""
     N, K, L, D = 2, 3, 8, 16
