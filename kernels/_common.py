@@ -19,6 +19,8 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # torch dtype -> Triton signature type
@@ -56,6 +58,18 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     run time). ``torch.library.wrap_triton`` would buy nothing there and costs a trip through
     the Triton higher-order op on every eager call."""
     kernel[grid](*args, **kwargs)
+
+
+@triton.jit
+def patch_segment_offset(seg, p, p_vecs, s_c, s_h, VEC: tl.constexpr):
+    """Offset, from a patch's first pixel, of segment ``seg`` of the patch walked in ``(c, i, j)``
+    order: ``VEC`` consecutive pixels of one image row, ``p_vecs`` segments per row of the patch
+    (``p = p_vecs * VEC``), channel and row strides ``s_c``, ``s_h``. int64 offsets."""
+    row = seg // p_vecs  # c * p + i
+    jv = seg - row * p_vecs
+    c = (row // p).to(tl.int64)
+    i = (row - c * p).to(tl.int64)
+    return c * s_c + i * s_h + jv * VEC
 
 
 @dataclasses.dataclass(frozen=True)

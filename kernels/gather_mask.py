@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, dtype_name, launch, signature_of, vec_choices, vec_width
+from ._common import KernelConfig, dtype_name, launch, patch_segment_offset, signature_of, vec_choices, vec_width
 
 TILE = 1024  # elements per loop step of one program (BLOCK_S segments of VEC elements)
 NUM_WARPS = 4
@@ -52,11 +52,7 @@ def _gather_mask_fwd_kernel(
     lane = tl.arange(0, VEC)
     for s0 in range(0, n_segs, BLOCK_S):
         seg = s0 + tl.arange(0, BLOCK_S)
-        row = seg // p_vecs  # c * p + i
-        jv = seg - row * p_vecs
-        c = (row // p).to(tl.int64)
-        i = (row - c * p).to(tl.int64)
-        src_off = c * s_img_c + i * s_img_h + jv * VEC
+        src_off = patch_segment_offset(seg, p, p_vecs, s_img_c, s_img_h, VEC)
         dst_off = seg.to(tl.int64) * VEC
         ok = (seg < n_segs)[:, None]
         vals = tl.load(src + src_off[:, None] + lane[None, :], mask=ok)
@@ -92,11 +88,7 @@ def _gather_mask_bwd_kernel(
     lane = tl.arange(0, VEC)
     for s0 in range(0, n_segs, BLOCK_S):
         seg = s0 + tl.arange(0, BLOCK_S)
-        row = seg // p_vecs
-        jv = seg - row * p_vecs
-        c = (row // p).to(tl.int64)
-        i = (row - c * p).to(tl.int64)
-        dst_off = c * s_img_c + i * s_img_h + jv * VEC
+        dst_off = patch_segment_offset(seg, p, p_vecs, s_img_c, s_img_h, VEC)
         src_off = seg.to(tl.int64) * VEC
         ok = (seg < n_segs)[:, None]
         vals = tl.load(src + src_off[:, None] + lane[None, :], mask=ok & kept, other=0.0)

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, dtype_name, full_vec, launch, signature_of, vec_width, FLOAT_DTYPES
+from ._common import (FLOAT_DTYPES, KernelConfig, dtype_name, full_vec, launch, patch_segment_offset, signature_of,
+                      vec_width)
 
 NUM_WARPS = 4
 TILE = 1024  # elements per loop step (statistics pass: BLOCK_S segments of VEC_I pixels)
@@ -49,13 +50,9 @@ def _norm_mse_patch_stats(src, C, p, p_vecs, s_img_c, s_img_h, eps, VEC_I: tl.co
     m2 = tl.zeros((), dtype=tl.float32)
     for s0 in range(0, n_segs, BLOCK_S):
         seg = s0 + tl.arange(0, BLOCK_S)
-        row = seg // p_vecs  # c * p + i
-        jv = seg - row * p_vecs
-        c = (row // p).to(tl.int64)
-        i = (row - c * p).to(tl.int64)
         ok = (seg < n_segs)[:, None] & (lane < VEC_I)[None, :]
-        x = tl.load(src + (c * s_img_c + i * s_img_h + jv * VEC_I)[:, None] + lane[None, :], mask=ok,
-                    other=0.0).to(tl.float32)
+        off = patch_segment_offset(seg, p, p_vecs, s_img_c, s_img_h, VEC_I)
+        x = tl.load(src + off[:, None] + lane[None, :], mask=ok, other=0.0).to(tl.float32)
         cnt = (tl.minimum(n_segs - s0, BLOCK_S) * VEC_I).to(tl.float32)
         c_mean = tl.sum(tl.sum(x, axis=1), axis=0) / cnt
         dev = tl.where(ok, x - c_mean, 0.0)
