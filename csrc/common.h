@@ -14,6 +14,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace fastmae {
 
 // ------------------------------------------------------------------ fp32 <-> storage dtype
@@ -124,8 +128,9 @@ static_assert(sizeof(bits_t<c10::BFloat16>) == 2 && sizeof(bits_t<float>) == 4, 
 // The extension is built for the baseline x86-64 ISA (SSE2), so that it loads anywhere; the hot
 // loops are compiled a second time for AVX2 + FMA + F16C and chosen at run time.
 // FASTMAE_DEFINE_ISA_VARIANTS(name, body) defines name_avx2<Ts...>(args...), which runs
-// `body<Ts...>(args...)` with everything it calls inlined into it (flatten) so that the whole loop
-// nest is compiled for AVX2, and name_base<Ts...>(args...), the same body for the baseline ISA.
+// `body<IsaAvx2, Ts...>(args...)` with everything it calls inlined into it (flatten) so that the
+// whole loop nest is compiled for AVX2, and name_base<Ts...>(args...), which runs
+// `body<IsaBase, Ts...>(args...)` for the baseline ISA.
 // FASTMAE_CPU_ISA=base forces the baseline variant (to test it on an AVX2 machine).
 inline bool use_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -144,14 +149,19 @@ inline bool use_avx2() {
 #define FASTMAE_AVX2_TARGET __attribute__((flatten))
 #endif
 
+// Which variant a body is compiled for: its first template argument (IsaAvx2 or IsaBase), so that
+// it can pick instruction-set specific helpers (Stream<Isa> below).
+struct IsaBase {};
+struct IsaAvx2 {};
+
 #define FASTMAE_DEFINE_ISA_VARIANTS(NAME, BODY)                                       \
   template <typename... Ts, typename... Args>                                         \
   FASTMAE_AVX2_TARGET void NAME##_avx2(Args... args) {                                \
-    BODY<Ts...>(args...);                                                             \
+    BODY<IsaAvx2, Ts...>(args...);                                                    \
   }                                                                                   \
   template <typename... Ts, typename... Args>                                         \
   void NAME##_base(Args... args) {                                                    \
-    BODY<Ts...>(args...);                                                             \
+    BODY<IsaBase, Ts...>(args...);                                                    \
   }                                                                                   \
   template <typename... Ts, typename... Args>                                         \
   inline void NAME(bool avx2, Args... args) {                                         \
@@ -161,6 +171,84 @@ inline bool use_avx2() {
       NAME##_base<Ts...>(args...);                                                    \
     }                                                                                 \
   }
+
+// ------------------------------------------------------------------ streaming stores
+// An output much larger than the cache is written with non-temporal (streaming) stores: an
+// ordinary store first reads every line it writes (read for ownership), so a write-only output
+// costs twice its bytes of memory traffic. Streaming stores skip that read and bypass the cache,
+// which only pays when the output would not stay in the cache for its consumer anyway; hence
+// the size threshold, half this machine's 32 MiB L3 (bench/NOTES.md has the measurements).
+// FASTMAE_CPU_STREAM=always|never forces the choice (to test both paths), auto is the default.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+inline bool stream_output(int64_t bytes) {
+  const char* env = std::getenv("FASTMAE_CPU_STREAM");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return bytes >= kStreamBytes;
+  if (std::strcmp(env, "always") == 0) return true;
+  if (std::strcmp(env, "never") == 0) return false;
+  TORCH_CHECK_VALUE(false, "FASTMAE_CPU_STREAM must be auto, always or never, got '", env, "'");
+}
+
+inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Stream<Isa>::copy(dst, src, bytes): `bytes` (a multiple of 16) from src, or zeros when src is
+// null, to dst (16-byte aligned) with streaming stores; 32 bytes per store in the AVX2 variant
+// where dst allows. Stream<Isa>::fence() orders them before the task ends (they are weakly
+// ordered). Elsewhere than x86 these are plain copies.
+template <typename Isa>
+struct Stream;
+
+#if defined(__x86_64__) || defined(__i386__)
+template <>
+struct Stream<IsaBase> {
+  static inline void copy(void* dst, const void* src, int64_t bytes) {
+    auto* d = static_cast<__m128i*>(dst);
+    const auto* s = static_cast<const __m128i*>(src);
+    for (int64_t q = 0; q < bytes / 16; ++q) {
+      _mm_stream_si128(d + q, s != nullptr ? _mm_loadu_si128(s + q) : _mm_setzero_si128());
+    }
+  }
+  static inline void fence() { _mm_sfence(); }
+};
+template <>
+struct Stream<IsaAvx2> {
+  __attribute__((target("avx2"))) static inline void copy(void* dst, const void* src,
+                                                                          int64_t bytes) {
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    int64_t b = 0;
+    if (aligned_to(d, 32)) {
+      for (; b + 32 <= bytes; b += 32) {
+        const __m256i v = s != nullptr ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b))
+                                       : _mm256_setzero_si256();
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(d + b), v);
+      }
+    }
+    Stream<IsaBase>::copy(d + b, s != nullptr ? s + b : nullptr, bytes - b);
+  }
+  static inline void fence() { _mm_sfence(); }
+};
+#else
+template <typename Isa>
+struct Stream {
+  static inline void copy(void* dst, const void* src, int64_t bytes) {
+    if (src != nullptr) {
+      std::memcpy(dst, src, bytes);
+    } else {
+      std::memset(dst, 0, bytes);
+    }
+  }
+  static inline void fence() {}
+};
+#endif
+
+// store8 through a streaming store (dst 16-byte aligned).
+template <typename Isa, typename T>
+inline void stream8(T* dst, v8f v) {
+  alignas(32) T tmp[8];
+  store8(tmp, v);
+  Stream<Isa>::copy(dst, tmp, sizeof(tmp));
+}
 
 // ------------------------------------------------------------------ argument checks
 // The Python op layer checks metadata before calling these ops; the kernels check again

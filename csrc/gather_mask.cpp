@@ -5,7 +5,8 @@
 // C*p contiguous segments of p pixels read from image rows; parallel over (n, k).
 // Backward: grad [N, K, C*p*p] -> grad_imgs [N, C, H, W], every element written (zero on patches
 // that were not kept; a patch kept more than once gets the fp32 sum of its rows, in k order).
-// Parallel over (n, grid row), so each task writes whole image rows contiguously.
+// Parallel over (n, grid row), so each task writes whole image rows contiguously; with streaming
+// stores when the gradient is 16 MiB or more (common.h, stream_output).
 #include "common.h"
 
 #include <type_traits>
@@ -35,7 +36,7 @@ inline void copy_segment(B* dst, const B* src, int64_t p) {
 }
 
 // PC::value > 0 fixes the patch size at compile time (the segment loops become a few vector moves).
-template <typename scalar_t, typename PC>
+template <typename Isa, typename scalar_t, typename PC>
 inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* out, Grid g, int64_t begin,
                             int64_t end) {
   using B = bits_t<scalar_t>;
@@ -60,8 +61,8 @@ FASTMAE_DEFINE_ISA_VARIANTS(gather_fwd_task, gather_fwd_rows)
 
 // Image-gradient grid rows [begin, end) of the backward (t = n*h + hi): C*p whole image rows each.
 // Each image row is written left to right in one pass, zero and copied segments in turn.
-template <typename scalar_t, typename PC>
-inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* out, Grid g,
+template <typename Isa, typename scalar_t, typename PC>
+inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* out, Grid g, bool stream,
                             int64_t begin, int64_t end) {
   using B = bits_t<scalar_t>;
   const int64_t C = g.C, H = g.H, W = g.W, K = g.K, p = PC::value > 0 ? PC::value : g.p, w = g.w, D = g.D;
@@ -91,10 +92,13 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
         for (int64_t wj = 0; wj < w; ++wj) {
           B* o = orow + wj * p;
           const int64_t k = head[wj];
-          if (k < 0) {
-            copy_segment<PC>(o, static_cast<const B*>(nullptr), p);
-          } else if (next[k] < 0) {
-            copy_segment<PC>(o, gbits + (grow0 + k) * D + goff, p);
+          if (k < 0 || next[k] < 0) {  // zeros, or the one row holding the patch
+            const B* src = k < 0 ? nullptr : gbits + (grow0 + k) * D + goff;
+            if (stream) {
+              Stream<Isa>::copy(o, src, p * int64_t(sizeof(B)));
+            } else {
+              copy_segment<PC>(o, src, p);
+            }
           } else {  // a patch kept twice: fp32 sum in k order, rounded once
             scalar_t* os = reinterpret_cast<scalar_t*>(o);
             for (int64_t j = 0; j < p; ++j) {
@@ -107,6 +111,7 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
       }
     }
   }
+  if (stream) Stream<Isa>::fence();
 }
 FASTMAE_DEFINE_ISA_VARIANTS(gather_bwd_task, gather_bwd_rows)
 
@@ -169,6 +174,10 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
   at::Tensor out = at::empty({N, C, H, W}, grad.options());
   const Grid g{N, C, H, W, K, p, h, w, D};
   const bool avx2 = use_avx2();
+  // Streaming stores write whole 16-byte pieces: every segment of p values must start on one.
+  const int64_t esize = grad.element_size();
+  const bool stream = stream_output(out.nbytes()) && (p * esize) % 16 == 0 && (W * esize) % 16 == 0 &&
+                      aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "gather_mask_bwd", [&] {
     const scalar_t* src = grad.const_data_ptr<scalar_t>();
     const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
@@ -176,7 +185,7 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
     dispatch_patch(p, [&](auto pc) {
       using PC = decltype(pc);
       at::parallel_for(0, N * h, grain_for(2 * C * p * W * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-        gather_bwd_task<scalar_t, PC>(avx2, src, idp, dst, g, begin, end);
+        gather_bwd_task<scalar_t, PC>(avx2, src, idp, dst, g, stream, begin, end);
       });
     });
   });

@@ -8,7 +8,8 @@
 // Forward: loss = sum_rows w * mean_k (pred - t)^2 / sum(w). Rows are split into fixed chunks
 // whose fp64 partial sums are added in chunk order: the result does not depend on the number of
 // threads and is bitwise reproducible.
-// Backward: dpred = grad * w * 2 (pred - t) / (P * sum(w)), one pass.
+// Backward: dpred = grad * w * 2 (pred - t) / (P * sum(w)), one pass; dpred written with streaming
+// stores when it is 16 MiB or more (common.h, stream_output).
 #include "common.h"
 
 #include <cmath>
@@ -169,7 +170,7 @@ inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t 
 constexpr int64_t kRowsPerChunk = 8;
 
 // Chunks [cbegin, cend) of the forward: partial[chunk] = sum over its rows of w * mean_k (pred - t)^2.
-template <typename pred_t, typename img_t>
+template <typename Isa, typename pred_t, typename img_t>
 inline void loss_chunks(const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids, Geometry g,
                         bool norm_pix, float eps, double* partial, int64_t cbegin, int64_t cend) {
   const int64_t rows = g.N * g.M, P = g.P;
@@ -203,9 +204,10 @@ inline void loss_chunks(const pred_t* pred, const img_t* imgs, const float* weig
 FASTMAE_DEFINE_ISA_VARIANTS(loss_task, loss_chunks)
 
 // Rows [begin, end) of the backward: dpred = (pred - t) * w * scale.
-template <typename pred_t, typename img_t>
+template <typename Isa, typename pred_t, typename img_t>
 inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
-                      pred_t* dpred, Geometry g, bool norm_pix, float eps, int64_t begin, int64_t end) {
+                      pred_t* dpred, Geometry g, bool norm_pix, float eps, bool stream, int64_t begin,
+                      int64_t end) {
   const int64_t P = g.P;
   thread_local std::vector<float> x_buf;
   float* x = scratch(x_buf, P + 3 * g.p);
@@ -217,11 +219,16 @@ inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const 
     pred_t* o = dpred + row * P;
     if (vec) {
       const v8f vm = st.mean - v8f{}, vr = st.rstd - v8f{}, vc = coef - v8f{};
-      for (int64_t k = 0; k < P; k += 8) store8(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
+      if (stream) {
+        for (int64_t k = 0; k < P; k += 8) stream8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
+      } else {
+        for (int64_t k = 0; k < P; k += 8) store8(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
+      }
     } else {
       for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
     }
   }
+  if (stream) Stream<Isa>::fence();
 }
 FASTMAE_DEFINE_ISA_VARIANTS(grad_task, grad_rows)
 
@@ -244,8 +251,11 @@ template <typename pred_t, typename img_t>
 void loss_grad(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
                pred_t* dpred, const Geometry& g, bool norm_pix, float eps) {
   const bool avx2 = use_avx2();
+  // Streamed 8 values at a time on the vector path (rows of P = a multiple of 64 values).
+  const bool stream = vector_path(g) && stream_output(g.N * g.M * g.P * int64_t(sizeof(pred_t))) &&
+                      aligned_to(dpred, 16);
   at::parallel_for(0, g.N * g.M, grain_for(3 * g.P * int64_t(sizeof(pred_t))), [&](int64_t begin, int64_t end) {
-    grad_task<pred_t, img_t>(avx2, scale, pred, imgs, weight, ids, dpred, g, norm_pix, eps, begin, end);
+    grad_task<pred_t, img_t>(avx2, scale, pred, imgs, weight, ids, dpred, g, norm_pix, eps, stream, begin, end);
   });
 }
 

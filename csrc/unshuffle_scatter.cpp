@@ -2,7 +2,8 @@
 // for removed patches, plus positions) in one pass, and its backward.
 //
 // Forward: out[n, 0] = x[n, 0] + pos[0]; out[n, 1+l] = (x[n, 1+r] if r < K else mask_token) + pos[1+l]
-// with r = ids_restore[n, l]; added in fp32 and rounded once. Parallel over output rows.
+// with r = ids_restore[n, l]; added in fp32 and rounded once. Parallel over output rows; written
+// with streaming stores when the output is 16 MiB or more (common.h, stream_output).
 // Backward: dx[n, 0] = grad[n, 0]; dx[n, 1+r] = grad[n, 1+l] for kept l (fp32 sum if several l
 // share an r; zero if none); dmask = sum of grad[n, 1+l] over removed (n, l); dpos = sum over n.
 // Deterministic with no float atomics, bitwise reproducible whatever the thread count. When every
@@ -58,10 +59,12 @@ inline void add16_bf16(const c10::BFloat16* in, const c10::BFloat16* pos, c10::B
   narrow16(al + bl, ah + bh, out);
 }
 
-// Output rows [begin, end) of the forward (row = n*(1+L) + j).
-template <typename scalar_t>
+// Output rows [begin, end) of the forward (row = n*(1+L) + j). With `stream` (D a multiple of 8,
+// out 16-byte aligned) every store is a streaming store of 8 or 16 whole values.
+template <typename Isa, typename scalar_t>
 inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const int64_t* ids, const scalar_t* pos,
-                               scalar_t* out, int64_t K, int64_t L, int64_t D, int64_t begin, int64_t end) {
+                               scalar_t* out, int64_t K, int64_t L, int64_t D, bool stream, int64_t begin,
+                               int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / (L + 1), j = row % (L + 1);
     const scalar_t* src = x + n * (K + 1) * D;  // cls row
@@ -73,20 +76,34 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
     if (pos != nullptr) {
       const scalar_t* pr = pos + j * D;
       int64_t d = 0;
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        for (; d + 16 <= D; d += 16) add16_bf16(src + d, pr + d, o + d);
+      if (stream) {
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          for (; d + 16 <= D; d += 16) {
+            alignas(32) c10::BFloat16 sum[16];
+            add16_bf16(src + d, pr + d, sum);
+            Stream<Isa>::copy(o + d, sum, sizeof(sum));
+          }
+        }
+        for (; d < D; d += 8) stream8<Isa>(o + d, load8(src + d) + load8(pr + d));
+      } else {
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          for (; d + 16 <= D; d += 16) add16_bf16(src + d, pr + d, o + d);
+        }
+        for (; d + 8 <= D; d += 8) store8(o + d, load8(src + d) + load8(pr + d));
+        for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));
       }
-      for (; d + 8 <= D; d += 8) store8(o + d, load8(src + d) + load8(pr + d));
-      for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));
+    } else if (stream) {
+      Stream<Isa>::copy(o, src, D * int64_t(sizeof(scalar_t)));
     } else {
       std::memcpy(o, src, D * sizeof(scalar_t));
     }
   }
+  if (stream) Stream<Isa>::fence();
 }
 FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_fwd_task, unshuffle_fwd_rows)
 
 // Column blocks [bbegin, bend) of the backward: columns [b*block, (b+1)*block) of dx, dmask, dpos.
-template <typename scalar_t>
+template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_blocks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, scalar_t* dmask,
                                  scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t block,
                                  int64_t bbegin, int64_t bend) {
@@ -171,7 +188,7 @@ inline void store_perm_sums(const float* acc, scalar_t* out, int64_t D) {
 // partial sums in chunk order. Chunks are fixed by the shape, not by the thread count: bitwise
 // reproducible. Rows are prefetched four samples ahead (they lie (1+L)*D apart, beyond the
 // hardware prefetchers' reach; without it the backward ran 1.6-1.8x slower).
-template <typename scalar_t>
+template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
                                       int64_t cbegin, int64_t cend) {
@@ -273,6 +290,7 @@ at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_tok
   check_index_range(ids_restore, L, "ids_restore");
   at::Tensor out = at::empty({N, L + 1, D}, x.options());
   const bool avx2 = use_avx2();
+  const bool stream = stream_output(out.nbytes()) && D % 8 == 0 && aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(x.scalar_type(), "unshuffle_scatter_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tok = mask_token.const_data_ptr<scalar_t>();
@@ -280,7 +298,7 @@ at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_tok
     const scalar_t* pos = pos_embed.has_value() ? pos_embed->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * (L + 1), grain_for(2 * D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-      unshuffle_fwd_task<scalar_t>(avx2, xp, tok, idp, pos, o, K, L, D, begin, end);
+      unshuffle_fwd_task<scalar_t>(avx2, xp, tok, idp, pos, o, K, L, D, stream, begin, end);
     });
   });
   return out;

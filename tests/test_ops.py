@@ -369,6 +369,38 @@ def test_cpp_baseline_isa(dtype, monkeypatch, request):
     test_norm_mse_loss(LOSS_CASES[0], dtype, "ids", False, "cpp", request)
 
 
+@pytest.mark.parametrize("isa", ["native", "base"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
+    """Outputs of 16 MiB or more (gather_mask's image gradient, norm_mse_loss's dpred,
+    unshuffle_scatter's decoder input) are written with streaming stores. Force them
+    (FASTMAE_CPU_STREAM=always) on small shapes whose rows allow them, and on some that do not,
+    in both instruction-set variants: the same results as the reference, outputs poisoned first."""
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    monkeypatch.setenv("FASTMAE_CPU_STREAM", "always")
+    if isa == "base":
+        monkeypatch.setenv("FASTMAE_CPU_ISA", "base")
+    for case in (GATHER_CASES[1], GATHER_CASES[2], GATHER_CASES[5]):  # 64, 32 and 16-byte segments (fp32)
+        test_gather_mask(case, dtype, "cpp", request)
+    if dtype == torch.float32:
+        test_cpp_gather_mask_backward_repeated_index_sums()  # streamed and summed segments mixed
+    for case in (UNSHUFFLE_CASES[4], UNSHUFFLE_CASES[5], UNSHUFFLE_CASES[6]):  # D = 64, 130 (not streamed), 40
+        test_unshuffle_scatter(case, dtype, "pos", "cpp", request)
+        test_unshuffle_scatter(case, dtype, "nopos", "cpp", request)
+    for case in (LOSS_CASES[1], LOSS_CASES[3], LOSS_CASES[5], LOSS_CASES[2]):  # the last: p = 14, not streamed
+        test_norm_mse_loss(case, dtype, "full", True, "cpp", request)
+        test_norm_mse_loss(case, dtype, "ids+weights", False, "cpp", request)
+
+
+def test_cpp_stream_setting_is_checked(monkeypatch):
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_CPU_STREAM", "sometimes")
+    with pytest.raises(ValueError, match="FASTMAE_CPU_STREAM must be auto, always or never"):
+        torch.ops.fastmae_C.unshuffle_scatter_fwd(torch.randn(1, 2, 8), torch.randn(8), torch.tensor([[0, 1]]),
+                                                  None)
+
+
 # ============================================================================ outputs fully written
 def _primitive_calls(gen):
     """(name, op call, output spec, reference) for every registered primitive, at small sizes
