@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -126,35 +127,56 @@ static_assert(sizeof(bits_t<c10::BFloat16>) == 2 && sizeof(bits_t<float>) == 4, 
 
 // ------------------------------------------------------------------ instruction-set dispatch
 // The extension is built for the baseline x86-64 ISA (SSE2), so that it loads anywhere; the hot
-// loops are compiled a second time for AVX2 + FMA + F16C and chosen at run time.
-// FASTMAE_DEFINE_ISA_VARIANTS(name, body) defines name_avx2<Ts...>(args...), which runs
-// `body<IsaAvx2, Ts...>(args...)` with everything it calls inlined into it (flatten) so that the
-// whole loop nest is compiled for AVX2, and name_base<Ts...>(args...), which runs
-// `body<IsaBase, Ts...>(args...)` for the baseline ISA.
-// FASTMAE_CPU_ISA=base forces the baseline variant (to test it on an AVX2 machine).
-inline bool use_avx2() {
+// loops are compiled twice more, for AVX2 + FMA + F16C and for AVX-512 with its bf16 conversions
+// (AVX512-BF16: one vcvtneps2bf16 rounds 8 or 16 floats to bf16, where the AVX2 code needs about
+// 7 integer instructions per 8), and the best variant the CPU runs is chosen at run time.
+// FASTMAE_DEFINE_ISA_VARIANTS(name, body) defines name_avx512<Ts...>(args...),
+// name_avx2<Ts...>(args...) and name_base<Ts...>(args...), which run `body<Isa, Ts...>(args...)`
+// with Isa = IsaAvx512, IsaAvx2 or IsaBase and everything the body calls inlined into it (flatten),
+// so that the whole loop nest is compiled for that instruction set; and name<Ts...>(isa, args...),
+// which calls the variant `isa` names. FASTMAE_CPU_ISA=avx2|base caps the variant (to test the
+// others on a machine that has more).
+enum class CpuIsa { kBase, kAvx2, kAvx512 };
+
+inline CpuIsa cpu_isa() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool supported =
+  static const bool avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const char* isa = std::getenv("FASTMAE_CPU_ISA");
-  return supported && !(isa != nullptr && std::strcmp(isa, "base") == 0);
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  CpuIsa best = avx512 ? CpuIsa::kAvx512 : avx2 ? CpuIsa::kAvx2 : CpuIsa::kBase;
 #else
-  return false;
+  CpuIsa best = CpuIsa::kBase;
 #endif
+  const char* cap = std::getenv("FASTMAE_CPU_ISA");
+  if (cap == nullptr || cap[0] == '\0' || std::strcmp(cap, "auto") == 0 || std::strcmp(cap, "avx512") == 0) return best;
+  if (std::strcmp(cap, "avx2") == 0) return best == CpuIsa::kAvx512 ? CpuIsa::kAvx2 : best;
+  if (std::strcmp(cap, "base") == 0) return CpuIsa::kBase;
+  TORCH_CHECK_VALUE(false, "FASTMAE_CPU_ISA must be auto, avx512, avx2 or base, got '", cap, "'");
 }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define FASTMAE_AVX2_TARGET __attribute__((target("avx2,fma,f16c"), flatten))
+#define FASTMAE_AVX512_TARGET_ONLY __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define FASTMAE_AVX512_TARGET \
+  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), flatten))
 #else
 #define FASTMAE_AVX2_TARGET __attribute__((flatten))
+#define FASTMAE_AVX512_TARGET_ONLY
+#define FASTMAE_AVX512_TARGET __attribute__((flatten))
 #endif
 
-// Which variant a body is compiled for: its first template argument (IsaAvx2 or IsaBase), so that
-// it can pick instruction-set specific helpers (Stream<Isa> below).
+// Which variant a body is compiled for: its first template argument, so that it can pick
+// instruction-set specific helpers (Stream<Isa>, store8<Isa> below).
 struct IsaBase {};
 struct IsaAvx2 {};
+struct IsaAvx512 {};
 
 #define FASTMAE_DEFINE_ISA_VARIANTS(NAME, BODY)                                       \
+  template <typename... Ts, typename... Args>                                         \
+  FASTMAE_AVX512_TARGET void NAME##_avx512(Args... args) {                            \
+    BODY<IsaAvx512, Ts...>(args...);                                                  \
+  }                                                                                   \
   template <typename... Ts, typename... Args>                                         \
   FASTMAE_AVX2_TARGET void NAME##_avx2(Args... args) {                                \
     BODY<IsaAvx2, Ts...>(args...);                                                    \
@@ -164,13 +186,37 @@ struct IsaAvx2 {};
     BODY<IsaBase, Ts...>(args...);                                                    \
   }                                                                                   \
   template <typename... Ts, typename... Args>                                         \
-  inline void NAME(bool avx2, Args... args) {                                         \
-    if (avx2) {                                                                       \
-      NAME##_avx2<Ts...>(args...);                                                    \
-    } else {                                                                          \
-      NAME##_base<Ts...>(args...);                                                    \
+  inline void NAME(CpuIsa isa, Args... args) {                                        \
+    switch (isa) {                                                                    \
+      case CpuIsa::kAvx512: return NAME##_avx512<Ts...>(args...);                     \
+      case CpuIsa::kAvx2: return NAME##_avx2<Ts...>(args...);                         \
+      default: return NAME##_base<Ts...>(args...);                                    \
     }                                                                                 \
   }
+
+// store8<Isa>(p, v): store8 with the variant's rounding to bf16 (vcvtneps2bf16 in the AVX-512
+// variant; the same results as store8 except that it flushes fp32 subnormals, below 1.2e-38, to
+// zero and keeps a NaN's sign and payload). Other dtypes and variants: store8.
+struct Avx512Bf16 {
+#if defined(__x86_64__) || defined(__i386__)
+  FASTMAE_AVX512_TARGET_ONLY static inline __m128i round8(v8f v) {
+    __m256 m;
+    std::memcpy(&m, &v, sizeof(m));
+    return (__m128i)_mm256_cvtneps_pbh(m);
+  }
+#endif
+};
+
+template <typename Isa, typename T>
+inline void store8(T* p, v8f v) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same_v<Isa, IsaAvx512> && std::is_same_v<T, c10::BFloat16>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), Avx512Bf16::round8(v));
+    return;
+  }
+#endif
+  store8(p, v);
+}
 
 // ------------------------------------------------------------------ streaming stores
 // An output much larger than the cache is written with non-temporal (streaming) stores: an
@@ -228,6 +274,8 @@ struct Stream<IsaAvx2> {
   }
   static inline void fence() { _mm_sfence(); }
 };
+template <>
+struct Stream<IsaAvx512> : Stream<IsaAvx2> {};
 #else
 template <typename Isa>
 struct Stream {
@@ -242,11 +290,11 @@ struct Stream {
 };
 #endif
 
-// store8 through a streaming store (dst 16-byte aligned).
+// store8<Isa> through a streaming store (dst 16-byte aligned).
 template <typename Isa, typename T>
 inline void stream8(T* dst, v8f v) {
   alignas(32) T tmp[8];
-  store8(tmp, v);
+  store8<Isa>(tmp, v);
   Stream<Isa>::copy(dst, tmp, sizeof(tmp));
 }
 

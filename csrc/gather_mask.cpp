@@ -144,7 +144,7 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
   const int64_t K = ids_keep.size(1);
   at::Tensor out = at::empty({N, K, C * p * p}, imgs.options());
   const Grid g{N, C, H, W, K, p, h, w, C * p * p};
-  const bool avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
   FASTMAE_DISPATCH_FLOAT(imgs.scalar_type(), "gather_mask_fwd", [&] {
     const scalar_t* src = imgs.const_data_ptr<scalar_t>();
     const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
@@ -152,7 +152,7 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
     dispatch_patch(p, [&](auto pc) {
       using PC = decltype(pc);
       at::parallel_for(0, N * K, grain_for(2 * g.D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-        gather_fwd_task<scalar_t, PC>(avx2, src, idp, dst, g, begin, end);
+        gather_fwd_task<scalar_t, PC>(isa, src, idp, dst, g, begin, end);
       });
     });
   });
@@ -173,7 +173,7 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
   const int64_t C = D / (p * p);
   at::Tensor out = at::empty({N, C, H, W}, grad.options());
   const Grid g{N, C, H, W, K, p, h, w, D};
-  const bool avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
   // Streaming stores write whole 16-byte pieces: every segment of p values must start on one.
   const int64_t esize = grad.element_size();
   const bool stream = stream_output(out.nbytes()) && (p * esize) % 16 == 0 && (W * esize) % 16 == 0 &&
@@ -185,7 +185,7 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
     dispatch_patch(p, [&](auto pc) {
       using PC = decltype(pc);
       at::parallel_for(0, N * h, grain_for(2 * C * p * W * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-        gather_bwd_task<scalar_t, PC>(avx2, src, idp, dst, g, stream, begin, end);
+        gather_bwd_task<scalar_t, PC>(isa, src, idp, dst, g, stream, begin, end);
       });
     });
   });

@@ -222,7 +222,7 @@ inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const 
       if (stream) {
         for (int64_t k = 0; k < P; k += 8) stream8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
       } else {
-        for (int64_t k = 0; k < P; k += 8) store8(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
+        for (int64_t k = 0; k < P; k += 8) store8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
       }
     } else {
       for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
@@ -238,9 +238,9 @@ double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, cons
   const int64_t nchunks = (g.N * g.M + kRowsPerChunk - 1) / kRowsPerChunk;
   thread_local std::vector<double> partial_buf;
   double* partial = scratch(partial_buf, nchunks);
-  const bool avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
   at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
-    loss_task<pred_t, img_t>(avx2, pred, imgs, weight, ids, g, norm_pix, eps, partial, cbegin, cend);
+    loss_task<pred_t, img_t>(isa, pred, imgs, weight, ids, g, norm_pix, eps, partial, cbegin, cend);
   });
   double total = 0.0;
   for (int64_t c = 0; c < nchunks; ++c) total += partial[c];
@@ -250,12 +250,12 @@ double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, cons
 template <typename pred_t, typename img_t>
 void loss_grad(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
                pred_t* dpred, const Geometry& g, bool norm_pix, float eps) {
-  const bool avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
   // Streamed 8 values at a time on the vector path (rows of P = a multiple of 64 values).
   const bool stream = vector_path(g) && stream_output(g.N * g.M * g.P * int64_t(sizeof(pred_t))) &&
                       aligned_to(dpred, 16);
   at::parallel_for(0, g.N * g.M, grain_for(3 * g.P * int64_t(sizeof(pred_t))), [&](int64_t begin, int64_t end) {
-    grad_task<pred_t, img_t>(avx2, scale, pred, imgs, weight, ids, dpred, g, norm_pix, eps, stream, begin, end);
+    grad_task<pred_t, img_t>(isa, scale, pred, imgs, weight, ids, dpred, g, norm_pix, eps, stream, begin, end);
   });
 }
 

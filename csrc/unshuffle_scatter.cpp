@@ -47,16 +47,26 @@ inline v16u16 round_bf16(v8f v) {  // bf16 bits of v in the low half of each 32-
   std::memcpy(&h, &r, sizeof(h));
   return h;
 }
+template <typename Isa>
 inline void narrow16(v8f lo, v8f hi, c10::BFloat16* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same_v<Isa, IsaAvx512>) {  // rounded 0-3 8-11 and 4-7 12-15: interleave 64-bit halves
+    const __m128i rl = Avx512Bf16::round8(lo), rh = Avx512Bf16::round8(hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_unpacklo_epi64(rl, rh));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm_unpackhi_epi64(rl, rh));
+    return;
+  }
+#endif
   const v16u16 rl = round_bf16(lo), rh = round_bf16(hi);
   const v16u16 o = __builtin_shufflevector(rl, rh, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
   std::memcpy(p, &o, sizeof(o));
 }
+template <typename Isa>
 inline void add16_bf16(const c10::BFloat16* in, const c10::BFloat16* pos, c10::BFloat16* out) {
   v8f al, ah, bl, bh;
   widen16(in, al, ah);
   widen16(pos, bl, bh);
-  narrow16(al + bl, ah + bh, out);
+  narrow16<Isa>(al + bl, ah + bh, out);
 }
 
 // Output rows [begin, end) of the forward (row = n*(1+L) + j). With `stream` (D a multiple of 8,
@@ -80,16 +90,16 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
           for (; d + 16 <= D; d += 16) {
             alignas(32) c10::BFloat16 sum[16];
-            add16_bf16(src + d, pr + d, sum);
+            add16_bf16<Isa>(src + d, pr + d, sum);
             Stream<Isa>::copy(o + d, sum, sizeof(sum));
           }
         }
         for (; d < D; d += 8) stream8<Isa>(o + d, load8(src + d) + load8(pr + d));
       } else {
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          for (; d + 16 <= D; d += 16) add16_bf16(src + d, pr + d, o + d);
+          for (; d + 16 <= D; d += 16) add16_bf16<Isa>(src + d, pr + d, o + d);
         }
-        for (; d + 8 <= D; d += 8) store8(o + d, load8(src + d) + load8(pr + d));
+        for (; d + 8 <= D; d += 8) store8<Isa>(o + d, load8(src + d) + load8(pr + d));
         for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));
       }
     } else if (stream) {
@@ -169,12 +179,12 @@ FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_task, unshuffle_bwd_blocks)
 
 // out[0, D) = the fp32 sums acc rounded, where bf16 sums with D % 16 == 0 are held in widen16's
 // order (see unshuffle_bwd_perm_chunks).
-template <typename scalar_t>
+template <typename Isa, typename scalar_t>
 inline void store_perm_sums(const float* acc, scalar_t* out, int64_t D) {
   int64_t d = 0;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (D % 16 == 0) {
-      for (; d < D; d += 16) narrow16(load8(acc + d), load8(acc + d + 8), out + d);
+      for (; d < D; d += 16) narrow16<Isa>(load8(acc + d), load8(acc + d + 8), out + d);
     }
   }
   for (; d < D; ++d) out[d] = from_f<scalar_t>(acc[d]);
@@ -260,7 +270,7 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
           std::memcpy(dx + (n * (K + 1) + 1 + r) * D, gr, D * sizeof(scalar_t));
         }
       }
-      if (dpos != nullptr) store_perm_sums(ap, dpos + j * D, D);
+      if (dpos != nullptr) store_perm_sums<Isa>(ap, dpos + j * D, D);
     }
   }
 }
@@ -289,7 +299,7 @@ at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_tok
   }
   check_index_range(ids_restore, L, "ids_restore");
   at::Tensor out = at::empty({N, L + 1, D}, x.options());
-  const bool avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
   const bool stream = stream_output(out.nbytes()) && D % 8 == 0 && aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(x.scalar_type(), "unshuffle_scatter_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -298,7 +308,7 @@ at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_tok
     const scalar_t* pos = pos_embed.has_value() ? pos_embed->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * (L + 1), grain_for(2 * D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-      unshuffle_fwd_task<scalar_t>(avx2, xp, tok, idp, pos, o, K, L, D, stream, begin, end);
+      unshuffle_fwd_task<scalar_t>(isa, xp, tok, idp, pos, o, K, L, D, stream, begin, end);
     });
   });
   return out;
@@ -316,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   at::Tensor dx = at::empty({N, K + 1, D}, grad.options());
   at::Tensor dmask = at::empty({D}, grad.options());
   at::Tensor dpos = need_pos_grad ? at::empty({L + 1, D}, grad.options()) : at::empty({0}, grad.options());
-  const bool avx2 = use_avx2();
+  const CpuIsa isa = cpu_isa();
   // Permutation check: no kept token restored to two patches (then the j-major kernel applies);
   // tokens restored to none (only in a non-permutation) get zero rows.
   bool unique = true;
@@ -347,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
       scalar_t* dpp = need_pos_grad ? dpos.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        unshuffle_bwd_perm_task<scalar_t>(avx2, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, begin, end);
+        unshuffle_bwd_perm_task<scalar_t>(isa, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, begin, end);
       });
       for (const auto& [n, r] : unused) {
         scalar_t* o = dxp + (n * (K + 1) + 1 + r) * D;
@@ -357,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
       for (int64_t c = 0; c < chunks; ++c)
         for (int64_t d = 0; d < D; ++d) acc[d] += mask_part[c * D + d];
       scalar_t* dmp = dmask.mutable_data_ptr<scalar_t>();
-      store_perm_sums(acc.data(), dmp, D);
+      store_perm_sums<IsaBase>(acc.data(), dmp, D);  // one row: not worth a variant
     });
     return {dx, dmask, dpos};
   }
@@ -370,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
     scalar_t* dmp = dmask.mutable_data_ptr<scalar_t>();
     scalar_t* dpp = need_pos_grad ? dpos.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, (D + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-      unshuffle_bwd_task<scalar_t>(avx2, g, idp, dxp, dmp, dpp, N, K, L, D, block, begin, end);
+      unshuffle_bwd_task<scalar_t>(isa, g, idp, dxp, dmp, dpp, N, K, L, D, block, begin, end);
     });
   });
   return {dx, dmask, dpos};

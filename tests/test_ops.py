@@ -353,23 +353,70 @@ def test_norm_mse_loss_deterministic(backend):
         torch.set_num_threads(old)
 
 
-# ============================================================================ C++ baseline ISA
+# ============================================================================ C++ ISA variants
+@pytest.mark.parametrize("isa", ["avx2", "base"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpp_baseline_isa(dtype, monkeypatch, request):
-    """The C++ hot loops exist twice (AVX2 and the baseline x86-64 ISA, chosen at run time): run
-    the baseline variant too (FASTMAE_CPU_ISA=base), over shapes with tails."""
+def test_cpp_isa_variants(dtype, isa, monkeypatch, request):
+    """The C++ hot loops exist three times (AVX-512 with AVX512-BF16, AVX2 and the baseline x86-64
+    ISA; the best the CPU runs is chosen at run time, and the rest of this file tests that one):
+    run the lower ones too (FASTMAE_CPU_ISA caps the variant), over shapes with tails."""
     _require_cpp()
     monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
-    monkeypatch.setenv("FASTMAE_CPU_ISA", "base")
+    monkeypatch.setenv("FASTMAE_CPU_ISA", isa)
     test_gather_mask(GATHER_CASES[2], dtype, "cpp", request)
     test_unshuffle_scatter(UNSHUFFLE_CASES[4], dtype, "pos", "cpp", request)
+    test_unshuffle_scatter(UNSHUFFLE_CASES[5], dtype, "pos", "cpp", request)
     test_unshuffle_scatter(UNSHUFFLE_CASES[1], dtype, "nopos", "cpp", request)
     test_norm_mse_loss(LOSS_CASES[1], dtype, "full", True, "cpp", request)
     test_norm_mse_loss(LOSS_CASES[2], dtype, "ids+weights", True, "cpp", request)
     test_norm_mse_loss(LOSS_CASES[0], dtype, "ids", False, "cpp", request)
 
 
-@pytest.mark.parametrize("isa", ["native", "base"])
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(flag in flags for flag in ("avx512_bf16", "avx512vl", "avx512bw"))
+
+
+def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
+    """The AVX-512 variant rounds fp32 to bf16 with vcvtneps2bf16, the others with integer
+    arithmetic: bitwise the same results on normal values, ties (to even) included. Sums of two
+    bf16 values, as unshuffle_scatter's forward makes, land on ties often."""
+    _require_cpp()
+    if not _cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16: only one bf16 rounding runs here")
+    gen = torch.Generator().manual_seed(7)
+    N, K, L, D = 4, 9, 36, 48
+    x = torch.randn(N, 1 + K, D, generator=gen).bfloat16()
+    tok, pos = torch.randn(D, generator=gen).bfloat16(), torch.randn(1 + L, D, generator=gen).bfloat16()
+    ids = torch.argsort(torch.rand(N, L, generator=gen), 1)
+    imgs = torch.rand(2, 3, 32, 32, generator=gen).bfloat16()
+    pred = torch.randn(2, 16, 192, generator=gen).bfloat16()
+    mask = (torch.rand(2, 16, generator=gen) > 0.25).float()
+    f = torch.ops.fastmae_C
+
+    def outputs():
+        return (f.unshuffle_scatter_fwd(x, tok, ids, pos),
+                f.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, mask, None, 8, True, EPS))
+
+    native = outputs()
+    monkeypatch.setenv("FASTMAE_CPU_ISA", "avx2")
+    for name, a, b in zip(("unshuffle_scatter", "norm_mse_loss dpred"), native, outputs()):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name}: AVX-512 and AVX2 bf16 differ"
+
+
+def test_cpp_isa_setting_is_checked(monkeypatch):
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_CPU_ISA", "avx9")
+    with pytest.raises(ValueError, match="FASTMAE_CPU_ISA must be auto, avx512, avx2 or base"):
+        torch.ops.fastmae_C.unshuffle_scatter_fwd(torch.randn(1, 2, 8), torch.randn(8), torch.tensor([[0, 1]]),
+                                                  None)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "base"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
     """Outputs of 16 MiB or more (gather_mask's image gradient, norm_mse_loss's dpred,
@@ -379,8 +426,8 @@ def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
     _require_cpp()
     monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
     monkeypatch.setenv("FASTMAE_CPU_STREAM", "always")
-    if isa == "base":
-        monkeypatch.setenv("FASTMAE_CPU_ISA", "base")
+    if isa != "native":
+        monkeypatch.setenv("FASTMAE_CPU_ISA", isa)
     for case in (GATHER_CASES[1], GATHER_CASES[2], GATHER_CASES[5]):  # 64, 32 and 16-byte segments (fp32)
         test_gather_mask(case, dtype, "cpp", request)
     if dtype == torch.float32:
