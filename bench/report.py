@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _table import markdown_table  # noqa: E402
 
 H100_BYTES_PER_S = 3.35e12
 
@@ -63,9 +68,9 @@ def render(rows, notes) -> str:
                f"range {_fmt(rates and rates[0] / 1e9, '.1f')}-{_fmt(rates and rates[-1] / 1e9, '.1f')}")
     out.append("- H100 floor: minimal bytes / 3.35 TB/s (datasheet), a projection, never a measurement")
     out.append("")
-    out.append("| op | mode | dtype | fastmae ms | eager ms | compiled ms | x eager | x compiled | MB moved "
-               "| GB/s | copy GB/s | % of copy | % of run copy | faults/call fastmae / eager | H100 floor us |")
-    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    headers = ["op", "mode", "dtype", "fastmae ms", "eager ms", "compiled ms", "x eager", "x compiled", "MB moved",
+               "GB/s", "copy GB/s", "% of copy", "% of run copy", "faults/call fastmae / eager", "H100 floor us"]
+    table = []
     for _, info in sorted(rows, key=lambda r: (r[1]["op"], r[1]["mode"], r[1]["dtype"], r[0])):
         prov = info["providers"]
         med = {p: prov[p]["median_ms"] / 1e3 if p in prov else None for p in ("fastmae", "eager", "compiled", "copy")}
@@ -77,13 +82,13 @@ def render(rows, notes) -> str:
         pct_run = 100 * nbytes / fast / run_copy if fast and run_copy else None
         speedup = {p: med[p] / fast if fast and med[p] else None for p in ("eager", "compiled")}
         flt = "/".join(_fmt(prov.get(p, {}).get("faults_per_call"), ".0f") for p in ("fastmae", "eager"))
-        out.append(
-            f"| {info['op']} | {info['mode']} | {info['dtype']} | {_fmt(fast and fast * 1e3, '.2f')} | "
-            f"{_fmt(med['eager'] and med['eager'] * 1e3, '.2f')} | "
-            f"{_fmt(med['compiled'] and med['compiled'] * 1e3, '.2f')} | {_fmt(speedup['eager'], '.1f')} | "
-            f"{_fmt(speedup['compiled'], '.1f')} | {nbytes / 1e6:.1f} | {_fmt(gbs, '.1f')} | "
-            f"{_fmt(copy_bw and copy_bw / 1e9, '.1f')} | {_fmt(pct, '.0f')} | {_fmt(pct_run, '.0f')} | {flt} | "
-            f"{nbytes / H100_BYTES_PER_S * 1e6:.1f} |")
+        table.append([
+            info["op"], info["mode"], info["dtype"], _fmt(fast and fast * 1e3, ".2f"),
+            _fmt(med["eager"] and med["eager"] * 1e3, ".2f"), _fmt(med["compiled"] and med["compiled"] * 1e3, ".2f"),
+            _fmt(speedup["eager"], ".1f"), _fmt(speedup["compiled"], ".1f"), f"{nbytes / 1e6:.1f}", _fmt(gbs, ".1f"),
+            _fmt(copy_bw and copy_bw / 1e9, ".1f"), _fmt(pct, ".0f"), _fmt(pct_run, ".0f"), flt,
+            f"{nbytes / H100_BYTES_PER_S * 1e6:.1f}"])
+    out += markdown_table(headers, table, numeric_from=3)
     return "\n".join(out) + "\n"
 
 

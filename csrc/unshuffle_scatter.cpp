@@ -322,28 +322,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   const int64_t N = grad.size(0), L = grad.size(1) - 1, D = grad.size(2);
   check_ids(ids_restore, "ids_restore", N, L);
   TORCH_CHECK_VALUE(0 <= K && K < L, "K = ", K, " kept tokens must be in [0, L = ", L, ")");
-  check_index_range(ids_restore, L, "ids_restore");
   at::Tensor dx = at::empty({N, K + 1, D}, grad.options());
   at::Tensor dmask = at::empty({D}, grad.options());
   at::Tensor dpos = need_pos_grad ? at::empty({L + 1, D}, grad.options()) : at::empty({0}, grad.options());
   const CpuIsa isa = cpu_isa();
-  // Permutation check: no kept token restored to two patches (then the j-major kernel applies);
-  // tokens restored to none (only in a non-permutation) get zero rows.
+  // One pass over ids_restore, before any kernel reads through it: the index-range check, and
+  // whether no kept token is restored to two patches (then the j-major kernel applies; tokens
+  // restored to none, only in a non-permutation, get zero rows).
   bool unique = true;
   std::vector<std::pair<int64_t, int64_t>> unused;  // (n, r) of kept tokens no patch restores
   {
     const int64_t* idp = ids_restore.const_data_ptr<int64_t>();
     std::vector<uint8_t> seen(K);
-    for (int64_t n = 0; n < N && unique; ++n) {
+    for (int64_t n = 0; n < N; ++n) {
       std::fill(seen.begin(), seen.end(), uint8_t(0));
       for (int64_t l = 0; l < L; ++l) {
         const int64_t r = idp[n * L + l];
+        TORCH_CHECK_INDEX(0 <= r && r < L, "ids_restore holds index ", r, ", outside [0, ", L, ")");
         if (r < K) {
           unique &= seen[r] == 0;
           seen[r] = 1;
         }
       }
-      for (int64_t r = 0; r < K; ++r)
+      for (int64_t r = 0; r < K && unique; ++r)
         if (seen[r] == 0) unused.emplace_back(n, r);
     }
   }
