@@ -149,7 +149,9 @@ inline CpuIsa cpu_isa() {
   CpuIsa best = CpuIsa::kBase;
 #endif
   const char* cap = std::getenv("FASTMAE_CPU_ISA");
-  if (cap == nullptr || cap[0] == '\0' || std::strcmp(cap, "auto") == 0 || std::strcmp(cap, "avx512") == 0) return best;
+  if (cap == nullptr || cap[0] == '\0' || std::strcmp(cap, "auto") == 0 || std::strcmp(cap, "avx512") == 0) {
+    return best;
+  }
   if (std::strcmp(cap, "avx2") == 0) return best == CpuIsa::kAvx512 ? CpuIsa::kAvx2 : best;
   if (std::strcmp(cap, "base") == 0) return CpuIsa::kBase;
   TORCH_CHECK_VALUE(false, "FASTMAE_CPU_ISA must be auto, avx512, avx2 or base, got '", cap, "'");
@@ -157,9 +159,9 @@ inline CpuIsa cpu_isa() {
 
 #if defined(__x86_64__) || defined(__i386__)
 #define FASTMAE_AVX2_TARGET __attribute__((target("avx2,fma,f16c"), flatten))
-#define FASTMAE_AVX512_TARGET_ONLY __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#define FASTMAE_AVX512_TARGET \
-  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"), flatten))
+#define FASTMAE_AVX512_ISA "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"
+#define FASTMAE_AVX512_TARGET_ONLY __attribute__((target(FASTMAE_AVX512_ISA)))
+#define FASTMAE_AVX512_TARGET __attribute__((target(FASTMAE_AVX512_ISA), flatten))
 #else
 #define FASTMAE_AVX2_TARGET __attribute__((flatten))
 #define FASTMAE_AVX512_TARGET_ONLY
@@ -238,9 +240,9 @@ inline bool stream_output(int64_t bytes) {
 inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Stream<Isa>::copy(dst, src, bytes): `bytes` (a multiple of 16) from src, or zeros when src is
-// null, to dst (16-byte aligned) with streaming stores; 32 bytes per store in the AVX2 variant
-// where dst allows. Stream<Isa>::fence() orders them before the task ends (they are weakly
-// ordered). Elsewhere than x86 these are plain copies.
+// null, to dst (16-byte aligned) with streaming stores; 32 bytes per store in the AVX2 and
+// AVX-512 variants where dst allows. Stream<Isa>::fence() orders them before the task ends
+// (they are weakly ordered). Elsewhere than x86 these are plain copies.
 template <typename Isa>
 struct Stream;
 
@@ -258,8 +260,7 @@ struct Stream<IsaBase> {
 };
 template <>
 struct Stream<IsaAvx2> {
-  __attribute__((target("avx2"))) static inline void copy(void* dst, const void* src,
-                                                                          int64_t bytes) {
+  __attribute__((target("avx2"))) static inline void copy(void* dst, const void* src, int64_t bytes) {
     char* d = static_cast<char*>(dst);
     const char* s = static_cast<const char*>(src);
     int64_t b = 0;
