@@ -5,6 +5,7 @@ Differences from the reference, none of them visible in the numbers:
   Conv2d with kernel = stride = p is a linear map per patch);
 - the decoder input is built by ``unshuffle_scatter`` in one pass;
 - the loss is ``norm_mse_loss``, fused, with its gradient in one pass;
+- the MLP keeps its input and fc1's output for backward, not the GELU output (``gelu_mlp``);
 - attention goes through ``fastmae.ops.attention`` (``auto``: xformers on CUDA when installed,
   else SDPA; on CPU the explicit math for bf16/fp16 at short sequences, where it is faster);
 - under autocast the decoder's residual stream is promoted back to fp32 before
@@ -33,8 +34,15 @@ class Attention(reference.Attention):
         return self.proj(x.transpose(1, 2).reshape(B, S, D))
 
 
+class Mlp(reference.Mlp):
+    def forward(self, x):  # GELU recomputed in backward: its output is not kept (ops/mlp.py)
+        fc1, fc2 = self.fc1, self.fc2
+        return ops.gelu_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.act.approximate)
+
+
 class Block(reference.Block):
-    attn_cls = Attention  # same parameters and names, fast forward
+    attn_cls = Attention  # same parameters and names, fast forwards
+    mlp_cls = Mlp
 
 
 class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):

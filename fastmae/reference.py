@@ -68,13 +68,14 @@ class Block(nn.Module):
     """Pre-norm transformer block with the timm/official parameter names."""
 
     attn_cls = Attention
+    mlp_cls = Mlp
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = self.attn_cls(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = self.mlp_cls(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
