@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 from helpers import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastmae.ops import mlp as mlp_mod
 from fastmae.ops.mlp import gelu_mlp, gelu_mlp_ref
 
 # (leading shape of x, D, H): a single row, odd sizes, the MAE encoder and decoder widths (cut down)
@@ -56,6 +57,22 @@ def test_matches_composition(shape, dtype, bias, approximate):
         assert f.dtype == r.dtype == dtype and f.shape == r.shape, name
         e_fast, e_ref = rel_err(f, t), rel_err(r, t)
         assert e_fast <= 2 * e_ref + ATOL[dtype], f"{name}: error {e_fast:.3g} against the composition's {e_ref:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk_rows", [1, 3, 16])  # 23, 8 and 2 chunks (of 12 and 11 rows)
+def test_chunked_backward(chunk_rows, dtype, monkeypatch):
+    """Backward in chunks of rows (the fp32/fp64 path at large sizes), a tail chunk included:
+    23 rows of hidden width 40."""
+    monkeypatch.setattr(mlp_mod, "CHUNK_BYTES", chunk_rows * 40 * torch.tensor([], dtype=dtype).element_size())
+    monkeypatch.setattr(mlp_mod, "MIN_CHUNK_ROWS", 1)
+    tensors, grad = _inputs((23,), 9, 40, dtype, seed=chunk_rows)
+    truth = _run(gelu_mlp_ref, [t.double() for t in tensors], grad.double())
+    ref = _run(gelu_mlp_ref, tensors, grad)
+    fast = _run(gelu_mlp, tensors, grad)
+    for name, f, r, t in zip(NAMES, fast, ref, truth):
+        e_fast, e_ref = rel_err(f, t), rel_err(r, t)
+        assert e_fast <= 2 * e_ref + 1e-6, f"{name}: error {e_fast:.3g} against the composition's {e_ref:.3g}"
 
 
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)

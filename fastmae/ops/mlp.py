@@ -6,12 +6,19 @@ approximate="none") -> [..., D]``, the same numbers as the composition (``gelu_m
 Memory, not speed: the composition keeps three tensors for backward, the input ``x`` (for fc1's
 weight gradient), the hidden pre-activation ``h`` (for GELU's gradient) and the activation
 ``gelu(h)`` (for fc2's weight gradient), two of them ``H = 4 D`` wide. This keeps ``x`` and ``h``
-only and recomputes ``gelu(h)`` in backward (one elementwise pass). Its backward also orders its
-work so that at most two hidden-sized tensors are alive at once, where autograd's backward of the
-composition holds three (``h``, ``gelu(h)`` and the new gradient): fc2's weight gradient first, the
-recomputed activation freed, then the hidden gradient, turned into ``h``'s gradient in place.
+only and recomputes ``gelu(h)`` in backward (one elementwise pass). Autograd's backward of the
+composition also holds three hidden-sized tensors at once (``h``, ``gelu(h)`` and the new
+gradient); this one holds ``h`` and chunks of at most ``CHUNK_BYTES``: in fp32/fp64 it walks the
+rows in chunks, recomputing the activation for fc2's weight gradient, then forming the hidden
+gradient (turned into ``h``'s gradient in place), adding its share to fc1's weight and bias
+gradients and writing its rows of ``dx``; its forward applies fc2 in the same chunks, so the
+whole activation is never formed (which matters where activation checkpointing replays it). Weight gradients are then sums of per-chunk GEMMs, so
+they differ from the composition's in the last bits (fp32). In bf16/fp16 each per-chunk sum
+would be rounded to that precision, so there the whole tensor is one chunk (two hidden-sized
+tensors alive).
+
 ViT-B MAE at batch 16 in fp32 keeps 0.32 GB less between forward and backward; with activation
-checkpointing, the peak inside a recomputed decoder block falls by one 26 MB hidden tensor.
+checkpointing, the peak inside a recomputed decoder block falls by about two 26 MB hidden tensors.
 
 Under ``torch.compile`` the fast model calls the composition instead: inductor's partitioner makes
 its own recompute choices for pointwise ops, and an opaque backward would only limit them.
@@ -21,12 +28,15 @@ Under autocast the inputs and parameters are cast to the autocast dtype, as auto
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 _APPROXIMATE = ("none", "tanh")
+CHUNK_BYTES = 4 * 2**20  # fp32/fp64: hidden-sized temporaries of about this size (see _chunk_rows)
+MIN_CHUNK_ROWS = 512
 
 
 def gelu_mlp_ref(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
@@ -53,7 +63,19 @@ class _GeluMlp(torch.autograd.Function):
             b2 = None if b2 is None else b2.to(cast)
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(x, w1, b1)
-            y = F.linear(F.gelu(h, approximate=approximate), w2, b2)
+            h2 = h.reshape(-1, h.shape[-1])
+            step = _chunk_rows(h2)
+            if step >= h2.shape[0]:
+                y = F.linear(F.gelu(h, approximate=approximate), w2, b2)
+            else:  # fc2 in chunks of rows, so no whole activation is formed
+                y = h.new_empty(*h.shape[:-1], w2.shape[0])
+                for hc, yc in zip(h2.split(step), y.view(-1, w2.shape[0]).split(step)):
+                    a = F.gelu(hc, approximate=approximate)
+                    if b2 is None:
+                        torch.mm(a, w2.t(), out=yc)
+                    else:
+                        torch.addmm(b2, a, w2.t(), out=yc)
+                    del a
         ctx.save_for_backward(x, h, w1, w2)
         ctx.approximate = approximate
         ctx.has_bias = (b1 is not None, b2 is not None)
@@ -63,26 +85,43 @@ class _GeluMlp(torch.autograd.Function):
     def backward(ctx, gy):
         x, h, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        gy = gy.to(h.dtype)
-        gy2 = gy.reshape(-1, gy.shape[-1])
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        gy2 = gy.to(h.dtype).reshape(-1, gy.shape[-1])
+        step = _chunk_rows(h2)
+        chunks = list(zip(*(t.split(step) for t in (x2, h2, gy2))))
         dx = dw1 = db1 = dw2 = db2 = None
-        if need_w2:  # first, so the recomputed activation is freed before the hidden gradient exists
-            a = F.gelu(h, approximate=ctx.approximate)
-            dw2 = gy2.t().mm(a.reshape(-1, a.shape[-1]))
-            del a
+        if need_w2:  # fc2's weight gradient from the recomputed activation, one chunk at a time
+            for xc, hc, gc in chunks:
+                a = F.gelu(hc, approximate=ctx.approximate)
+                dw2 = gc.t().mm(a) if dw2 is None else dw2.addmm_(gc.t(), a)
+                del a
         if need_b2 and ctx.has_bias[1]:
             db2 = gy2.sum(0)
         if need_x or need_w1 or need_b1:
-            dh = gy.matmul(w2)  # gradient of gelu(h), turned into h's gradient in place
-            torch.ops.aten.gelu_backward.grad_input(dh, h, approximate=ctx.approximate, grad_input=dh)
-            dh2 = dh.reshape(-1, dh.shape[-1])
-            if need_w1:
-                dw1 = dh2.t().mm(x.reshape(-1, x.shape[-1]))
-            if need_b1 and ctx.has_bias[0]:
-                db1 = dh2.sum(0)
-            if need_x:
-                dx = dh.matmul(w1)
+            dx = torch.empty_like(x2) if need_x else None
+            for i, (xc, hc, gc) in enumerate(chunks):
+                dh = gc.mm(w2)  # the gradient of gelu(h), turned into h's gradient in place
+                torch.ops.aten.gelu_backward.grad_input(dh, hc, approximate=ctx.approximate, grad_input=dh)
+                if need_w1:
+                    dw1 = dh.t().mm(xc) if dw1 is None else dw1.addmm_(dh.t(), xc)
+                if need_b1 and ctx.has_bias[0]:
+                    db1 = dh.sum(0) if db1 is None else db1.add_(dh.sum(0))
+                if need_x:
+                    torch.mm(dh, w1, out=dx[i * step:i * step + len(xc)])
+                del dh  # before the next chunk's is allocated
+            dx = None if dx is None else dx.reshape(x.shape)
         return dx, dw1, db1, dw2, db2, None
+
+
+def _chunk_rows(h2: torch.Tensor) -> int:
+    """Rows per chunk: equal chunks of about ``CHUNK_BYTES`` but of at least ``MIN_CHUNK_ROWS`` rows
+    (thinner GEMMs run slower), in fp32/fp64. In bf16/fp16 the whole tensor is one chunk: chunked
+    sums of the weight gradients would each be rounded to that precision."""
+    rows, width = h2.shape
+    if h2.dtype not in (torch.float32, torch.float64) or rows == 0:
+        return max(rows, 1)
+    chunks = max(1, min(math.ceil(rows * width * h2.element_size() / CHUNK_BYTES), rows // MIN_CHUNK_ROWS))
+    return math.ceil(rows / chunks)
 
 
 def gelu_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
