@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _APPROXIMATE = ("none", "tanh")
 CHUNK_BYTES = 4 * 2**20  # fp32/fp64: hidden-sized temporaries of about this size (see _chunk_rows)
@@ -85,6 +86,7 @@ class _GeluMlp(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # its out= and in-place products are not differentiable again
     def backward(ctx, gy):
         x, h, w1, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
