@@ -147,6 +147,23 @@ def test_keeps_no_activation():
     assert _kept_bytes(gelu_mlp_ref, tensors) == 2 * hidden_bytes
 
 
+def test_keeps_no_weight_copy_under_autocast():
+    """Under bf16 autocast it keeps the bf16 copy of x and fc1's output, not the bf16 copies of the
+    weights (backward casts them again); the composition keeps those and the activation too."""
+    lead, D, H = (4, 50), 32, 128
+    tensors, _ = _inputs(lead, D, H, torch.float32)
+
+    def under_autocast(fn):
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args)
+        return run
+
+    x_bytes, hidden_bytes, weight_bytes = 2 * 200 * D, 2 * 200 * H, 2 * 2 * D * H
+    assert _kept_bytes(under_autocast(gelu_mlp), tensors) == x_bytes + hidden_bytes
+    assert _kept_bytes(under_autocast(gelu_mlp_ref), tensors) == x_bytes + 2 * hidden_bytes + weight_bytes
+
+
 def test_compile_fullgraph_matches_eager():
     tensors, grad = _inputs((2, 11), 16, 48, torch.float32)
     torch._dynamo.reset()
