@@ -17,14 +17,19 @@
 namespace fastmae {
 namespace {
 
-// Prediction rows are prefetched this many rows ahead. The hardware prefetchers do not keep up
-// with the row stream among the target patches' 3 * p scattered segments: in bf16 the forward
-// ran 1.2x and the backward 1.1-1.15x faster with it (fp32: within noise; bench/NOTES.md).
-constexpr int64_t kPredRowsAhead = 2;
-
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+// 16-bit prediction rows are prefetched two rows ahead: the hardware prefetchers do not keep up
+// with that row stream among the target patches' 3 * p scattered segments (bf16: forward 1.2x,
+// backward 1.1-1.15x faster, the op 1.1x in the suite). fp32 rows are not: there the op ran 1.1x
+// slower with it (bench/NOTES.md).
+template <typename pred_t>
+inline void prefetch_pred_row(const pred_t* pred, int64_t row, int64_t rows, int64_t P) {
+  constexpr int64_t ahead = 2;
+  if constexpr (sizeof(pred_t) == 2) {
+    if (row + ahead < rows) {
+      const char* c = reinterpret_cast<const char*>(pred + (row + ahead) * P);
+      for (int64_t b = 0; b < P * int64_t(sizeof(pred_t)); b += 64) __builtin_prefetch(c + b);
+    }
+  }
 }
 
 struct Geometry {
@@ -191,7 +196,7 @@ inline void loss_chunks(const pred_t* pred, const img_t* imgs, const float* weig
     double acc = 0.0;
     const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
     for (int64_t row = chunk * kRowsPerChunk; row < r1; ++row) {
-      if (row + kPredRowsAhead < rows) prefetch_bytes(pred + (row + kPredRowsAhead) * P, P * int64_t(sizeof(pred_t)));
+      prefetch_pred_row(pred, row, rows, P);
       const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
       const pred_t* pr = pred + row * P;
       float se;
@@ -224,7 +229,7 @@ inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const 
   float* x = scratch(x_buf, P + 3 * g.p);
   const bool vec = vector_path(g);
   for (int64_t row = begin; row < end; ++row) {
-    if (row + kPredRowsAhead < end) prefetch_bytes(pred + (row + kPredRowsAhead) * P, P * int64_t(sizeof(pred_t)));
+    prefetch_pred_row(pred, row, end, P);
     const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
     const float coef = weight[row] * scale;
     const pred_t* pr = pred + row * P;
