@@ -129,10 +129,11 @@ class _GeluMlp(torch.autograd.Function):
 
 def _chunk_rows(h2: torch.Tensor) -> int:
     """Rows per chunk: equal chunks of about ``CHUNK_BYTES`` but of at least ``MIN_CHUNK_ROWS`` rows
-    (thinner GEMMs run slower), in fp32/fp64. In bf16/fp16 the whole tensor is one chunk: chunked
-    sums of the weight gradients would each be rounded to that precision."""
+    (thinner GEMMs run slower), in fp32/fp64. One chunk in bf16/fp16, where chunked sums of the
+    weight gradients would each be rounded to that precision, and under torch.compile, where
+    inductor plans the buffers."""
     rows, width = h2.shape
-    if h2.dtype not in (torch.float32, torch.float64) or rows == 0 or torch.compiler.is_compiling():  # one chunk
+    if h2.dtype not in (torch.float32, torch.float64) or rows == 0 or torch.compiler.is_compiling():
         return max(rows, 1)
     chunks = max(1, min(math.ceil(rows * width * h2.element_size() / CHUNK_BYTES), rows // MIN_CHUNK_ROWS))
     return math.ceil(rows / chunks)
@@ -147,5 +148,6 @@ def gelu_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch
     H, D = fc1_weight.shape
     if x.shape[-1] != D or fc2_weight.shape != (D, H):
         raise ValueError(f"gelu_mlp needs x [..., D], fc1_weight [H, D] and fc2_weight [D, H]; got x "
-                         f"{tuple(x.shape)}, fc1_weight {tuple(fc1_weight.shape)}, fc2_weight {tuple(fc2_weight.shape)}")
+                         f"{tuple(x.shape)}, fc1_weight {tuple(fc1_weight.shape)}, "
+                         f"fc2_weight {tuple(fc2_weight.shape)}")
     return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
