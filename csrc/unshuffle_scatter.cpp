@@ -75,12 +75,25 @@ template <typename Isa, typename scalar_t>
 inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const int64_t* ids, const scalar_t* pos,
                                scalar_t* out, int64_t K, int64_t L, int64_t D, bool stream, int64_t begin,
                                int64_t end) {
-  for (int64_t row = begin; row < end; ++row) {
+  auto source = [&](int64_t row) {  // the x row (or the mask token) output row `row` copies
     const int64_t n = row / (L + 1), j = row % (L + 1);
     const scalar_t* src = x + n * (K + 1) * D;  // cls row
     if (j > 0) {
       const int64_t r = ids[n * L + j - 1];
       src = r < K ? src + (1 + r) * D : mask;
+    }
+    return src;
+  };
+  // Kept tokens are read in ids_restore's order, a permutation the hardware prefetchers cannot
+  // follow: the source row 8 output rows ahead is prefetched (measured: bf16 forward 1.9-2x,
+  // fp32 1.1x faster; 8 rows beat 1, 2 and 4 and matched 12).
+  constexpr int64_t ahead = 8;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t j = row % (L + 1);
+    const scalar_t* src = source(row);
+    if (row + ahead < end) {
+      const char* c = reinterpret_cast<const char*>(source(row + ahead));
+      for (int64_t b = 0; b < D * int64_t(sizeof(scalar_t)); b += 64) __builtin_prefetch(c + b);
     }
     scalar_t* o = out + row * D;
     if (pos != nullptr) {
