@@ -368,6 +368,13 @@ inline float sum_f32(int64_t n, const F& f) {
 // Prefetch the C*p pixel rows (p pixels each) of one patch: patches are read in an order the
 // hardware prefetchers cannot guess (random ids, rows far apart), so the next patch's lines are
 // requested while the current one is processed.
+// Every 64-byte line of [p, p + bytes): a contiguous row the hardware prefetchers would not
+// reach in time (rows read in a permuted order, or one stream among many).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
 template <typename T>
 inline void prefetch_patch(const T* patch, int64_t C, int64_t p, int64_t H, int64_t W) {
   for (int64_t c = 0; c < C; ++c) {

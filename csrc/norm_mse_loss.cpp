@@ -25,10 +25,7 @@ template <typename pred_t>
 inline void prefetch_pred_row(const pred_t* pred, int64_t row, int64_t rows, int64_t P) {
   constexpr int64_t ahead = 2;
   if constexpr (sizeof(pred_t) == 2) {
-    if (row + ahead < rows) {
-      const char* c = reinterpret_cast<const char*>(pred + (row + ahead) * P);
-      for (int64_t b = 0; b < P * int64_t(sizeof(pred_t)); b += 64) __builtin_prefetch(c + b);
-    }
+    if (row + ahead < rows) prefetch_bytes(pred + (row + ahead) * P, P * int64_t(sizeof(pred_t)));
   }
 }
 
