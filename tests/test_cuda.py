@@ -29,6 +29,7 @@ from helpers import load_golden, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastmae
+import test_mlp as M
 import test_ops as T
 from fastmae import ops, reference
 from fastmae.ops import _backend
@@ -250,6 +251,33 @@ def test_mixed_devices_are_rejected():
     imgs = torch.randn(2, 3, 32, 32, device=CUDA)
     with pytest.raises(ValueError, match="is on cpu but imgs on cuda"):
         ops.gather_mask(imgs, torch.zeros(2, 1, dtype=torch.long), 8)
+
+
+# ============================================================================ gelu_mlp
+@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
+@pytest.mark.parametrize("shape", M.SHAPES + [((64, 50), 768, 3072), ((3, 8000), 64, 256)], ids=str)
+def test_gelu_mlp(shape, dtype):
+    """The MLP on CUDA against its composition, each judged by its error against fp64; the two
+    large shapes run chunked in fp32 (6 chunks each)."""
+    lead, D, H = shape
+    tensors, grad = M._inputs(lead, D, H, dtype, seed=len(lead) + D, device=CUDA)
+    truth = M._run(M.gelu_mlp_ref, [t.double() for t in tensors], grad.double())
+    ref = M._run(M.gelu_mlp_ref, tensors, grad)
+    fast = M._run(M.gelu_mlp, tensors, grad)
+    for name, f, r, t in zip(M.NAMES, fast, ref, truth):
+        e_fast, e_ref = rel_err(f, t), rel_err(r, t)
+        assert e_fast <= 2 * e_ref + M.ATOL[dtype], f"{name}: error {e_fast:.3g} against the composition's {e_ref:.3g}"
+
+
+@pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)
+def test_gelu_mlp_autocast(autocast):
+    """Under CUDA autocast the same casts as the composition: bitwise equal outputs and gradients."""
+    tensors, grad = M._inputs((4, 49), 768, 3072, torch.float32, device=CUDA)
+    fast = M._run(M.gelu_mlp, tensors, grad, autocast=autocast)
+    ref = M._run(M.gelu_mlp_ref, tensors, grad, autocast=autocast)
+    assert fast[0].dtype == autocast
+    for name, f, r in zip(M.NAMES, fast, ref):
+        torch.testing.assert_close(f, r, rtol=0, atol=0, msg=name)
 
 
 # ============================================================================ model

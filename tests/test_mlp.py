@@ -20,7 +20,7 @@ ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 NAMES = ("out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias")
 
 
-def _inputs(lead, D, H, dtype, bias=True, seed=0):
+def _inputs(lead, D, H, dtype, bias=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, D, generator=g)
     w1 = torch.randn(H, D, generator=g) / D ** 0.5
@@ -28,12 +28,12 @@ def _inputs(lead, D, H, dtype, bias=True, seed=0):
     b1 = torch.randn(H, generator=g) if bias else None
     b2 = torch.randn(D, generator=g) if bias else None
     grad = torch.randn(*lead, D, generator=g)
-    return [None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2)], grad.to(dtype)
+    return [None if t is None else t.to(device, dtype) for t in (x, w1, b1, w2, b2)], grad.to(device, dtype)
 
 
 def _run(fn, tensors, grad, approximate="none", autocast=None, requires=(True,) * 5):
     leaves = [None if t is None else t.detach().clone().requires_grad_(r) for t, r in zip(tensors, requires)]
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.autocast(tensors[0].device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = fn(*leaves, approximate=approximate)
     wrt = [t for t in leaves if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype)))
