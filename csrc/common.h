@@ -299,6 +299,17 @@ inline void stream8(T* dst, v8f v) {
   Stream<Isa>::copy(dst, tmp, sizeof(tmp));
 }
 
+// stream8<Isa> when `stream` (dst then 16-byte aligned), else store8<Isa>: one loop serves both
+// (`stream` is the same for a whole task, so the branch is predicted).
+template <typename Isa, typename T>
+inline void put8(T* dst, v8f v, bool stream) {
+  if (stream) {
+    stream8<Isa>(dst, v);
+  } else {
+    store8<Isa>(dst, v);
+  }
+}
+
 // ------------------------------------------------------------------ argument checks
 // The Python op layer checks metadata before calling these ops; the kernels check again
 // (cheaply) so that a direct call through torch.ops can never read or write out of bounds.

@@ -233,11 +233,7 @@ inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const 
     pred_t* o = dpred + row * P;
     if (vec) {
       const v8f vm = st.mean - v8f{}, vr = st.rstd - v8f{}, vc = coef - v8f{};
-      if (stream) {
-        for (int64_t k = 0; k < P; k += 8) stream8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
-      } else {
-        for (int64_t k = 0; k < P; k += 8) store8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc);
-      }
+      for (int64_t k = 0; k < P; k += 8) put8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc, stream);
     } else {
       for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
     }

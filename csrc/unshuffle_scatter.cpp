@@ -62,11 +62,17 @@ inline void narrow16(v8f lo, v8f hi, c10::BFloat16* p) {
   std::memcpy(p, &o, sizeof(o));
 }
 template <typename Isa>
-inline void add16_bf16(const c10::BFloat16* in, const c10::BFloat16* pos, c10::BFloat16* out) {
+inline void add16_bf16(const c10::BFloat16* in, const c10::BFloat16* pos, c10::BFloat16* out, bool stream) {
   v8f al, ah, bl, bh;
   widen16(in, al, ah);
   widen16(pos, bl, bh);
-  narrow16<Isa>(al + bl, ah + bh, out);
+  if (!stream) {
+    narrow16<Isa>(al + bl, ah + bh, out);
+    return;
+  }
+  alignas(32) c10::BFloat16 sum[16];
+  narrow16<Isa>(al + bl, ah + bh, sum);
+  Stream<Isa>::copy(out, sum, sizeof(sum));
 }
 
 // Output rows [begin, end) of the forward (row = n*(1+L) + j). With `stream` (D a multiple of 8,
@@ -96,22 +102,11 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
     if (pos != nullptr) {
       const scalar_t* pr = pos + j * D;
       int64_t d = 0;
-      if (stream) {
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          for (; d + 16 <= D; d += 16) {
-            alignas(32) c10::BFloat16 sum[16];
-            add16_bf16<Isa>(src + d, pr + d, sum);
-            Stream<Isa>::copy(o + d, sum, sizeof(sum));
-          }
-        }
-        for (; d < D; d += 8) stream8<Isa>(o + d, load8(src + d) + load8(pr + d));
-      } else {
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          for (; d + 16 <= D; d += 16) add16_bf16<Isa>(src + d, pr + d, o + d);
-        }
-        for (; d + 8 <= D; d += 8) store8<Isa>(o + d, load8(src + d) + load8(pr + d));
-        for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        for (; d + 16 <= D; d += 16) add16_bf16<Isa>(src + d, pr + d, o + d, stream);
       }
+      for (; d + 8 <= D; d += 8) put8<Isa>(o + d, load8(src + d) + load8(pr + d), stream);
+      for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));  // not when streaming
     } else if (stream) {
       Stream<Isa>::copy(o, src, D * int64_t(sizeof(scalar_t)));
     } else {
