@@ -23,8 +23,8 @@ fast-compiled (fullgraph), ref-compiled, ref-eager and fast-eager, rotating the 
 round; medians of CUDA-event times, peak memory per provider (``max_memory_allocated`` over one
 step, less what the providers built before it hold), compile time (first call minus a steady step), and the bf16 matmul rate of a large
 ``torch.mm`` in the same run as the ceiling. A provider name may add ``-ckpt`` (grad
-checkpointing, fast model) and ``-obw`` (``fastmae.optim.OptimizerInBackward``), e.g.
-``fast-eager-ckpt-obw``.
+checkpointing, fast model), ``-obw`` (``fastmae.optim.OptimizerInBackward``) and an attention
+backend (``-sdpa``, ``-math``, ``-xformers``; fast model), e.g. ``fast-eager-ckpt-obw``.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import torch
 import triton.testing
 
 from fastmae import ops
+from fastmae.ops.attention import ATTN_BACKENDS
 from fastmae.ops.gather_mask import gather_mask_ref
 from fastmae.ops.norm_mse_loss import norm_mse_loss_ref
 from fastmae.ops.unshuffle_scatter import unshuffle_scatter_ref
@@ -234,7 +235,8 @@ def run_model(args) -> list[dict]:
                 impl, *flags = provider.split("-")  # e.g. fast-eager-ckpt-obw
                 torch.cuda.synchronize()
                 others = torch.cuda.memory_allocated()  # the providers built before this one stay resident
-                model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags).to(DEV)
+                attn = next((f for f in flags if f in ATTN_BACKENDS), "auto")
+                model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags, attn_backend=attn).to(DEV)
                 opt = ms.make_optimizer(model, in_backward="obw" in flags)
                 run = ms.compile_model(model, impl) if "compiled" in flags else model
 

@@ -55,19 +55,22 @@ def batch_size(config: str) -> int:
     return int(os.environ.get(cfg["batch_env"], cfg["default_batch"]))
 
 
-def build_model(config: str, impl: str, grad_checkpointing: bool = False, seed: int = 0) -> torch.nn.Module:
+def build_model(config: str, impl: str, grad_checkpointing: bool = False, seed: int = 0,
+                attn_backend: str = "auto") -> torch.nn.Module:
     """The reference (``impl='ref'``) or fast (``'fast'``) model of a configuration; both hold the
-    weights the reference draws from ``seed``."""
+    weights the reference draws from ``seed``. ``grad_checkpointing`` and ``attn_backend`` are
+    options of the fast model."""
     cfg = CONFIGS[config]
     torch.manual_seed(seed)
     ref = fastmae.create_model(cfg["name"], reference_impl=True, **cfg["kwargs"])
     if impl == "ref":
-        if grad_checkpointing:
-            raise ValueError("grad_checkpointing is an option of the fast model only")
+        if grad_checkpointing or attn_backend != "auto":
+            raise ValueError("grad_checkpointing and attn_backend are options of the fast model only")
         return ref
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'ref', got {impl!r}")
-    fast = fastmae.create_model(cfg["name"], grad_checkpointing=grad_checkpointing, **cfg["kwargs"])
+    fast = fastmae.create_model(cfg["name"], grad_checkpointing=grad_checkpointing, attn_backend=attn_backend,
+                                **cfg["kwargs"])
     fast.load_state_dict(ref.state_dict(), strict=True)
     return fast
 

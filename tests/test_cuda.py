@@ -257,8 +257,8 @@ def test_mixed_devices_are_rejected():
 @pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
 @pytest.mark.parametrize("shape", M.SHAPES + [((64, 50), 768, 3072), ((3, 8000), 64, 256)], ids=str)
 def test_gelu_mlp(shape, dtype):
-    """The MLP on CUDA against its composition, each judged by its error against fp64; the two
-    large shapes run chunked in fp32 (6 chunks each)."""
+    """The MLP on CUDA against its composition, each judged by its error against fp64, at ViT-B
+    widths too (one chunk: rows are chunked on the CPU only)."""
     lead, D, H = shape
     tensors, grad = M._inputs(lead, D, H, dtype, seed=len(lead) + D, device=CUDA)
     truth = M._run(M.gelu_mlp_ref, [t.double() for t in tensors], grad.double())

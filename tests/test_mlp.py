@@ -75,6 +75,15 @@ def test_chunked_backward(chunk_rows, dtype, monkeypatch):
         assert e_fast <= 2 * e_ref + 1e-6, f"{name}: error {e_fast:.3g} against the composition's {e_ref:.3g}"
 
 
+def test_chunks_on_cpu_only():
+    """Rows are chunked for fp32/fp64 CPU tensors only: one chunk in bf16 and on other devices."""
+    rows = 24000
+    assert mlp_mod._chunk_rows(torch.empty(rows, 256)) < rows
+    assert mlp_mod._chunk_rows(torch.empty(rows, 256, dtype=torch.float64)) < rows
+    assert mlp_mod._chunk_rows(torch.empty(rows, 256, dtype=torch.bfloat16)) == rows
+    assert mlp_mod._chunk_rows(torch.empty(rows, 256, device="meta")) == rows
+
+
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_same_as_composition(autocast):
     """Under autocast both cast to the autocast dtype the same way: outputs and gradients (fp32
