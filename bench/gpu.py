@@ -4,6 +4,7 @@ training step, fast against reference, on one CUDA device.
     python bench/gpu.py ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
     python bench/gpu.py model [--json out.json]   # training step, compiled and eager, bf16 and fp32
     python bench/gpu.py overhead                  # host time of one op call, by layer
+    python bench/gpu.py profile [--json out.json] # a step's GPU time by kernel category, and GPU idle
 
 ``ops``: each op at ViT-B MAE shapes (L=196, K=49, p=16, C=3, decoder width 512), forward and
 forward+backward ("full"), fp32 and bf16, through three providers: ``triton`` (the public
@@ -12,19 +13,26 @@ forward+backward ("full"), fp32 and bf16, through three providers: ``triton`` (t
 medians (CUDA events; the L2 cache is flushed before every call, so no run is served from a warm
 cache) of the call captured in a CUDA graph: device time, the same work for every provider.
 ``triton host us`` is the same call timed as Python issues it, launches and dispatch included
-(at these sizes the host is slower than the device). Backward is taken with ``torch.autograd.grad`` (no ``.grad`` accumulation). Bytes are the
-op's minimal traffic (each input read once, each output written once); their rate is compared with
-a device-to-device copy measured in the same run (read + write counted) and with the H100's
-datasheet 3.35 TB/s.
+(at these sizes the host is slower than the device). Backward is taken with
+``torch.autograd.grad`` (no ``.grad`` accumulation). Bytes are the op's minimal traffic (each
+input read once, each output written once); their rate is compared with a device-to-device copy
+measured in the same run (read + write counted) and with the H100's datasheet 3.35 TB/s.
 
 ``model``: one training step (zero_grad, forward with mask ratio 0.75, backward, fused AdamW) of
 ``mae_vit_base_patch16`` at 224x224 and of the small configuration of ``bench/model_step.py``, for
 fast-compiled (fullgraph), ref-compiled, ref-eager and fast-eager, rotating the providers each
 round; medians of CUDA-event times, peak memory per provider (``max_memory_allocated`` over one
-step, less what the providers built before it hold), compile time (first call minus a steady step), and the bf16 matmul rate of a large
-``torch.mm`` in the same run as the ceiling. A provider name may add ``-ckpt`` (grad
+step, less what the providers built before it hold), compile time (first call minus a steady
+step), and the bf16 matmul rate of a large ``torch.mm`` in the same run as the ceiling. A provider name may add ``-ckpt`` (grad
 checkpointing, fast model), ``-obw`` (``fastmae.optim.OptimizerInBackward``) and an attention
 backend (``-sdpa``, ``-math``, ``-xformers``; fast model), e.g. ``fast-eager-ckpt-obw``.
+
+``profile``: the same step per provider (``ref-compiled``, ``fast-compiled`` and
+``fast-compiled-math`` by default, ViT-B, fp32 and bf16): its median time (CUDA events), and from
+``torch.profiler`` the GPU time per step of each kernel category: fastmae's Triton kernels,
+attention (fused attention kernels and softmax; the math path's two products count as gemm),
+gemm, optimizer, other inductor kernels, other. The step runs on one stream, so step time less
+kernel time is time the GPU waited for the host. ``--json`` adds the top kernels of each.
 """
 from __future__ import annotations
 
@@ -217,12 +225,36 @@ OVERHEAD_HEADER = "| call | host us | device us |\n|---|---:|---:|"
 
 
 # ---------------------------------------------------------------------------- training step
-def run_model(args) -> list[dict]:
+def _model_step_module():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import model_step as ms
 
     torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs in "fp32"
     torch.backends.cudnn.allow_tf32 = True
+    return ms
+
+
+def _provider_step(ms, config: str, provider: str, imgs: torch.Tensor, precision: str):
+    """One training step (zero_grad, forward, backward, AdamW) of ``provider``, e.g.
+    ``fast-compiled``, ``fast-eager-ckpt-obw``, ``fast-compiled-math``, as a function."""
+    impl, *flags = provider.split("-")
+    attn = next((f for f in flags if f in ATTN_BACKENDS), "auto")
+    model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags, attn_backend=attn).to(DEV)
+    opt = ms.make_optimizer(model, in_backward="obw" in flags)
+    run = ms.compile_model(model, impl) if "compiled" in flags else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _, _ = run(imgs, mask_ratio=ms.MASK_RATIO)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def run_model(args) -> list[dict]:
+    ms = _model_step_module()
     rows = []
     for config in args.configs:
         batch = args.vitb_batch if config == "vitb" else args.small_batch
@@ -232,21 +264,9 @@ def run_model(args) -> list[dict]:
             steps = {}
             compile_s = {}
             for provider in args.providers:
-                impl, *flags = provider.split("-")  # e.g. fast-eager-ckpt-obw
                 torch.cuda.synchronize()
                 others = torch.cuda.memory_allocated()  # the providers built before this one stay resident
-                attn = next((f for f in flags if f in ATTN_BACKENDS), "auto")
-                model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags, attn_backend=attn).to(DEV)
-                opt = ms.make_optimizer(model, in_backward="obw" in flags)
-                run = ms.compile_model(model, impl) if "compiled" in flags else model
-
-                def step(run=run, opt=opt):
-                    opt.zero_grad(set_to_none=True)
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                        loss, _, _ = run(imgs, mask_ratio=ms.MASK_RATIO)
-                    loss.backward()
-                    opt.step()
-
+                step = _provider_step(ms, config, provider, imgs, precision)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 step()
@@ -296,6 +316,75 @@ MODEL_HEADER = ("| config | batch | precision | provider | step ms | img/s | % o
                 "compile s |\n|---|---:|---|---|---:|---:|---:|---:|---:|")
 
 
+# ---------------------------------------------------------------------------- where a step's GPU time goes
+# kernel name fragments of each category, first match wins
+KERNEL_CATEGORIES = (
+    ("fastmae", ("_gather_mask", "_unshuffle_scatter", "_norm_mse_loss")),
+    ("attention", ("fmha", "attention", "flash", "softmax")),
+    ("gemm", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "splitk")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("inductor", ("triton_",)),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def run_profile(args) -> list[dict]:
+    """Per provider: the median step time (CUDA events, one step each), and from
+    ``torch.profiler`` over ``--profile-steps`` steps, the GPU time of each kernel category per
+    step. The GPU runs one stream, so step time less kernel time is time the GPU waited."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ms = _model_step_module()
+    rows = []
+    for config in args.configs:
+        batch = args.vitb_batch if config == "vitb" else args.small_batch
+        for precision in args.precisions:
+            imgs = ms.make_images(config, batch).to(DEV)
+            for provider in args.providers:
+                torch._dynamo.reset()
+                step = _provider_step(ms, config, provider, imgs, precision)
+                for _ in range(4):
+                    step()
+                times = []
+                for _ in range(8):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    step()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(args.profile_steps):
+                        step()
+                    torch.cuda.synchronize()
+                per_cat, per_kernel = {}, {}
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        ms_per_step = e.time_range.elapsed_us() / 1e3 / args.profile_steps
+                        cat = kernel_category(e.name)
+                        per_cat[cat] = per_cat.get(cat, 0.0) + ms_per_step
+                        per_kernel[e.name[:100]] = per_kernel.get(e.name[:100], 0.0) + ms_per_step
+                step_ms, busy = statistics.median(times), sum(per_cat.values())
+                cats = [c for c, _ in KERNEL_CATEGORIES] + ["other"]
+                top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+                rows.append(dict(config=config, batch=batch, precision=precision, provider=provider, step_ms=step_ms,
+                                 kernel_ms=busy, categories=per_cat, top_kernels=top))
+                print(f"| {config} | {precision} | {provider} | {step_ms:.1f} | {busy:.1f} | {step_ms - busy:.1f} | "
+                      + " | ".join(f"{per_cat.get(c, 0.0):.2f}" for c in cats) + " |", flush=True)
+                del step
+                torch.cuda.empty_cache()
+    return rows
+
+
+PROFILE_HEADER = ("| config | precision | provider | step ms | kernels ms | GPU idle ms | "
+                  + " | ".join(c for c, _ in KERNEL_CATEGORIES) + " | other |\n|---|---|---|"
+                  + "---:|" * (4 + len(KERNEL_CATEGORIES)))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -310,7 +399,14 @@ def main(argv=None):
     p_model.add_argument("--providers", nargs="+", default=["fast-compiled", "ref-compiled", "ref-eager", "fast-eager"])
     p_model.add_argument("--rounds", type=int, default=7)
     p_model.add_argument("--steps-per-round", type=int, default=5)
-    for p in (p_ops, p_over, p_model):
+    p_prof = sub.add_parser("profile")
+    p_prof.add_argument("--vitb-batch", type=int, default=64)
+    p_prof.add_argument("--small-batch", type=int, default=256)
+    p_prof.add_argument("--configs", nargs="+", default=["vitb"], choices=["vitb", "small"])
+    p_prof.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p_prof.add_argument("--providers", nargs="+", default=["ref-compiled", "fast-compiled", "fast-compiled-math"])
+    p_prof.add_argument("--profile-steps", type=int, default=3)
+    for p in (p_ops, p_over, p_model, p_prof):
         p.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -321,9 +417,12 @@ def main(argv=None):
     elif args.what == "overhead":
         print(OVERHEAD_HEADER, flush=True)
         rows = run_overhead(args)
-    else:
+    elif args.what == "model":
         print(MODEL_HEADER, flush=True)
         rows = run_model(args)
+    else:
+        print(PROFILE_HEADER, flush=True)
+        rows = run_profile(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
