@@ -23,9 +23,10 @@ measured in the same run (read + write counted) and with the H100's datasheet 3.
 fast-compiled (fullgraph), ref-compiled, ref-eager and fast-eager, rotating the providers each
 round; medians of CUDA-event times, peak memory per provider (``max_memory_allocated`` over one
 step, less what the providers built before it hold), compile time (first call minus a steady
-step), and the bf16 matmul rate of a large ``torch.mm`` in the same run as the ceiling. A provider name may add ``-ckpt`` (grad
-checkpointing, fast model), ``-obw`` (``fastmae.optim.OptimizerInBackward``) and an attention
-backend (``-sdpa``, ``-math``, ``-xformers``; fast model), e.g. ``fast-eager-ckpt-obw``.
+step), and the bf16 matmul rate of a large ``torch.mm`` in the same run as the ceiling. A
+provider name may add ``-ckpt`` (grad checkpointing, fast model), ``-obw``
+(``fastmae.optim.OptimizerInBackward``) and an attention backend (``-sdpa``, ``-math``,
+``-xformers``; fast model), e.g. ``fast-eager-ckpt-obw``.
 
 ``profile``: the same step per provider (``ref-compiled``, ``fast-compiled`` and
 ``fast-compiled-math`` by default, ViT-B, fp32 and bf16): its median time (CUDA events), and from
