@@ -6,6 +6,7 @@
 - bitwise determinism of the reductions, ``torch.library.opcheck`` of every op on CUDA tensors;
 - the device-side index check stops the stream with its message (in a child process: a CUDA
   assert poisons the process's context);
+- ``gelu_mlp`` against its composition (dtypes, ViT-B widths; bitwise under CUDA autocast);
 - the fast model against the official golden outputs (tf32 off) and against the reference model;
 - ``torch.compile(fullgraph=True)`` training over the Triton ops (fp32 and bf16 autocast): one
   graph, no recompilation, the eager numbers.
