@@ -259,18 +259,30 @@ def _check_resume(ckpt, path, model, optimizer, dataset_len, global_batch):
 
 
 # ---------------------------------------------------------------------------- the loop
-def _optimizer_step(model, optimizer, scaler, clip_grad) -> None:
-    """Clip (after unscaling, with fp16) if asked, then step; the scaler skips inf/nan gradients."""
+def _optimizer_step(model, optimizer, scaler, clip_grad) -> bool:
+    """Clip (after unscaling, with fp16) if asked, then step. With fp16 the scaler skips steps with
+    inf/nan gradients (and lowers its scale); without one (fp32, bf16) a step whose gradients are
+    not finite is skipped here, and False returned: one such step would turn every weight into
+    NaN. (Under DDP the gradients are already averaged, so every process decides alike.)"""
     if scaler is not None:
         if clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
+        return True
+    if clip_grad:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     else:
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if not torch.isfinite(norm):
+        return False
+    optimizer.step()
+    return True
+
+
+def _finite_weights(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def pretrain(args, dataset=None, on_step=None) -> Result:
@@ -381,9 +393,16 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         f"{steps_per_epoch} steps/epoch for {args.epochs} epochs")
 
     def save(path, epoch, it):
+        """Write the checkpoint, unless the weights are no longer finite: a good checkpoint is
+        never replaced by a poisoned one. Returns whether it was written."""
+        if not _finite_weights(model_without_ddp):
+            say(f"not saving {path}: the weights hold non-finite values; the last good checkpoint is "
+                f"{saved or 'not written yet'}")
+            return False
         _save(path, model=model_without_ddp, optimizer=optimizer, scaler=scaler, args=args, epoch=epoch,
               epoch_iter=it, step=step, meters=meters, nonfinite=nonfinite, dataset_len=len(train_set),
               global_batch=global_batch)
+        return True
 
     use_bar = main and sys.stderr.isatty()
     t_start = time.time()
@@ -433,19 +452,18 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             if not sync:
                 continue
             # ---- optimizer step (or skip it)
-            if group_bad:
+            if not group_bad and _optimizer_step(model, optimizer, scaler, args.clip_grad):
+                nonfinite = 0
+            else:
                 nonfinite += 1
                 meters.skipped += 1
-                say(f"step {step}: non-finite loss ({loss_value}), step skipped "
-                    f"({nonfinite} in a row, limit {args.max_nonfinite})")
+                what = f"non-finite loss ({loss_value})" if group_bad else "non-finite gradients"
+                say(f"step {step}: {what}, step skipped ({nonfinite} in a row, limit {args.max_nonfinite})")
                 if nonfinite >= args.max_nonfinite:
                     raise NonFiniteLossError(
-                        f"the loss was non-finite for {nonfinite} consecutive steps (epoch {epoch}, step "
-                        f"{step}); stopping. Lower --lr/--blr, set --clip-grad, or use --precision "
+                        f"the loss or its gradients were non-finite for {nonfinite} consecutive steps (epoch "
+                        f"{epoch}, step {step}); stopping. Lower --lr/--blr, set --clip-grad, or use --precision "
                         f"fp32/bf16; the last good checkpoint is {saved or 'not written yet'}")
-            else:
-                nonfinite = 0
-                _optimizer_step(model, optimizer, scaler, args.clip_grad)
             optimizer.zero_grad(set_to_none=True)
             group_bad = False
             step += 1
@@ -461,8 +479,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             elif main and (step % PRINT_FREQ == 0):
                 print(f"epoch {epoch + 1}/{args.epochs} [{it}/{used_iters}] step {step} "
                       f"loss {shown} lr {lr:.3e} {rate:.1f} img/s", flush=True)
-            if main and last_path and args.save_every and step % args.save_every == 0:
-                save(last_path, epoch, it)
+            if main and last_path and args.save_every and step % args.save_every == 0 and save(last_path, epoch, it):
                 saved = last_path
             if on_step is not None:
                 on_step(step)
@@ -473,8 +490,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             bar.close()
         epoch_iter = 0
         if stop and it < used_iters:  # stopped mid-epoch: save the exact position
-            if main and last_path:
-                save(last_path, epoch, it)
+            if main and last_path and save(last_path, epoch, it):
                 saved = last_path
             break
         # ---- end of epoch: log line and checkpoints
@@ -492,8 +508,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {loss_avg:.4f}  lr {lr_avg:.3e}  "
                   f"{stats['images_per_sec']:.1f} img/s  ({_fmt_time(seconds)})", flush=True)
         meters = Meters()
-        if main and last_path:
-            save(last_path, epoch + 1, 0)
+        if main and last_path and save(last_path, epoch + 1, 0):
             saved = last_path
             if epoch % 20 == 0 or epoch + 1 == args.epochs:  # the official archive schedule
                 _link_or_copy(last_path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))

@@ -471,6 +471,61 @@ def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
         train.pretrain(args, dataset=Poisoned(16, poisoned=range(16)))
 
 
+def _nan_gradients_at(monkeypatch, backward_calls):
+    """The model's decoder_pred.weight gets a NaN gradient in the given backward calls (1-based)."""
+    real, seen = train.create_model, [0]
+
+    def create(*a, **k):
+        model = real(*a, **k)
+
+        def hook(grad):
+            seen[0] += 1
+            return grad * float("nan") if seen[0] in backward_calls else grad
+
+        model.decoder_pred.weight.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "create_model", create)
+
+
+def test_nonfinite_gradients_skip_the_step(tmp_path, monkeypatch, capsys):
+    """fp32 has no gradient scaler: a finite loss with NaN gradients must skip its step, not turn
+    every weight into NaN (AdamW spreads one NaN gradient into its whole tensor)."""
+    _nan_gradients_at(monkeypatch, {2, 7})
+    res = train.pretrain(pretrain_args(tmp_path, "--epochs", "2"), dataset=Poisoned(16, poisoned=()))
+    assert capsys.readouterr().out.count("non-finite gradients, step skipped") == 2
+    assert res.steps == 8
+    assert all(torch.isfinite(v).all() for v in res.model.state_dict().values())
+    lines = [json.loads(ln) for ln in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [ln["skipped_steps"] for ln in lines] == [1, 1]
+
+
+def test_nonfinite_weights_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """Weights that went non-finite (here set so after step 2) are never saved: the run stops on
+    the non-finite losses, and checkpoint-last.pth still holds step 2's finite weights."""
+    def poison(step):
+        if step == 2:
+            with torch.no_grad():
+                model.decoder_pred.weight.fill_(float("nan"))
+
+    real = train.create_model
+
+    def create(*a, **k):
+        nonlocal model
+        model = real(*a, **k)
+        return model
+
+    model = None
+    monkeypatch.setattr(train, "create_model", create)
+    args = pretrain_args(tmp_path, "--save-every", "1", "--max-nonfinite", "3")
+    with pytest.raises(train.NonFiniteLossError, match=r"last good checkpoint is .*checkpoint-last\.pth"):
+        train.pretrain(args, dataset=Poisoned(16, poisoned=()), on_step=poison)
+    assert "not saving" in capsys.readouterr().out
+    ckpt = ckpt_io.load(str(tmp_path / ckpt_io.LAST))
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 # ---------------------------------------------------------------------------- torch.compile
 def test_compile_flag_compiles_the_training_model(tmp_path, folder, monkeypatch):
     """--compile runs the model through torch.compile (forward and backward graphs captured by
