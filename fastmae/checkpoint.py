@@ -19,6 +19,7 @@ silently wrong weights.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import pickle
@@ -155,12 +156,21 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
     _check_crc(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            KeyError, OSError) as e:
+        # official MAE checkpoints hold their args as an argparse.Namespace: allowed, so that they
+        # reach the clear "not a fastmae checkpoint" error below
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated and cannot be read "
+                                  f"(UnpicklingError: {_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path!r} holds Python objects that a safe (weights-only) load refuses, so it is not a "
+            f"fastmae checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         raise CheckpointError(
             f"checkpoint {path!r} is corrupt or truncated and cannot be read "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path!r} is not a fastmae checkpoint (no format={FORMAT!r} marker); "
@@ -172,6 +182,25 @@ def load(path: str, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def plain_args(args) -> dict:
+    """``vars(args)`` with every value a weights-only load accepts: non-plain values (a
+    ``pathlib.Path`` from a Python caller, say) become strings."""
+    def plain(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return type(v)(plain(x) for x in v)
+        return str(v)
+
+    return {k: plain(v) for k, v in vars(args).items()}
 
 
 def check_state_dict(model, state: dict, path: str) -> None:

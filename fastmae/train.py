@@ -221,7 +221,7 @@ def _save(path, *, model, optimizer, scaler, args, epoch, epoch_iter, step, mete
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "epoch_iter": epoch_iter, "step": step, "meters": meters.state(),
         "nonfinite": nonfinite, "dataset_len": dataset_len, "global_batch": global_batch,
-        "args": dict(vars(args)), "rng": ckpt_io.rng_states(),
+        "args": ckpt_io.plain_args(args), "rng": ckpt_io.rng_states(),
     }, path)
 
 

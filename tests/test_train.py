@@ -1,7 +1,9 @@
 """The training recipe, data pipeline, checkpoints, resumption and DDP of ``fastmae pretrain``."""
+import argparse
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -332,6 +334,10 @@ def _resume_error(tmp_path, folder, path, *extra):
     return str(info.value)
 
 
+class _Unsafe:
+    """An object a weights-only load refuses to rebuild."""
+
+
 def test_missing_empty_truncated_and_garbage_checkpoints(tmp_path, folder, good_ckpt):
     assert "does not exist" in _resume_error(tmp_path, folder, str(tmp_path / "nope.pth"))
     empty = tmp_path / "empty.pth"
@@ -345,13 +351,26 @@ def test_missing_empty_truncated_and_garbage_checkpoints(tmp_path, folder, good_
         p = tmp_path / f"{name}.pth"
         p.write_bytes(content)
         assert "corrupt" in _resume_error(tmp_path, folder, str(p)), name
-    other = tmp_path / "other.pth"
-    torch.save({"model": {}, "epoch": 3}, other)  # e.g. an official main_pretrain checkpoint
-    assert "not a fastmae checkpoint" in _resume_error(tmp_path, folder, str(other))
+    official = tmp_path / "official.pth"  # what the official main_pretrain.py writes (args: a Namespace)
+    torch.save({"model": {}, "optimizer": {}, "epoch": 3, "scaler": {},
+                "args": argparse.Namespace(lr=1e-3, output_dir="out")}, official)
+    assert "not a fastmae checkpoint" in _resume_error(tmp_path, folder, str(official))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": {}, "obj": _Unsafe()}, pickled)
+    assert "a safe (weights-only) load refuses" in _resume_error(tmp_path, folder, str(pickled))
     incomplete = torch.load(good_ckpt, weights_only=True)
     del incomplete["optimizer"]
     torch.save(incomplete, tmp_path / "incomplete.pth")
     assert "lacks optimizer" in _resume_error(tmp_path, folder, str(tmp_path / "incomplete.pth"))
+
+
+def test_checkpoint_of_a_python_caller_with_path_arguments_loads(tmp_path, folder):
+    """A Python caller may pass pathlib.Path values; the stored args stay weights-only loadable."""
+    args = pretrain_args(tmp_path, "--data_path", folder, "--epochs", "1")
+    args.output_dir, args.data_path = tmp_path, pathlib.Path(folder)
+    train.pretrain(args)
+    ckpt = ckpt_io.load(str(tmp_path / ckpt_io.LAST))
+    assert ckpt["args"]["output_dir"] == str(tmp_path) and ckpt["args"]["data_path"] == folder
 
 
 def test_mismatched_checkpoints_are_refused_before_loading_anything(tmp_path, folder, good_ckpt, monkeypatch):
