@@ -306,6 +306,12 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
     if args.warmup_epochs < 0 or args.weight_decay < 0 or args.blr <= 0 or (args.lr is not None and args.lr <= 0):
         raise ValueError("--warmup_epochs and --weight_decay must be >= 0, --blr and --lr > 0")
+    if args.min_lr < 0:
+        raise ValueError(f"--min_lr must be >= 0, got {args.min_lr}")
+    if args.clip_grad is not None and not args.clip_grad > 0:  # a negative norm would flip the gradients
+        raise ValueError(f"--clip-grad must be > 0 (leave it out for no clipping), got {args.clip_grad}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if args.precision is None:  # the official code trains with fp16 autocast on CUDA
         args.precision = "fp16" if device.type == "cuda" else "fp32"
     if args.precision not in PRECISIONS:
@@ -522,7 +528,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         from . import visualize
 
         picture = os.path.join(args.output_dir, "reconstruction.png")
-        visualize.save_grid(model_without_ddp, visualize.embedded_images(args.input_size), picture,
+        visualize.save_grid(model_without_ddp, visualize.embedded_images(), picture,
                             mask_ratio=args.mask_ratio, seed=args.seed, device=device,
                             title=f"{args.model}, step {step}")
     if dist_info.enabled:

@@ -18,7 +18,7 @@ COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visib
 GRAY = 0.5  # colour of removed patches in the "masked" column (in [0, 1] display space)
 
 
-def embedded_images(input_size: int | None = None, names=data.EMBEDDED_PREVIEW):
+def embedded_images(names=data.EMBEDDED_PREVIEW):
     """[(name, PIL image)] for a few of the embedded photographs."""
     return [(n, data.load_embedded_image(n)) for n in names]
 
@@ -169,7 +169,9 @@ def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ra
               seed: int = 0, device: str = "cpu") -> str:
     """``fastmae visualize``: the picture for a checkpoint; returns the PNG path."""
     from . import checkpoint as ckpt_io
+    from .train import parse_device
 
+    device = parse_device(device)  # a clear error for a bad or unavailable --device
     model, ckpt = ckpt_io.load_model(checkpoint, device=device)
     if mask_ratio is None:
         mask_ratio = float(ckpt["args"].get("mask_ratio", 0.75))

@@ -104,6 +104,9 @@ def test_demo_settings_train_on_the_embedded_photographs(tmp_path, capsys):
     (["--mask_ratio", "1.0"], "mask_ratio must lie in [0, 1)"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--clip-grad", "-1"], "--clip-grad must be > 0"),
+    (["--min_lr", "-5"], "--min_lr must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, folder, capsys, flags, message):
     argv = ["pretrain", *TINY, "--output_dir", str(tmp_path), "--data_path", folder, *flags]
@@ -130,6 +133,9 @@ def test_visualize_errors(tmp_path, trained, capsys):
     (tmp_path / "text.png").write_text("hello")
     assert cli.main(["visualize", "--checkpoint", trained, "--image", str(tmp_path / "text.png")]) == 1
     assert "not a readable image" in capsys.readouterr().err
+    assert cli.main(["visualize", "--checkpoint", trained, "--device", "gpu"]) == 1
+    err = capsys.readouterr().err
+    assert "--device must be cpu or cuda" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------- pictures
