@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -106,28 +107,87 @@ def set_rng_states(states: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- save / load
-def save_atomic(obj, path: str) -> None:
-    """``torch.save(obj, path)`` through a temporary file, fsync and rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+def _temporary(path: str) -> str:
+    """The temporary file a write of ``path`` goes through (hidden, same folder, this process)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+
+
+def _replace_durably(tmp: str, path: str) -> None:
+    """Rename ``tmp`` over ``path`` and make the rename itself durable; ``tmp`` never outlives this."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def save_atomic(obj, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file, fsync and rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _replace_durably(tmp, path)
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """Make ``dst`` a copy of ``src`` (a hard link when the file system allows), atomically: a
+    failure leaves ``dst`` as it was and no temporary file behind."""
+    tmp = _temporary(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _replace_durably(tmp, dst)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the temporary files that writes by processes no longer running left in ``folder``
+    (a run killed in the middle of a save); returns their paths."""
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(folder), ".*.tmp*")):
+        m = re.fullmatch(r"\..+\.tmp(\d+)", os.path.basename(tmp))
+        if m is None or _process_alive(int(m.group(1))):
+            continue
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _check_crc(path: str) -> None:

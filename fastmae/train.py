@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -225,16 +224,6 @@ def _save(path, *, model, optimizer, scaler, args, epoch, epoch_iter, step, mete
     }, path)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """Make ``dst`` a copy of ``src`` (a hard link when possible), atomically."""
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 def _check_resume(ckpt, path, model, optimizer, dataset_len, global_batch):
     """Everything that must match before anything is loaded (no partial loads)."""
     want, have = ckpt_io.model_config(model), ckpt["model_config"]
@@ -387,6 +376,8 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     log_path = os.path.join(args.output_dir, "log.txt") if args.output_dir else None
     if main and args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+        for tmp in ckpt_io.remove_stale_temporaries(args.output_dir):
+            say(f"removed {tmp}, left by an interrupted save")
     last_path = os.path.join(args.output_dir, ckpt_io.LAST) if args.output_dir else None
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -517,7 +508,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         if main and last_path and save(last_path, epoch + 1, 0):
             saved = last_path
             if epoch % 20 == 0 or epoch + 1 == args.epochs:  # the official archive schedule
-                _link_or_copy(last_path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+                ckpt_io.copy_atomic(last_path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
     if writer is not None:
         writer.flush()
         writer.close()

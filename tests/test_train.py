@@ -416,6 +416,38 @@ def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["c.pth"]
 
 
+@pytest.mark.parametrize("link", [True, False], ids=["hard-link", "copy"])
+def test_atomic_copy(tmp_path, monkeypatch, link):
+    """The epoch archive copy (a hard link, or a copy where links fail): the new file appears
+    whole; an interrupted copy leaves the old file and no temporary behind."""
+    src, dst = str(tmp_path / "last.pth"), str(tmp_path / "checkpoint-0.pth")
+    ckpt_io.save_atomic({"a": torch.arange(3.0)}, src)
+    ckpt_io.save_atomic({"a": torch.zeros(1)}, dst)
+    if not link:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("links not supported")))
+    ckpt_io.copy_atomic(src, dst)
+    assert torch.equal(torch.load(dst, weights_only=True)["a"], torch.arange(3.0))
+    ckpt_io.save_atomic({"a": torch.ones(2)}, src)
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("links not supported")))
+    monkeypatch.setattr(ckpt_io.shutil, "copyfileobj", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.copy_atomic(src, dst)
+    assert torch.equal(torch.load(dst, weights_only=True)["a"], torch.arange(3.0))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0.pth", "last.pth"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, folder, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f".checkpoint-last.pth.tmp{dead}"
+    live = tmp_path / f".checkpoint-9.pth.tmp{os.getpid()}"  # a save of a running process (this one)
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"in progress")
+    run(tmp_path, folder, "--epochs", "1")
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}" in capsys.readouterr().out
+
+
 def test_saved_model_loads_into_the_official_model_strictly(tmp_path, folder):
     res = run(tmp_path, folder, "--max-steps", "2", "--norm_pix_loss")
     ckpt = ckpt_io.load(res.checkpoint)
