@@ -2,6 +2,7 @@
 forward and backward over odd shapes, dtypes, autocast, frozen parameters; what it keeps for
 backward; torch.compile; bad input."""
 import gc
+import zlib
 import weakref
 
 import pytest
@@ -46,7 +47,7 @@ def _run(fn, tensors, grad, approximate="none", autocast=None, requires=(True,) 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_composition(shape, dtype, bias, approximate):
     lead, D, H = shape
-    tensors, grad = _inputs(lead, D, H, dtype, bias, seed=hash((shape, str(dtype), bias)) % 2**31)
+    tensors, grad = _inputs(lead, D, H, dtype, bias, seed=zlib.crc32(repr((shape, dtype, bias)).encode()))
     truth = _run(gelu_mlp_ref, [None if t is None else t.double() for t in tensors], grad.double(), approximate)
     ref = _run(gelu_mlp_ref, tensors, grad, approximate)
     fast = _run(gelu_mlp, tensors, grad, approximate)

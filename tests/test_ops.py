@@ -316,6 +316,35 @@ def test_norm_mse_loss(case, dtype, mode, norm_pix, backend, request):
     assert_close("norm_mse_loss dpred", pred.grad, pred64.grad, base_pred.grad, dtype)
 
 
+@pytest.mark.parametrize("eps", [EPS, 1e-2])
+def test_norm_mse_loss_flat_patches(eps, backend, request):
+    """Flat and near-flat patches (sky, borders), where eps weighs in the divisor
+    ``sqrt(var + eps)``: a constant patch, one whose pixels move by about one 8-bit step
+    (variance ~1e-5) and one that moves by 1e-5; at the default and a large eps. (Random patches
+    alone, variance ~0.25, cannot tell ``sqrt(var + eps)`` from ``sqrt(var) + eps``.)"""
+    N, C, H, W, p = 2, 3, 32, 32, 8
+    L, P = 16, 192
+    gen = _gen(request)
+    imgs = _randn(gen, N, C, H, W) * 0.5 + 0.3
+    imgs[:, :, :8, :8] = 0.7
+    imgs[:, :, :8, 8:16] = 0.7 + 3e-3 * _randn(gen, N, C, 8, 8)
+    imgs[:, :, 8:16, :8] = -0.2 + 1e-5 * _randn(gen, N, C, 8, 8)
+    _, _, _, mask = _masking(gen, N, L, 4)
+    mask[:, [0, 1, 4]] = 1  # the three flat patches are among the removed ones
+    pred = _randn(gen, N, L, P, requires_grad=True)
+    loss = ops.norm_mse_loss(pred, imgs, mask, p, norm_pix_loss=True, eps=eps)
+    _poison(((N, L, P), torch.float32))
+    loss.backward()
+    pred64 = pred.detach().double().requires_grad_()
+    ref = loss_ref64(pred64, imgs, mask, None, p, True, eps)
+    ref.backward()
+    base_pred = pred.detach().clone().requires_grad_()
+    base = norm_mse_loss_ref(base_pred, imgs, mask, None, p, True, eps)
+    base.backward()
+    assert_close("norm_mse_loss", loss, ref, base, torch.float32)
+    assert_close("norm_mse_loss dpred", pred.grad, pred64.grad, base_pred.grad, torch.float32)
+
+
 @pytest.mark.parametrize("pred_dtype,img_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
                          ids=["bf16pred-fp32imgs", "fp32pred-fp16imgs"])
 def test_norm_mse_loss_mixed_dtypes(pred_dtype, img_dtype, backend):
