@@ -13,7 +13,11 @@ rows, the Triton backward leaves rows of ``dx`` of never-referenced tokens unwri
 
 This is the official ``cat + gather + cat + pos add``. Backward: ``dx`` is a gather of ``dout``;
 ``d mask_token`` a deterministic sum of ``dout`` over removed rows; ``d pos_embed`` a sum over N.
-mask_token and pos_embed are cast to ``x.dtype`` (they are small); math is done in fp32.
+mask_token and pos_embed are cast to ``x.dtype`` (they are small); math is done in fp32. Their
+gradients therefore carry ``x.dtype``'s precision: summed in fp32, rounded once to ``x.dtype``,
+then cast to their own dtype (with bf16 ``x`` and fp32 parameters, ~0.4% rounding). The fast model
+runs this op on an fp32 ``x`` under autocast (its decoder input is promoted first, as the official
+concatenation with the fp32 mask token promotes it), so its gradients keep fp32 precision.
 """
 from __future__ import annotations
 
