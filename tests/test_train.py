@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastmae import checkpoint as ckpt_io
 from fastmae import data, train
@@ -245,8 +246,20 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision(tmp_path, folder, precision):
+def test_mixed_precision(tmp_path, folder, precision, monkeypatch):
+    """--precision runs the forward under autocast (the decoder's output layer computes in that
+    dtype), with fp32 master weights and, for fp16, a gradient scaler."""
+    seen = []
+    real = train.create_model
+
+    def create(*a, **k):
+        model = real(*a, **k)
+        model.decoder_pred.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(train, "create_model", create)
     res = run(tmp_path, folder, "--precision", precision, "--max-steps", "3", "--clip-grad", "1.0")
+    assert seen and set(seen) == {train.PRECISIONS[precision]}
     assert math.isfinite(res.final_loss)
     ckpt = ckpt_io.load(res.checkpoint)
     assert (ckpt["scaler"] is not None) == (precision == "fp16")
@@ -583,15 +596,18 @@ def test_compile_flag_compiles_the_training_model(tmp_path, folder, monkeypatch)
     AOTAutograd; the aot_eager backend keeps the test fast on CPU) and trains like eager."""
     calls = []
     real = torch.compile
+    counter = CompileCounterWithBackend("aot_eager")
 
     def compile_spy(model, **kw):
         calls.append(type(model).__name__)
-        return real(model, backend="aot_eager", fullgraph=True)
+        return real(model, backend=counter, fullgraph=True)
 
     eager = run(tmp_path / "eager", folder, "--max-steps", "2")
     monkeypatch.setattr(torch, "compile", compile_spy)
+    torch._dynamo.reset()
     compiled = run(tmp_path / "compiled", folder, "--max-steps", "2", "--compile")
     assert calls == ["MaskedAutoencoderViT"]
+    assert counter.frame_count == 1  # the compiled module is the one that trained: one graph, reused
     lr = ckpt_io.load(eager.checkpoint)["args"]["lr"]
     assert_trained_close(compiled.model.state_dict(), eager.model.state_dict(), lr, 2)
     assert not any(k.startswith("_orig_mod") for k in ckpt_io.load(compiled.checkpoint)["model"])
