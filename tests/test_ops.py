@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastmae import ops
 from fastmae.ops import _backend
@@ -117,6 +118,13 @@ def _skip_big_on_triton(backend, too_big):
 
 
 # ============================================================================ gather_mask
+def gather_truth64(imgs, ids_keep, p):
+    """fp64 truth written independently of ``gather_mask_ref``: ``F.unfold`` patches (Conv2d
+    weight order c, i, j) picked by advanced indexing; its autograd gives the backward truth."""
+    patches = F.unfold(imgs.double(), kernel_size=p, stride=p).transpose(1, 2)  # [N, L, C*p*p]
+    return torch.stack([patches[n, ids_keep[n]] for n in range(imgs.shape[0])])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GATHER_CASES, ids=_id)
 def test_gather_mask(case, dtype, backend, request):
@@ -134,7 +142,7 @@ def test_gather_mask(case, dtype, backend, request):
     out.backward(grad)
 
     imgs64 = imgs.detach().double().requires_grad_()
-    ref = gather_mask_ref(imgs64, ids_keep, p)
+    ref = gather_truth64(imgs64, ids_keep, p)
     ref.backward(grad.double())
     base_imgs = imgs.detach().clone().requires_grad_()
     base = gather_mask_ref(base_imgs, ids_keep, p)
@@ -178,19 +186,33 @@ def test_unshuffle_scatter(case, dtype, pos, backend, request):
     check_unshuffle(out, leaves, ids_restore, grad, dtype)
 
 
+def unshuffle_truth64(x, mask_token, ids_restore, pos_embed=None):
+    """fp64 truth written independently of ``unshuffle_scatter_ref``: the decoder input built row
+    by row from the definition (row 0 the cls token; row 1+l token ids_restore[l] if kept, else the
+    mask token; plus the position)."""
+    N, K1, D = x.shape
+    rows = []
+    for n in range(N):
+        rows.append(x[n, 0])
+        for r in ids_restore[n].tolist():
+            rows.append(x[n, 1 + r] if r < K1 - 1 else mask_token.reshape(D))
+    out = torch.stack(rows).reshape(N, -1, D).double()
+    return out if pos_embed is None else out + pos_embed.reshape(1, -1, D).double()
+
+
 def check_unshuffle(out, leaves, ids_restore, grad, dtype):
     """``out`` and the gradients of ``leaves`` (x, mask_token[, pos_embed]; any device) against
-    the reference run in fp64 and in plain PyTorch at ``dtype``, on the CPU."""
+    an independent fp64 truth and the reference in plain PyTorch at ``dtype``, on the CPU."""
     ids_restore, grad = ids_restore.cpu(), grad.cpu()
 
-    def run_ref(cast):
+    def run(fn, cast):
         ls = [t.detach().cpu().to(cast).requires_grad_() for t in leaves]
-        r = unshuffle_scatter_ref(ls[0], ls[1], ids_restore, ls[2] if len(ls) == 3 else None)
-        r.backward(grad.to(cast))
+        r = fn(ls[0], ls[1], ids_restore, ls[2] if len(ls) == 3 else None)
+        r.backward(grad.to(r.dtype))
         return r, ls
 
-    ref, ref_leaves = run_ref(torch.float64)
-    base, base_leaves = run_ref(dtype)
+    ref, ref_leaves = run(unshuffle_truth64, torch.float64)
+    base, base_leaves = run(unshuffle_scatter_ref, dtype)
     assert out.dtype == dtype
     assert_close("unshuffle_scatter out", out.cpu(), ref, base, dtype)
     for name, t, r, b in zip(["dx", "dmask_token", "dpos_embed"], leaves, ref_leaves, base_leaves):
