@@ -90,8 +90,11 @@ def test_zero_graph_breaks_and_masking_in_graph(compile_backend):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_compiled_training_matches_eager(compile_backend, dtype):
-    """Three AdamW steps, compiled (fullgraph) against eager from the same weights: the same loss,
-    pred and gradients at every step; after the first step nothing recompiles."""
+    """Three AdamW steps, compiled (fullgraph) against eager from the same weights; after the first
+    step nothing recompiles. fp32: the same loss, pred and gradients at every step. bf16: at the
+    first step each within twice eager's error against an fp32 run; at later steps, when the two
+    models' weights have drifted apart by rounding, within loose bounds of eager (measured: loss
+    1e-4, pred 7e-3, gradients 1.7e-2 relative; bounds about 5x those)."""
     eager = _model()
     compiled_model = copy.deepcopy(eager)
     counter = CompileCounterWithBackend("inductor")
@@ -119,6 +122,10 @@ def test_compiled_training_matches_eager(compile_backend, dtype):
             assert rel_err(pc, pt) <= 2 * rel_err(pe, pt) + 5e-3
             for n in gt:
                 assert rel_err(gc[n], gt[n]) <= 2 * rel_err(ge[n], gt[n]) + 2e-2, n
+        else:
+            assert rel_err(lc, le) <= 5e-4 and rel_err(pc, pe) <= 3e-2, (step, lc, le)
+            name, err = _grad_err(gc, ge)
+            assert err <= 8e-2, (step, name, err)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} graphs for one shape"
 
 
