@@ -23,8 +23,16 @@ DEMO_DEFAULTS = dict(
 )
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help, unless the help already speaks of its default
+    or there is none worth showing (None, empty, an on/off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, "", argparse.SUPPRESS)
+                or isinstance(action.default, bool) or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
@@ -80,7 +88,8 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                    help="also write checkpoint-last.pth every N optimizer steps (0: only at epoch ends); "
                         "a resume continues from that exact batch")
     f.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
-                   metavar="N", help="stop after N consecutive steps with a non-finite loss (each is skipped)")
+                   metavar="N", help="stop after N consecutive steps with a non-finite loss, or non-finite "
+                                     "gradients without fp16's scaler (each is skipped)")
     f.add_argument("--no-picture", dest="picture", action="store_false",
                    help="do not write output_dir/reconstruction.png at the end")
 
@@ -140,6 +149,9 @@ def main(argv=None) -> int:
     if not argv:
         argv = ["demo"]
     parser = build_parser()
+    if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        parser.error(f"options come after a command: `fastmae demo {' '.join(argv)}` (the embedded "
+                     f"default) or `fastmae pretrain {' '.join(argv)}`")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -50,6 +50,9 @@ def test_python_dash_m_and_console_script_print_complete_help(capsys):
     for flag in OFFICIAL_FLAGS + FASTMAE_FLAGS:
         assert flag in pre.stdout, flag
     assert "(default: 0.75)" in pre.stdout and "mae_vit_tiny_patch8" in pre.stdout
+    # one default per option, none that says nothing
+    assert "(default: None)" not in pre.stdout and "(default: )" not in pre.stdout
+    assert "default: cuda when available, else cpu) (default" not in " ".join(pre.stdout.split())
     for command, flags in [("visualize", ("--checkpoint", "--image", "--out", "--mask_ratio", "--seed")),
                            ("demo", ("--model", "--max-steps", "mae_vit_tiny_patch8"))]:
         with pytest.raises(SystemExit) as code:
@@ -91,6 +94,13 @@ def test_demo_settings_train_on_the_embedded_photographs(tmp_path, capsys):
     assert f"reconstructions: {tmp_path / 'reconstruction.png'}" in out
     with Image.open(tmp_path / "reconstruction.png") as im:
         assert im.width > 4 * 64 and im.height > len(data.EMBEDDED_PREVIEW) * 64
+
+
+def test_options_before_a_command_say_where_they_go(capsys):
+    with pytest.raises(SystemExit) as code:
+        cli.main(["--epochs", "5"])
+    assert code.value.code == 2
+    assert "options come after a command: `fastmae demo --epochs 5`" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- errors
