@@ -615,6 +615,11 @@ def _bad_inputs():
         ("loss_pred_width", lambda: nl(pred[..., :-1], imgs, mask, p), ValueError, r"= \[2, \*, 192\]"),
         ("loss_mask_shape", lambda: nl(pred, imgs, mask[:, :-1], p), ValueError, "mask must have shape"),
         ("loss_patch_not_dividing", lambda: nl(pred, imgs, mask, 7), ValueError, "not divisible by the patch size 7"),
+        # another device than the rest ("meta" stands for one on a machine without a GPU)
+        ("unshuffle_devices", lambda: u(x, tok.to("meta"), restore, pos), ValueError,
+         "x, mask_token, ids_restore, pos_embed must be on one device: .*mask_token on meta"),
+        ("loss_devices", lambda: nl(pred, imgs, mask.to("meta"), p), ValueError,
+         "pred, imgs, mask must be on one device: .*mask on meta"),
     ]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_grid
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -28,19 +30,17 @@ def check_index(ids: torch.Tensor, name: str, batch: int, width: int | None = No
         raise ValueError(f"{name} must have shape [{batch}, {width}], got {tuple(ids.shape)}")
 
 
-def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
-    devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        desc = ", ".join(f"{n} on {t.device}" for n, t in named)
-        raise ValueError(f"all tensors must be on one device: {desc}")
+def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
+    """One device for all the given tensors (None entries are skipped), or a ValueError naming each."""
+    named = tuple((n, t) for n, t in named if t is not None)
+    if len({t.device for _, t in named}) > 1:
+        names = ", ".join(n for n, _ in named)
+        raise ValueError(f"{names} must be on one device: " + ", ".join(f"{n} on {t.device}" for n, t in named))
 
 
 def check_patch_grid(H: int, W: int, patch_size: int) -> tuple[int, int]:
-    if patch_size <= 0:
-        raise ValueError(f"patch_size must be positive, got {patch_size}")
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {patch_size}")
-    return H // patch_size, W // patch_size
+    """(h, w) patch grid of an H x W image, or a ValueError if the patch size does not divide it."""
+    return check_grid((H, W), patch_size)
 
 
 def check_index_range(ids: torch.Tensor, upper: int, name: str) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._validate import check_float, check_index, check_index_range, check_patch_grid
+from ._validate import check_float, check_index, check_index_range, check_patch_grid, check_same_device
 
 
 def patch_targets_ref(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
@@ -148,8 +148,7 @@ def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.T
     elif not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (N, M):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must have shape [N, rows] = [{N}, {M}], got {shape}")
-    if len({pred.device, imgs.device, mask.device} | ({ids.device} if ids is not None else set())) > 1:
-        raise ValueError("pred, imgs, mask and ids must be on one device")
+    check_same_device(("pred", pred), ("imgs", imgs), ("mask", mask), ("ids", ids))
     return _norm_mse_loss_op(pred.contiguous(), imgs.contiguous(), mask.float().contiguous(),
                              None if ids is None else ids.contiguous(), int(patch_size), bool(norm_pix_loss),
                              float(eps))

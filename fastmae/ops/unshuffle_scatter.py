@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._validate import check_float, check_index, check_index_range
+from ._validate import check_float, check_index, check_index_range, check_same_device
 
 
 def unshuffle_scatter_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
@@ -134,16 +134,12 @@ def unshuffle_scatter(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     check_float(mask_token, "mask_token")
     if mask_token.numel() != D:
         raise ValueError(f"mask_token must hold D = {D} values, got shape {tuple(mask_token.shape)}")
-    tensors = [("x", x), ("mask_token", mask_token), ("ids_restore", ids_restore)]
     if pos_embed is not None:
         check_float(pos_embed, "pos_embed")
         if pos_embed.numel() != (L + 1) * D or pos_embed.shape[-1] != D:
             raise ValueError(f"pos_embed must be [1+L, D] = [{L + 1}, {D}] (optionally with a leading 1), "
                              f"got shape {tuple(pos_embed.shape)}")
-        tensors.append(("pos_embed", pos_embed))
-    if len({t.device for _, t in tensors}) > 1:
-        raise ValueError("x, mask_token, ids_restore and pos_embed must be on one device: "
-                         + ", ".join(f"{n} on {t.device}" for n, t in tensors))
+    check_same_device(("x", x), ("mask_token", mask_token), ("ids_restore", ids_restore), ("pos_embed", pos_embed))
     mask_token = mask_token.reshape(D).to(x.dtype)
     if pos_embed is not None:
         pos_embed = pos_embed.reshape(L + 1, D).to(x.dtype).contiguous()
