@@ -383,7 +383,8 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model {args.model} at {args.input_size}px ({n_params / 1e6:.2f}M trainable parameters, "
         f"norm_pix_loss={args.norm_pix_loss}, mask_ratio={args.mask_ratio})")
-    say(f"data: {base!r}" if dataset is not None or args.data_path is None else f"data: {args.data_path} ({len(base)} images)")
+    say(f"data: {base!r}" if dataset is not None or args.data_path is None
+        else f"data: {args.data_path} ({len(base)} images)")
     say(f"device {device} x {dist_info.world_size} process(es), precision {args.precision}"
         f"{', compiled' if args.compile else ''}; batch {args.batch_size} x accum {args.accum_iter} x "
         f"{dist_info.world_size} = {global_batch}; lr {args.lr:.3g} (blr {args.blr:.3g}); "
@@ -406,112 +407,118 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     images_seen, last_loss, saved, epoch_losses = 0, None, None, []
     stop = args.max_steps is not None and step >= args.max_steps
     model.train(True)
-    for epoch in range(start_epoch, args.epochs):
-        if stop:
-            break
-        sampler.set_epoch(epoch, start=epoch_iter * args.batch_size)
-        it = epoch_iter
-        group_bad = False
-        bar = None
-        if use_bar:
-            from tqdm import tqdm
-            bar = tqdm(total=used_iters, initial=it, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                       dynamic_ncols=True, leave=True)
-        t_epoch, imgs_epoch = time.time(), 0
-        optimizer.zero_grad(set_to_none=True)
-        for imgs, noise in loader:
-            if it >= used_iters:
+    bar = None
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if stop:
                 break
-            if it % args.accum_iter == 0:
-                lr = learning_rate(it / iters_per_epoch + epoch, args)
-                set_lr(optimizer, lr)
-            imgs = imgs.to(device, non_blocking=True)
-            noise = noise.to(device, non_blocking=True)
-            sync = (it + 1) % args.accum_iter == 0
-            no_sync = ddp_model.no_sync() if (dist_info.enabled and not sync) else contextlib.nullcontext()
-            with no_sync:
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, _, _ = run_model(imgs, mask_ratio=args.mask_ratio, noise=noise)
-                loss_value = _all_reduce_mean(loss.detach().float(), dist_info).item()
-                if math.isfinite(loss_value):
-                    scaled = loss / args.accum_iter
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    meters.loss_sum += loss_value
-                    meters.loss_count += 1
-                    last_loss = loss_value
-                else:
-                    group_bad = True
-            meters.lr_sum += lr
-            meters.lr_count += 1
-            it += 1
-            images_seen += imgs.shape[0] * dist_info.world_size
-            imgs_epoch += imgs.shape[0] * dist_info.world_size
-            if not sync:
-                continue
-            # ---- optimizer step (or skip it)
-            if not group_bad and _optimizer_step(model, optimizer, scaler, args.clip_grad):
-                nonfinite = 0
-            else:
-                nonfinite += 1
-                meters.skipped += 1
-                what = f"non-finite loss ({loss_value})" if group_bad else "non-finite gradients"
-                say(f"step {step}: {what}, step skipped ({nonfinite} in a row, limit {args.max_nonfinite})")
-                if nonfinite >= args.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"the loss or its gradients were non-finite for {nonfinite} consecutive steps (epoch "
-                        f"{epoch}, step {step}); stopping. Lower --lr/--blr, set --clip-grad, or use --precision "
-                        f"fp32/bf16; the last good checkpoint is {saved or 'not written yet'}")
-            optimizer.zero_grad(set_to_none=True)
+            sampler.set_epoch(epoch, start=epoch_iter * args.batch_size)
+            it = epoch_iter
             group_bad = False
-            step += 1
-            if writer is not None and last_loss is not None:
-                epoch_1000x = int((it / iters_per_epoch + epoch) * 1000)
-                writer.add_scalar("train_loss", last_loss, epoch_1000x)
-                writer.add_scalar("lr", lr, epoch_1000x)
-            rate = imgs_epoch / max(time.time() - t_epoch, 1e-9)
-            shown = "nan" if last_loss is None else f"{last_loss:.4f}"
+            bar = None
+            if use_bar:
+                from tqdm import tqdm
+                bar = tqdm(total=used_iters, initial=it, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                           dynamic_ncols=True, leave=True)
+            t_epoch, imgs_epoch = time.time(), 0
+            optimizer.zero_grad(set_to_none=True)
+            for imgs, noise in loader:
+                if it >= used_iters:
+                    break
+                if it % args.accum_iter == 0:
+                    lr = learning_rate(it / iters_per_epoch + epoch, args)
+                    set_lr(optimizer, lr)
+                imgs = imgs.to(device, non_blocking=True)
+                noise = noise.to(device, non_blocking=True)
+                sync = (it + 1) % args.accum_iter == 0
+                no_sync = ddp_model.no_sync() if (dist_info.enabled and not sync) else contextlib.nullcontext()
+                with no_sync:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss, _, _ = run_model(imgs, mask_ratio=args.mask_ratio, noise=noise)
+                    loss_value = _all_reduce_mean(loss.detach().float(), dist_info).item()
+                    if math.isfinite(loss_value):
+                        scaled = loss / args.accum_iter
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                        meters.loss_sum += loss_value
+                        meters.loss_count += 1
+                        last_loss = loss_value
+                    else:
+                        group_bad = True
+                meters.lr_sum += lr
+                meters.lr_count += 1
+                it += 1
+                images_seen += imgs.shape[0] * dist_info.world_size
+                imgs_epoch += imgs.shape[0] * dist_info.world_size
+                if not sync:
+                    continue
+                # ---- optimizer step (or skip it)
+                if not group_bad and _optimizer_step(model, optimizer, scaler, args.clip_grad):
+                    nonfinite = 0
+                else:
+                    nonfinite += 1
+                    meters.skipped += 1
+                    what = f"non-finite loss ({loss_value})" if group_bad else "non-finite gradients"
+                    say(f"step {step}: {what}, step skipped ({nonfinite} in a row, limit {args.max_nonfinite})")
+                    if nonfinite >= args.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"the loss or its gradients were non-finite for {nonfinite} consecutive steps (epoch "
+                            f"{epoch}, step {step}); stopping. Lower --lr/--blr, set --clip-grad, or use --precision "
+                            f"fp32/bf16; the last good checkpoint is {saved or 'not written yet'}")
+                optimizer.zero_grad(set_to_none=True)
+                group_bad = False
+                step += 1
+                if writer is not None and last_loss is not None:
+                    epoch_1000x = int((it / iters_per_epoch + epoch) * 1000)
+                    writer.add_scalar("train_loss", last_loss, epoch_1000x)
+                    writer.add_scalar("lr", lr, epoch_1000x)
+                rate = imgs_epoch / max(time.time() - t_epoch, 1e-9)
+                shown = "nan" if last_loss is None else f"{last_loss:.4f}"
+                if bar is not None:
+                    bar.update(args.accum_iter)
+                    bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                elif main and (step % PRINT_FREQ == 0):
+                    print(f"epoch {epoch + 1}/{args.epochs} [{it}/{used_iters}] step {step} "
+                          f"loss {shown} lr {lr:.3e} {rate:.1f} img/s", flush=True)
+                if (main and last_path and args.save_every and step % args.save_every == 0
+                        and save(last_path, epoch, it)):
+                    saved = last_path
+                if on_step is not None:
+                    on_step(step)
+                if args.max_steps is not None and step >= args.max_steps:
+                    stop = True
+                    break
             if bar is not None:
-                bar.update(args.accum_iter)
-                bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            elif main and (step % PRINT_FREQ == 0):
-                print(f"epoch {epoch + 1}/{args.epochs} [{it}/{used_iters}] step {step} "
-                      f"loss {shown} lr {lr:.3e} {rate:.1f} img/s", flush=True)
-            if main and last_path and args.save_every and step % args.save_every == 0 and save(last_path, epoch, it):
-                saved = last_path
-            if on_step is not None:
-                on_step(step)
-            if args.max_steps is not None and step >= args.max_steps:
-                stop = True
+                bar.close()
+            epoch_iter = 0
+            if stop and it < used_iters:  # stopped mid-epoch: save the exact position
+                if main and last_path and save(last_path, epoch, it):
+                    saved = last_path
                 break
+            # ---- end of epoch: log line and checkpoints
+            loss_avg = meters.loss_sum / meters.loss_count if meters.loss_count else float("nan")
+            lr_avg = meters.lr_sum / meters.lr_count if meters.lr_count else float("nan")
+            epoch_losses.append(loss_avg)
+            seconds = time.time() - t_epoch
+            if main:
+                stats = {"train_lr": lr_avg, "train_loss": loss_avg, "epoch": epoch, "step": step,
+                         "skipped_steps": meters.skipped, "images_per_sec": round(imgs_epoch / max(seconds, 1e-9), 2),
+                         "time": round(seconds, 3)}
+                if log_path:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(stats) + "\n")
+                print(f"epoch {epoch + 1}/{args.epochs}  loss {loss_avg:.4f}  lr {lr_avg:.3e}  "
+                      f"{stats['images_per_sec']:.1f} img/s  ({_fmt_time(seconds)})", flush=True)
+            meters = Meters()
+            if main and last_path and save(last_path, epoch + 1, 0):
+                saved = last_path
+                if epoch % 20 == 0 or epoch + 1 == args.epochs:  # the official archive schedule
+                    ckpt_io.copy_atomic(last_path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    finally:  # also when the run stops on an error: the bar's line ends, logged scalars reach disk
         if bar is not None:
             bar.close()
-        epoch_iter = 0
-        if stop and it < used_iters:  # stopped mid-epoch: save the exact position
-            if main and last_path and save(last_path, epoch, it):
-                saved = last_path
-            break
-        # ---- end of epoch: log line and checkpoints
-        loss_avg = meters.loss_sum / meters.loss_count if meters.loss_count else float("nan")
-        lr_avg = meters.lr_sum / meters.lr_count if meters.lr_count else float("nan")
-        epoch_losses.append(loss_avg)
-        seconds = time.time() - t_epoch
-        if main:
-            stats = {"train_lr": lr_avg, "train_loss": loss_avg, "epoch": epoch, "step": step,
-                     "skipped_steps": meters.skipped, "images_per_sec": round(imgs_epoch / max(seconds, 1e-9), 2),
-                     "time": round(seconds, 3)}
-            if log_path:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss_avg:.4f}  lr {lr_avg:.3e}  "
-                  f"{stats['images_per_sec']:.1f} img/s  ({_fmt_time(seconds)})", flush=True)
-        meters = Meters()
-        if main and last_path and save(last_path, epoch + 1, 0):
-            saved = last_path
-            if epoch % 20 == 0 or epoch + 1 == args.epochs:  # the official archive schedule
-                ckpt_io.copy_atomic(last_path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-    if writer is not None:
-        writer.flush()
-        writer.close()
+        if writer is not None:
+            writer.flush()
+            writer.close()
 
     seconds = time.time() - t_start
     picture = None

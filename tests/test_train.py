@@ -530,9 +530,23 @@ def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, capsys):
 
 def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
     _poison_transform(monkeypatch)
+    closed = []
+
+    class Writer:
+        def add_scalar(self, *a):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(train, "_tensorboard", lambda log_dir: Writer())
     args = pretrain_args(tmp_path, "--max-nonfinite", "3")
     with pytest.raises(train.NonFiniteLossError, match="non-finite for 3 consecutive steps"):
         train.pretrain(args, dataset=Poisoned(16, poisoned=range(16)))
+    assert closed == [True]  # the logged scalars reach disk although the run stopped on an error
 
 
 def _nan_gradients_at(monkeypatch, backward_calls):
