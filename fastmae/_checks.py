@@ -1,6 +1,8 @@
 """Input validation shared by the reference and the fast model: clear errors, early."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 
@@ -14,7 +16,10 @@ def to_2tuple(size, name: str) -> tuple[int, int]:
 
 
 def check_grid(img_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """(H, W) and p -> (h, w) patch grid, or a ValueError if p does not divide H and W."""
+    """(H, W) and p -> (h, w) patch grid, or a ValueError if p is not a positive integer dividing
+    H and W."""
+    if isinstance(patch_size, bool) or not _is_integer(patch_size):
+        raise ValueError(f"patch_size must be an integer, got {patch_size!r}")
     if patch_size <= 0:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
     H, W = img_size
@@ -23,6 +28,14 @@ def check_grid(img_size: tuple[int, int], patch_size: int) -> tuple[int, int]:
             f"image size {H}x{W} is not divisible by the patch size {patch_size}"
         )
     return H // patch_size, W // patch_size
+
+
+def _is_integer(value) -> bool:
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def check_images(imgs: torch.Tensor, in_chans: int, img_size: tuple[int, int], patch_size: int) -> None:

@@ -64,6 +64,21 @@ def test_fast_matches_reference(case, norm_pix_loss, mask_ratio, batch, backend)
     assert_same_outputs(_run(fast, imgs, mask_ratio, noise), _run(ref, imgs, mask_ratio, noise))
 
 
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_gradient_for_the_images(norm_pix_loss, backend):
+    """Images that require grad (saliency, attacks) get the official gradient, through the
+    patch embedding and through the loss's target alike."""
+    ref, fast = _pair(**CASES["p8_square"], norm_pix_loss=norm_pix_loss)
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    grads = []
+    for model in (fast, ref):
+        x = imgs.clone().requires_grad_()
+        model(x, mask_ratio=0.75, noise=noise)[0].backward()
+        grads.append(x.grad)
+    assert rel_err(grads[0], grads[1]) <= 1e-5
+
+
 @pytest.mark.slow
 def test_vit_base_matches_reference():
     torch.manual_seed(0)

@@ -615,6 +615,12 @@ def _bad_inputs():
         ("loss_pred_width", lambda: nl(pred[..., :-1], imgs, mask, p), ValueError, r"= \[2, \*, 192\]"),
         ("loss_mask_shape", lambda: nl(pred, imgs, mask[:, :-1], p), ValueError, "mask must have shape"),
         ("loss_patch_not_dividing", lambda: nl(pred, imgs, mask, 7), ValueError, "not divisible by the patch size 7"),
+        ("gather_patch_float", lambda: g(imgs, keep, 4.0), ValueError, "patch_size must be an integer, got 4.0"),
+        ("loss_patch_bool", lambda: nl(pred, imgs, mask, True), ValueError, "patch_size must be an integer"),
+        ("loss_mask_requires_grad", lambda: nl(pred, imgs, mask.clone().requires_grad_(), p), ValueError,
+         "mask requires grad, but norm_mse_loss differentiates pred only"),
+        ("loss_imgs_requires_grad", lambda: nl(pred, imgs.clone().requires_grad_(), mask, p), ValueError,
+         "imgs requires grad"),
         # another device than the rest ("meta" stands for one on a machine without a GPU)
         ("unshuffle_devices", lambda: u(x, tok.to("meta"), restore, pos), ValueError,
          "x, mask_token, ids_restore, pos_embed must be on one device: .*mask_token on meta"),

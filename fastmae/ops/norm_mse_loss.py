@@ -149,6 +149,11 @@ def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.T
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must have shape [N, rows] = [{N}, {M}], got {shape}")
     check_same_device(("pred", pred), ("imgs", imgs), ("mask", mask), ("ids", ids))
+    if torch.is_grad_enabled():
+        for name, t in (("imgs", imgs), ("mask", mask)):
+            if t.requires_grad:  # the official loss would differentiate them; a None gradient would be silent
+                raise ValueError(f"{name} requires grad, but norm_mse_loss differentiates pred only (the "
+                                 f"target and its weights are data); pass {name}.detach()")
     return _norm_mse_loss_op(pred.contiguous(), imgs.contiguous(), mask.float().contiguous(),
                              None if ids is None else ids.contiguous(), int(patch_size), bool(norm_pix_loss),
                              float(eps))
