@@ -45,6 +45,13 @@ def vec_width(dtype: torch.dtype, lengths: Sequence[int], tensors: Sequence[torc
     return 1
 
 
+def unit_last(t: torch.Tensor) -> bool:
+    """Unit stride along the last dimension, as the kernels index it; a last dimension of size 1
+    qualifies whatever its stride (``contiguous()`` keeps any stride there: ``randn(2, 1, 3)
+    .transpose(1, 2)`` is contiguous with strides (3, 1, 3))."""
+    return t.shape[-1] == 1 or t.stride(-1) == 1
+
+
 def full_vec(dtype: torch.dtype) -> int:
     """The 128-bit vector width of ``dtype``, in elements."""
     return vec_choices(dtype)[-1]
@@ -58,6 +65,25 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     run time). ``torch.library.wrap_triton`` would buy nothing there and costs a trip through
     the Triton higher-order op on every eager call."""
     kernel[grid](*args, **kwargs)
+
+
+def inverse_map(ids: torch.Tensor, length: int, message: str) -> torch.Tensor:
+    """``inv [N, length]`` int32 with ``inv[n, ids[n, k]] = k`` and -1 elsewhere, for ``ids [N, M]``
+    int64 already checked to lie in ``[0, length)``. ``ids`` must not repeat a value within a row
+    (a repeat would be lost from the map): refused with ``message``, through a device-side assert
+    on CUDA (queued, no host wait), a ValueError on the CPU (the interpreter)."""
+    N, M = ids.shape
+    inv = torch.full((N, length), -1, dtype=torch.int32, device=ids.device)
+    if ids.numel() == 0:
+        return inv
+    rows = torch.arange(M, dtype=torch.int32, device=ids.device).expand(N, M)
+    inv.scatter_(1, ids, rows)
+    distinct = (inv.gather(1, ids) == rows).all()  # a repeated value maps back to one row only
+    if ids.is_cuda:
+        torch._assert_async(distinct, message)
+    elif not bool(distinct):
+        raise ValueError(message)
+    return inv
 
 
 @triton.jit

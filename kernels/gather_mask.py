@@ -9,7 +9,8 @@ output elements, so both the load and the store of a segment are one vector acce
 Backward: one program per patch ``(n, l)`` of the image gradient, for every patch: the kept ones
 copy their gradient row back (the inverse of ``ids_keep``, a tiny ``[N, L]`` int32 map built
 first, says which row), the others are written with zeros. The image gradient is written once
-and the patch gradient read once; no memset pass and no atomics.
+and the patch gradient read once; no memset pass and no atomics. The map holds one row per patch,
+so ``ids_keep`` must not repeat a patch within a sample: the launcher refuses it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, dtype_name, launch, patch_segment_offset, signature_of, vec_choices, vec_width
+from ._common import (KernelConfig, dtype_name, inverse_map, launch, patch_segment_offset, signature_of, unit_last,
+                      vec_choices, vec_width)
 
 TILE = 1024  # elements per loop step of one program (BLOCK_S segments of VEC elements)
 NUM_WARPS = 4
@@ -98,11 +100,11 @@ def _gather_mask_bwd_kernel(
 # ---------------------------------------------------------------------------- launchers
 def gather_mask_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``imgs [N, C, H, W]``, ``ids_keep [N, K]`` int64 -> kept patches ``[N, K, C*p*p]``."""
-    if imgs.dim() != 4 or imgs.stride(-1) != 1:
+    if imgs.dim() != 4 or not unit_last(imgs):
         raise ValueError(f"imgs must be [N, C, H, W] with unit stride along W, got shape {tuple(imgs.shape)} "
                          f"strides {imgs.stride()}")
     if (ids_keep.dim() != 2 or ids_keep.shape[0] != imgs.shape[0] or ids_keep.dtype != torch.int64
-            or ids_keep.stride(-1) != 1):
+            or not unit_last(ids_keep)):
         raise ValueError(f"ids_keep must be int64 [N, K] with N = {imgs.shape[0]} and unit stride along K, got "
                          f"{ids_keep.dtype} {tuple(ids_keep.shape)} strides {ids_keep.stride()}")
     N, C, H, W = imgs.shape
@@ -125,7 +127,7 @@ def gather_mask_forward(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: 
 def gather_mask_backward(grad: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, H: int, W: int) -> torch.Tensor:
     """``grad [N, K, C*p*p]`` -> image gradient ``[N, C, H, W]`` (zero on patches not kept)."""
     p = int(patch_size)
-    if grad.dim() != 3 or grad.stride(-1) != 1 or p <= 0 or grad.shape[2] % (p * p):
+    if grad.dim() != 3 or not unit_last(grad) or p <= 0 or grad.shape[2] % (p * p):
         raise ValueError(f"grad must be [N, K, C*p*p] with unit stride along its last dim for patch size {p}, "
                          f"got shape {tuple(grad.shape)}")
     if H % p or W % p:
@@ -139,10 +141,8 @@ def gather_mask_backward(grad: torch.Tensor, ids_keep: torch.Tensor, patch_size:
     if dimg.numel() == 0:
         return dimg
     # inverse of ids_keep: inv[n, l] = k when ids_keep[n, k] = l, else -1 (N*L int32, tiny)
-    inv = torch.full((N, L), -1, dtype=torch.int32, device=grad.device)
-    if K:
-        rows = torch.arange(K, dtype=torch.int32, device=grad.device).expand(N, K)
-        inv.scatter_(1, ids_keep, rows)
+    inv = inverse_map(ids_keep, L, "ids_keep repeats a patch within a sample; the Triton backward needs "
+                                   "distinct patches (as masking draws them)")
     vec = vec_width(grad.dtype, [p, *grad.stride()[:2], *dimg.stride()[:3]], [grad, dimg])
     launch(_gather_mask_bwd_kernel, (N * L,),
            grad, inv, dimg, L, C, w, p // vec,

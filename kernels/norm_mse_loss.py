@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FLOAT_DTYPES, KernelConfig, dtype_name, full_vec, launch, patch_segment_offset, signature_of,
-                      vec_width)
+                      unit_last, vec_width)
 
 NUM_WARPS = 4
 TILE = 1024  # elements per loop step (statistics pass: BLOCK_S segments of VEC_I pixels)
@@ -214,14 +214,14 @@ def _identity(M: int, device: torch.device) -> torch.Tensor:
 
 def _prepare(pred, imgs, weight, ids, patch_size):
     """Check shapes; return the kernel arguments shared by forward and backward."""
-    if imgs.dim() != 4 or imgs.stride(-1) != 1:
+    if imgs.dim() != 4 or not unit_last(imgs):
         raise ValueError(f"imgs must be [N, C, H, W] with unit stride along W, got {tuple(imgs.shape)} {imgs.stride()}")
     N, C, H, W = imgs.shape
     p = int(patch_size)
     if p <= 0 or H % p or W % p:
         raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
     P = C * p * p
-    if pred.dim() != 3 or pred.shape[0] != N or pred.shape[2] != P or pred.stride(-1) != 1:
+    if pred.dim() != 3 or pred.shape[0] != N or pred.shape[2] != P or not unit_last(pred):
         raise ValueError(f"pred must be [N={N}, M, P={P}] with unit stride along P, got {tuple(pred.shape)}")
     M = pred.shape[1]
     if tuple(weight.shape) != (N, M) or weight.dtype != torch.float32 or not weight.is_contiguous():
@@ -234,7 +234,7 @@ def _prepare(pred, imgs, weight, ids, patch_size):
             raise ValueError(f"pred has {M} rows but the images have {(H // p) * (W // p)} patches and no ids")
         ids, s_ids_n = _identity(M, pred.device), 0  # shared by every sample
     else:
-        if tuple(ids.shape) != (N, M) or ids.dtype != torch.int64 or ids.stride(-1) != 1:
+        if tuple(ids.shape) != (N, M) or ids.dtype != torch.int64 or not unit_last(ids):
             raise ValueError(f"ids must be int64 [{N}, {M}] with unit stride, got {ids.dtype} {tuple(ids.shape)}")
         s_ids_n = ids.stride(0)
     vec_i = vec_width(imgs.dtype, [p, *imgs.stride()[:3]], [imgs])

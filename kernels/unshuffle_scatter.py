@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, dtype_name, launch, signature_of, vec_choices, vec_width
+from ._common import KernelConfig, dtype_name, inverse_map, launch, signature_of, unit_last, vec_choices, vec_width
 
 NUM_WARPS = 4
 NUM_WARPS_POS = 2  # the position-gradient schedule has small tiles: 2 warps keep 16-byte accesses
@@ -180,11 +180,11 @@ def unshuffle_scatter_forward(x: torch.Tensor, mask_token: torch.Tensor, ids_res
                               pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
     """``x [N, 1+K, D]``, ``mask_token [D]``, ``ids_restore [N, L]``, ``pos_embed [1+L, D]`` or None
     -> ``[N, 1+L, D]`` in ``x.dtype``."""
-    if x.dim() != 3 or x.stride(-1) != 1:
+    if x.dim() != 3 or not unit_last(x):
         raise ValueError(f"x must be [N, 1+K, D] with unit stride along D, got {tuple(x.shape)} {x.stride()}")
     N, K1, D = x.shape
     if ids_restore.dim() != 2 or ids_restore.shape[0] != N or ids_restore.dtype != torch.int64 \
-            or ids_restore.stride(-1) != 1:
+            or not unit_last(ids_restore):
         raise ValueError(f"ids_restore must be int64 [N={N}, L] with unit stride along L, got {ids_restore.dtype} "
                          f"{tuple(ids_restore.shape)} strides {ids_restore.stride()}")
     L = ids_restore.shape[1]
@@ -192,7 +192,7 @@ def unshuffle_scatter_forward(x: torch.Tensor, mask_token: torch.Tensor, ids_res
         raise ValueError(f"mask_token must be a contiguous [{D}] {x.dtype} tensor, got {mask_token.dtype} "
                          f"{tuple(mask_token.shape)}")
     if pos_embed is not None and (pos_embed.shape != (L + 1, D) or pos_embed.dtype != x.dtype
-                                  or pos_embed.stride(-1) != 1):
+                                  or not unit_last(pos_embed)):
         raise ValueError(f"pos_embed must be [{L + 1}, {D}] {x.dtype} with unit stride along D, got "
                          f"{pos_embed.dtype} {tuple(pos_embed.shape)}")
     out = torch.empty(N, L + 1, D, dtype=x.dtype, device=x.device)
@@ -215,15 +215,19 @@ def unshuffle_scatter_forward(x: torch.Tensor, mask_token: torch.Tensor, ids_res
 def unshuffle_scatter_backward(grad: torch.Tensor, ids_restore: torch.Tensor, K: int, need_pos_grad: bool):
     """``grad [N, 1+L, D]`` -> ``(dx [N, 1+K, D], dmask [D], dpos [1+L, D] or [0])`` in ``grad.dtype``.
     ``ids_restore`` must be a permutation of ``0..L-1`` per sample (as masking produces)."""
-    if grad.dim() != 3 or grad.stride(-1) != 1:
+    if grad.dim() != 3 or not unit_last(grad):
         raise ValueError(f"grad must be [N, 1+L, D] with unit stride along D, got {tuple(grad.shape)} {grad.stride()}")
     N, L1, D = grad.shape
     L, K = L1 - 1, int(K)
-    if tuple(ids_restore.shape) != (N, L) or ids_restore.dtype != torch.int64 or ids_restore.stride(-1) != 1:
+    if tuple(ids_restore.shape) != (N, L) or ids_restore.dtype != torch.int64 or not unit_last(ids_restore):
         raise ValueError(f"ids_restore must be int64 [{N}, {L}] with unit stride along L, got {ids_restore.dtype} "
                          f"{tuple(ids_restore.shape)} strides {ids_restore.stride()}")
     if not 0 <= K <= L:
         raise ValueError(f"K = {K} kept tokens must be within [0, L = {L}]")
+    # each dx row is written by the one output row that reads it: a repeat would race, a gap
+    # would leave a row unwritten
+    inverse_map(ids_restore, L, "ids_restore is not a permutation of [0, L) in every sample (as masking "
+                                "makes it); the Triton backward needs one")
     dev, dtype = grad.device, grad.dtype
     dx = torch.empty(N, K + 1, D, dtype=dtype, device=dev)
     dmask = torch.empty(D, dtype=dtype, device=dev)

@@ -152,16 +152,26 @@ def test_gather_mask(case, dtype, backend, request):
     assert_close("gather_mask dimgs", imgs.grad, imgs64.grad, base_imgs.grad, dtype)
 
 
-def test_cpp_gather_mask_backward_repeated_index_sums():
-    """The C++ backward sums the rows of a patch kept twice (autograd of torch.gather does too);
-    MAE's ids_keep never repeats a patch, so only this kernel promises it."""
-    _require_cpp()
-    imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+def test_gather_mask_repeated_patch(backend):
+    """A patch kept twice in a sample (masking never does it): its rows' gradients sum on the C++
+    and torch backends, as autograd of the composition does; the Triton backward, whose inverse
+    map holds one row per patch, refuses it instead of dropping a row."""
+    imgs = torch.randn(2, 3, 16, 16, requires_grad=True)
     ids = torch.tensor([[0, 2, 0], [3, 3, 1]])
     grad = torch.randn(2, 3, 192)
-    gather_mask_ref(imgs, ids, 8).backward(grad.double())
-    out = torch.ops.fastmae_C.gather_mask_bwd(grad, ids, 8, 16, 16)
-    assert_close("dimgs", out, imgs.grad, imgs.grad.float(), torch.float32)
+    out = ops.gather_mask(imgs, ids, 8)
+    imgs64 = imgs.detach().double().requires_grad_()
+    gather_truth64(imgs64, ids, 8).backward(grad.double())
+    assert_close("out", out, gather_truth64(imgs64.detach(), ids, 8), gather_mask_ref(imgs.detach(), ids, 8),
+                 torch.float32)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="ids_keep repeats a patch within a sample"):
+            out.backward(grad)
+        return
+    out.backward(grad)
+    base = imgs.detach().clone().requires_grad_()
+    gather_mask_ref(base, ids, 8).backward(grad)
+    assert_close("dimgs", imgs.grad, imgs64.grad, base.grad, torch.float32)
 
 
 # ============================================================================ unshuffle_scatter
@@ -262,6 +272,65 @@ def test_unshuffle_scatter_fp32_token_and_pos_with_bf16_x(backend):
     for name, got, truth in [("dmask_token", tok.grad, leaves[1].grad), ("dpos", pos.grad, leaves[2].grad)]:
         err = ((got.double() - truth).abs() / truth.abs().clamp_min(1e-6)).max().item()
         assert err <= rtol, f"{name}: relative error {err:.3g} against fp64, allowed {rtol:.3g}"
+
+
+def test_unshuffle_scatter_non_permutation(backend):
+    """ids_restore that repeats a token and skips another (masking never makes one): the C++ and
+    torch backwards give autograd's answer (the repeat summed, the skipped token zero); the Triton
+    backward refuses it (its dx rows would race or stay unwritten)."""
+    x = torch.randn(2, 3, 4, requires_grad=True)  # K = 2
+    tok = torch.randn(4, requires_grad=True)
+    ids = torch.tensor([[0, 0, 2, 3], [1, 0, 2, 3]])  # sample 0: token 0 twice, token 1 never
+    grad = torch.randn(2, 5, 4)
+    out = ops.unshuffle_scatter(x, tok, ids)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="ids_restore is not a permutation"):
+            out.backward(grad)
+        return
+    out.backward(grad)
+    x64, tok64 = x.detach().double().requires_grad_(), tok.detach().double().requires_grad_()
+    unshuffle_truth64(x64, tok64, ids).backward(grad.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad)
+    torch.testing.assert_close(tok.grad.double(), tok64.grad)
+
+
+def test_size_one_last_dimension_with_any_stride(backend):
+    """A last dimension of size 1 may carry any stride, and contiguous() keeps it (e.g. a transposed
+    [N, 1, D] view): every op takes such tensors, forward and backward, on every backend."""
+    def odd(*shape):  # the shape with its last two dimensions' strides swapped, last size 1
+        return torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+
+    # unshuffle_scatter, D = 1 (and its upstream gradient likewise)
+    x, tok = odd(2, 3, 1).requires_grad_(), torch.randn(1, requires_grad=True)
+    ids_restore = torch.rand(2, 5).argsort(1)
+    out = ops.unshuffle_scatter(x, tok, ids_restore)
+    grad = odd(2, 6, 1)
+    out.backward(grad)
+    x64, tok64 = x.detach().double().requires_grad_(), tok.detach().double().requires_grad_()
+    ref = unshuffle_truth64(x64, tok64, ids_restore)
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref)
+    torch.testing.assert_close(x.grad.double(), x64.grad)
+    # gather_mask, W = p = 1, and K = 1 ids_keep of stride 2
+    imgs = odd(2, 3, 4, 1).requires_grad_()
+    ids_keep = torch.tensor([[1, 0]]).T
+    out = ops.gather_mask(imgs, ids_keep, 1)
+    out.backward(torch.ones_like(out))
+    imgs64 = imgs.detach().double().requires_grad_()
+    ref = gather_truth64(imgs64, ids_keep, 1)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out.double(), ref)
+    torch.testing.assert_close(imgs.grad.double(), imgs64.grad)
+    # norm_mse_loss, P = 1 (pred) and W = 1 (imgs)
+    pred, imgs = odd(2, 3, 1).requires_grad_(), odd(2, 1, 3, 1)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    loss = ops.norm_mse_loss(pred, imgs, mask, 1, norm_pix_loss=False)
+    loss.backward()
+    pred64 = pred.detach().double().requires_grad_()
+    ref = loss_ref64(pred64, imgs, mask, None, 1, False, EPS)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref)
+    torch.testing.assert_close(pred.grad.double(), pred64.grad)
 
 
 def test_unshuffle_scatter_grad_deterministic(backend):
@@ -485,7 +554,7 @@ def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
     for case in (GATHER_CASES[1], GATHER_CASES[2], GATHER_CASES[5]):  # 64, 32 and 16-byte segments (fp32)
         test_gather_mask(case, dtype, "cpp", request)
     if dtype == torch.float32:
-        test_cpp_gather_mask_backward_repeated_index_sums()  # streamed and summed segments mixed
+        test_gather_mask_repeated_patch("cpp")  # streamed and summed segments mixed
     for case in (UNSHUFFLE_CASES[4], UNSHUFFLE_CASES[5], UNSHUFFLE_CASES[6]):  # D = 64, 130 (not streamed), 40
         test_unshuffle_scatter(case, dtype, "pos", "cpp", request)
         test_unshuffle_scatter(case, dtype, "nopos", "cpp", request)
@@ -734,7 +803,7 @@ def test_compile_fullgraph(backend):
         x = torch.cat([x.mean(1, keepdim=True), x], dim=1)
         dec = ops.unshuffle_scatter(x, tok, restore, pos)
         pred = dec[:, 1:] @ head
-        return ops.norm_mse_loss(pred, imgs, mask, p)
+        return ops.norm_mse_loss(pred, imgs.detach(), mask, p)  # the target is data
 
     def run(fn):
         leaves = [imgs.clone().requires_grad_(), torch.randn(D, generator=torch.Generator().manual_seed(1)),

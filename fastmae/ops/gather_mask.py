@@ -4,7 +4,9 @@
 sample ``n`` is patch ``ids_keep[n, k]`` flattened in Conv2d-weight order ``(c, i, j)``, so that
 ``out @ conv.weight.flatten(1).T + conv.bias`` equals the Conv2d patch embedding of the kept
 patches. No ``[N, L, ...]`` tensor is formed. Backward scatters into an image-shaped gradient
-(zero on patches that were not kept).
+(zero on patches that were not kept). A patch kept twice in one sample (masking never does it)
+gets the sum of its rows' gradients on the C++ and torch backends; the Triton backward refuses it
+(a device-side assert on CUDA).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def gather_mask_backward_ref(grad: torch.Tensor, ids_keep: torch.Tensor, patch_s
     p = patch_size
     C, h, w = D // (p * p), H // p, W // p
     patches = grad.new_zeros(N, h * w, D)
-    patches.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), grad)
+    patches.scatter_add_(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), grad)  # a repeated patch sums
     return patches.reshape(N, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
 
 

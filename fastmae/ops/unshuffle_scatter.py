@@ -8,8 +8,10 @@ int64, pos_embed [1+L, D] or [1, 1+L, D] or None) -> [N, 1+L, D]``:
   kept; kept tokens are in noise order), else ``mask_token``; plus ``pos_embed[1+l]``.
 
 ``ids_restore`` must be a permutation of ``[0, L)`` per sample (as masking makes it): every
-backend checks the range; a non-permutation is not detected (the C++ backward sums duplicated
-rows, the Triton backward leaves rows of ``dx`` of never-referenced tokens unwritten).
+backend checks the range. Of a non-permutation, the C++ and torch backwards give autograd's
+answer (repeated rows summed, unreferenced tokens a zero gradient); the Triton backward, which
+writes each ``dx`` row from the one output row that reads it, refuses it (a device-side assert on
+CUDA).
 
 This is the official ``cat + gather + cat + pos add``. Backward: ``dx`` is a gather of ``dout``;
 ``d mask_token`` a deterministic sum of ``dout`` over removed rows; ``d pos_embed`` a sum over N.
