@@ -105,6 +105,7 @@ def op_cases(N: int, dtype: torch.dtype):
     tok = torch.randn(D_DEC, device=DEV, dtype=dtype)
     pos = torch.randn(1 + L, D_DEC, device=DEV, dtype=dtype)
     pred = torch.randn(N, L, PATCH, device=DEV, dtype=dtype)
+    target = imgs.detach()  # the loss's images are data (imgs itself becomes gather_mask's leaf)
     img_bytes = imgs.numel() * s
     cases = {
         "gather_mask": (
@@ -119,8 +120,8 @@ def op_cases(N: int, dtype: torch.dtype):
             (x.numel() + pos.numel() + N * (1 + L) * D_DEC) * s,
             (N * (1 + L) * D_DEC + x.numel() + pos.numel() + D_DEC) * s),
         "norm_mse_loss": (
-            lambda a: ops.norm_mse_loss(a, imgs, mask, P_SIZE),
-            lambda a: norm_mse_loss_ref(a, imgs, mask, None, P_SIZE, True, 1e-6),
+            lambda a: ops.norm_mse_loss(a, target, mask, P_SIZE),
+            lambda a: norm_mse_loss_ref(a, target, mask, None, P_SIZE, True, 1e-6),
             [pred], torch.ones((), device=DEV),
             pred.numel() * s + img_bytes, 2 * pred.numel() * s + img_bytes),
     }
