@@ -165,11 +165,14 @@ def copy_atomic(src: str, dst: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-    """Delete the temporary files that writes by processes no longer running left in ``folder``
-    (a run killed in the middle of a save); returns their paths."""
+    """Delete the temporary checkpoint files (``.checkpoint-*.pth.tmp<pid>``) that processes no
+    longer running left in ``folder`` (a run killed in the middle of a save); returns their paths.
+    Nothing else is touched."""
     removed = []
-    for tmp in glob.glob(os.path.join(glob.escape(folder), ".*.tmp*")):
-        m = re.fullmatch(r"\..+\.tmp(\d+)", os.path.basename(tmp))
+    candidates = [p for pattern in (".checkpoint-*.pth.tmp*", "checkpoint-*.pth.tmp*")  # glob's * skips dot files
+                  for p in glob.glob(os.path.join(glob.escape(folder), pattern))]
+    for tmp in candidates:
+        m = re.fullmatch(r"\.?checkpoint-[^/]*\.pth\.tmp(\d+)", os.path.basename(tmp))
         if m is None or _process_alive(int(m.group(1))):
             continue
         try:

@@ -454,10 +454,12 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, folder, capsy
                           text=True, check=True).stdout.strip()
     stale = tmp_path / f".checkpoint-last.pth.tmp{dead}"
     live = tmp_path / f".checkpoint-9.pth.tmp{os.getpid()}"  # a save of a running process (this one)
+    other = tmp_path / f".notes.txt.tmp{dead}"  # not a checkpoint's: never touched
     stale.write_bytes(b"half a checkpoint")
     live.write_bytes(b"in progress")
+    other.write_bytes(b"someone else's")
     run(tmp_path, folder, "--epochs", "1")
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and other.exists()
     assert f"removed {stale}" in capsys.readouterr().out
 
 
