@@ -112,9 +112,13 @@ def _temporary(path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
 
 
-def _replace_durably(tmp: str, path: str) -> None:
-    """Rename ``tmp`` over ``path`` and make the rename itself durable; ``tmp`` never outlives this."""
+def _write_atomic(path: str, write) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed over it, the
+    rename made durable. Any failure leaves ``path`` as it was and no temporary file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _temporary(path)
     try:
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -131,25 +135,18 @@ def _replace_durably(tmp: str, path: str) -> None:
 
 def save_atomic(obj, path: str) -> None:
     """``torch.save(obj, path)`` through a temporary file, fsync and rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _temporary(path)
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _replace_durably(tmp, path)
+
+    _write_atomic(path, write)
 
 
 def copy_atomic(src: str, dst: str) -> None:
-    """Make ``dst`` a copy of ``src`` (a hard link when the file system allows), atomically: a
-    failure leaves ``dst`` as it was and no temporary file behind."""
-    tmp = _temporary(dst)
-    try:
+    """Make ``dst`` a copy of ``src`` (a hard link when the file system allows), atomically."""
+    def write(tmp):
         try:
             os.link(src, tmp)
         except OSError:
@@ -157,11 +154,8 @@ def copy_atomic(src: str, dst: str) -> None:
                 shutil.copyfileobj(fin, fout)
                 fout.flush()
                 os.fsync(fout.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _replace_durably(tmp, dst)
+
+    _write_atomic(dst, write)
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
