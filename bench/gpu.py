@@ -238,12 +238,15 @@ def _model_step_module():
 
 def _provider_step(ms, config: str, provider: str, imgs: torch.Tensor, precision: str):
     """One training step (zero_grad, forward, backward, AdamW) of ``provider``, e.g.
-    ``fast-compiled``, ``fast-eager-ckpt-obw``, ``fast-compiled-math``, as a function."""
+    ``fast-compiled``, ``fast-eager-ckpt-obw``, ``fast-compiled-math``, as a function.
+    ``graphs`` compiles with ``mode="reduce-overhead"`` (forward and backward replayed as CUDA
+    graphs; the optimizer step stays eager)."""
     impl, *flags = provider.split("-")
     attn = next((f for f in flags if f in ATTN_BACKENDS), "auto")
     model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags, attn_backend=attn).to(DEV)
     opt = ms.make_optimizer(model, in_backward="obw" in flags)
-    run = ms.compile_model(model, impl) if "compiled" in flags else model
+    mode = "reduce-overhead" if "graphs" in flags else None
+    run = ms.compile_model(model, impl, mode) if "compiled" in flags else model
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -107,10 +107,11 @@ def train_step(model, opt, imgs, precision: str) -> None:
     opt.step()
 
 
-def compile_model(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, impl: str, mode: str | None = None) -> torch.nn.Module:
     """fullgraph for the fast model (it has no graph break: tests/test_compile.py); the reference
-    compiles with defaults, as a user would."""
-    return torch.compile(model, fullgraph=(impl == "fast"))
+    compiles with defaults, as a user would. ``mode`` is torch.compile's (``"reduce-overhead"``:
+    CUDA graphs)."""
+    return torch.compile(model, fullgraph=(impl == "fast"), mode=mode)
 
 
 def timed(fn) -> float:

@@ -228,24 +228,41 @@ def test_opcheck(name):
     torch.library.opcheck(op, tuple(_to_cuda(a) for a in args))
 
 
-_BAD_INDEX = textwrap.dedent("""
-    import torch
-    from fastmae import ops
-    imgs = torch.randn(2, 3, 32, 32, device="cuda")
-    ids = torch.tensor([[0, 1], [2, 16]], device="cuda")  # 16 patches: 16 is out of range
-    out = ops.gather_mask(imgs, ids, 8)
-    torch.cuda.synchronize()
-    print("NO ERROR")
-""")
+_DEVICE_ASSERTS = {
+    # 16 patches: 16 is out of range
+    "index out of range": ("""
+        imgs = torch.randn(2, 3, 32, 32, device="cuda")
+        ids = torch.tensor([[0, 1], [2, 16]], device="cuda")
+        out = ops.gather_mask(imgs, ids, 8)
+        """, "ids_keep holds an index outside"),
+    # patch 1 kept twice in sample 0: the backward's inverse map would drop one of its gradients
+    "repeated patch": ("""
+        imgs = torch.randn(2, 3, 32, 32, device="cuda", requires_grad=True)
+        ids = torch.tensor([[1, 1], [2, 3]], device="cuda")
+        ops.gather_mask(imgs, ids, 8).sum().backward()
+        """, "ids_keep repeats a patch within a sample"),
+    # sample 1 restores token 0 twice and token 2 never: not a permutation
+    "not a permutation": ("""
+        x = torch.randn(2, 3, 8, device="cuda", requires_grad=True)
+        ids = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 3]], device="cuda")
+        ops.unshuffle_scatter(x, torch.zeros(8, device="cuda"), ids).sum().backward()
+        """, "ids_restore is not a permutation"),
+}
 
 
-def test_out_of_range_index_stops_the_stream():
-    """An index outside [0, L) on CUDA is a device-side assert before the kernel reads through
-    it (no host synchronisation in forward); the run fails, and never silently."""
+@pytest.mark.parametrize("case", list(_DEVICE_ASSERTS))
+def test_device_side_refusals_stop_the_stream(case):
+    """Inputs the Triton kernels cannot take are refused by a device-side assert queued before the
+    kernel (no host synchronisation): an index outside [0, L) in the forward, a repeated patch or
+    a non-permutation in the backwards. The run fails, never silently (in a child process: the
+    assert poisons the CUDA context)."""
+    body, message = _DEVICE_ASSERTS[case]
+    script = "import torch\nfrom fastmae import ops\n" + textwrap.dedent(body) + \
+        "torch.cuda.synchronize()\nprint('NO ERROR')\n"
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_LAUNCH_BLOCKING="1")
-    proc = subprocess.run([sys.executable, "-c", _BAD_INDEX], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "NO ERROR" not in proc.stdout, proc.stdout + proc.stderr
-    assert "device-side assert" in proc.stderr or "ids_keep holds an index outside" in proc.stderr, proc.stderr
+    assert "device-side assert" in proc.stderr or message in proc.stderr, proc.stderr
 
 
 def test_mixed_devices_are_rejected():
