@@ -76,7 +76,10 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--precision", choices=tuple(train.PRECISIONS), default=None,
                    help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler "
                         "(default: fp16 on CUDA, as the official code, fp32 on CPU)")
-    f.add_argument("--compile", action="store_true", help="torch.compile the model")
+    f.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
+                   metavar="MODE", help="torch.compile the model; MODE is torch.compile's mode: default, "
+                                        "reduce-overhead (CUDA graphs: fewer host launches, the fastest on a GPU), "
+                                        "max-autotune or max-autotune-no-cudagraphs")
     f.add_argument("--attn-backend", "--attn_backend", dest="attn_backend", default="auto",
                    choices=("auto", "sdpa", "xformers", "math"), help="attention implementation")
     f.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=None, metavar="N",

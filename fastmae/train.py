@@ -46,6 +46,9 @@ PRESETS = {
 }
 MODEL_NAMES = tuple(reference.MODEL_CONFIGS) + tuple(PRESETS)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch.compile's modes; "reduce-overhead" replays forward and backward as CUDA graphs (on CPU
+# it compiles as "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRINT_FREQ = 20  # plain progress lines (when stderr is not a terminal), as the official print_freq
 
 
@@ -179,6 +182,16 @@ def _tensorboard(log_dir: str | None):
     return SummaryWriter(log_dir=log_dir)
 
 
+def _compile_mode(flag) -> str | None:
+    """torch.compile's ``mode`` for ``--compile [MODE]`` (``True``, from a Python caller, and
+    ``"default"`` are the default mode)."""
+    if flag in (None, False, True, "default"):
+        return None
+    if flag not in COMPILE_MODES:
+        raise ValueError(f"unknown --compile mode {flag!r}; choose one of {', '.join(COMPILE_MODES)}")
+    return flag
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
@@ -301,6 +314,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         raise ValueError(f"--clip-grad must be > 0 (leave it out for no clipping), got {args.clip_grad}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    compile_mode = _compile_mode(args.compile)
     if args.precision is None:  # the official code trains with fp16 autocast on CUDA
         args.precision = "fp16" if device.type == "cuda" else "fp32"
     if args.precision not in PRECISIONS:
@@ -365,7 +379,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    run_model = torch.compile(ddp_model) if args.compile else ddp_model
+    run_model = torch.compile(ddp_model, mode=compile_mode) if args.compile else ddp_model
 
     loader = DataLoader(
         train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -386,7 +400,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     say(f"data: {base!r}" if dataset is not None or args.data_path is None
         else f"data: {args.data_path} ({len(base)} images)")
     say(f"device {device} x {dist_info.world_size} process(es), precision {args.precision}"
-        f"{', compiled' if args.compile else ''}; batch {args.batch_size} x accum {args.accum_iter} x "
+        f"{(', compiled' + (f' ({compile_mode})' if compile_mode else '')) if args.compile else ''}; batch {args.batch_size} x accum {args.accum_iter} x "
         f"{dist_info.world_size} = {global_batch}; lr {args.lr:.3g} (blr {args.blr:.3g}); "
         f"{steps_per_epoch} steps/epoch for {args.epochs} epochs")
 

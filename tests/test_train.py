@@ -629,6 +629,32 @@ def test_compile_flag_compiles_the_training_model(tmp_path, folder, monkeypatch)
     assert not any(k.startswith("_orig_mod") for k in ckpt_io.load(compiled.checkpoint)["model"])
 
 
+@pytest.mark.parametrize("argv, mode", [(["--compile"], None), (["--compile", "default"], None),
+                                        (["--compile", "reduce-overhead"], "reduce-overhead")])
+def test_compile_mode_reaches_torch_compile(tmp_path, folder, monkeypatch, argv, mode):
+    """``--compile [MODE]``: the mode is torch.compile's (the model itself trains uncompiled here,
+    the spy returns it as it is)."""
+    calls = []
+
+    def compile_spy(model, **kw):
+        calls.append(kw)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    run(tmp_path, folder, "--max-steps", "1", *argv)
+    assert calls == [dict(mode=mode)]
+
+
+def test_unknown_compile_mode_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pretrain_args(tmp_path, "--compile", "fastest")
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+    args = pretrain_args(tmp_path)
+    args.compile = "fastest"  # a Python caller bypassing the parser
+    with pytest.raises(ValueError, match="unknown --compile mode 'fastest'"):
+        train.pretrain(args)
+
+
 # ---------------------------------------------------------------------------- DDP
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch
