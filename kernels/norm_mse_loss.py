@@ -198,18 +198,31 @@ def _norm_mse_loss_sum_kernel(
 
 # ---------------------------------------------------------------------------- launchers
 @functools.lru_cache(maxsize=64)
-def _pixel_offsets(C: int, p: int, s_c: int, s_h: int, device: torch.device) -> torch.Tensor:
-    """[P] int64: offset, from a patch's first pixel, of the pixel that prediction element
-    ``e = (i*p + j)*C + c`` targets (``c*s_c + i*s_h + j``). Small, one per geometry: cached."""
-    e = torch.arange(C * p * p, device=device)
+def _pixel_offsets(C: int, p: int, s_c: int, s_h: int, pinned: bool) -> torch.Tensor:
+    """[P] int64 on the host: offset, from a patch's first pixel, of the pixel that prediction
+    element ``e = (i*p + j)*C + c`` targets (``c*s_c + i*s_h + j``). Small, one per geometry: cached."""
+    e = torch.arange(C * p * p)
     i, j, c = e // (p * C), (e // C) % p, e % C
-    return c * s_c + i * s_h + j
+    table = c * s_c + i * s_h + j
+    return table.pin_memory() if pinned else table
 
 
 @functools.lru_cache(maxsize=64)
-def _identity(M: int, device: torch.device) -> torch.Tensor:
-    """[M] int64 0..M-1: the patch index of each row when pred covers every patch."""
-    return torch.arange(M, device=device)
+def _identity(M: int, pinned: bool) -> torch.Tensor:
+    """[M] int64 0..M-1 on the host: the patch index of each row when pred covers every patch."""
+    table = torch.arange(M)
+    return table.pin_memory() if pinned else table
+
+
+def _on_device(table_fn, device: torch.device, *key: int) -> torch.Tensor:
+    """A cached host table on ``device``: for CUDA one small asynchronous copy from pinned memory
+    per call, never a cached CUDA tensor. One first made while ``torch.compile(mode=
+    "reduce-overhead")`` warms up or records a CUDA graph would live in that graph's private
+    memory pool, which the graph then refuses ("tensors in the cudagraph pool not tracked as
+    outputs")."""
+    if device.type == "cpu":
+        return table_fn(*key, False)
+    return table_fn(*key, True).to(device, non_blocking=True)
 
 
 def _prepare(pred, imgs, weight, ids, patch_size):
@@ -232,7 +245,7 @@ def _prepare(pred, imgs, weight, ids, patch_size):
     if ids is None:
         if M != (H // p) * (W // p):
             raise ValueError(f"pred has {M} rows but the images have {(H // p) * (W // p)} patches and no ids")
-        ids, s_ids_n = _identity(M, pred.device), 0  # shared by every sample
+        ids, s_ids_n = _on_device(_identity, pred.device, M), 0  # shared by every sample
     else:
         if tuple(ids.shape) != (N, M) or ids.dtype != torch.int64 or not unit_last(ids):
             raise ValueError(f"ids must be int64 [{N}, {M}] with unit stride, got {ids.dtype} {tuple(ids.shape)}")
@@ -243,7 +256,7 @@ def _prepare(pred, imgs, weight, ids, patch_size):
     vec_p = vec_p if vec_p in vec_options(pred.dtype) else 1
     ints = (M, C, W // p, p // vec_i, P // vec_p, pred.stride(0) // vec_p, pred.stride(1) // vec_p,
             imgs.stride(0) // vec_i, imgs.stride(1) // vec_i, imgs.stride(2) // vec_i, weight.stride(0), s_ids_n)
-    poff = _pixel_offsets(C, p, imgs.stride(1), imgs.stride(2), imgs.device)
+    poff = _on_device(_pixel_offsets, imgs.device, C, p, imgs.stride(1), imgs.stride(2))
     return N * M, ids, poff, ints, vec_i, vec_p
 
 
