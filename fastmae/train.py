@@ -399,10 +399,10 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         f"norm_pix_loss={args.norm_pix_loss}, mask_ratio={args.mask_ratio})")
     say(f"data: {base!r}" if dataset is not None or args.data_path is None
         else f"data: {args.data_path} ({len(base)} images)")
-    say(f"device {device} x {dist_info.world_size} process(es), precision {args.precision}"
-        f"{(', compiled' + (f' ({compile_mode})' if compile_mode else '')) if args.compile else ''}; batch {args.batch_size} x accum {args.accum_iter} x "
-        f"{dist_info.world_size} = {global_batch}; lr {args.lr:.3g} (blr {args.blr:.3g}); "
-        f"{steps_per_epoch} steps/epoch for {args.epochs} epochs")
+    compiled = (f", compiled ({compile_mode})" if compile_mode else ", compiled") if args.compile else ""
+    say(f"device {device} x {dist_info.world_size} process(es), precision {args.precision}{compiled}; "
+        f"batch {args.batch_size} x accum {args.accum_iter} x {dist_info.world_size} = {global_batch}; "
+        f"lr {args.lr:.3g} (blr {args.blr:.3g}); {steps_per_epoch} steps/epoch for {args.epochs} epochs")
 
     def save(path, epoch, it):
         """Write the checkpoint, unless the weights are no longer finite: a good checkpoint is
