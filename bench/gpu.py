@@ -26,7 +26,9 @@ step, less what the providers built before it hold), compile time (first call mi
 step), and the bf16 matmul rate of a large ``torch.mm`` in the same run as the ceiling. A
 provider name may add ``-ckpt`` (grad checkpointing, fast model), ``-obw``
 (``fastmae.optim.OptimizerInBackward``) and an attention backend (``-sdpa``, ``-math``,
-``-xformers``; fast model), e.g. ``fast-eager-ckpt-obw``.
+``-xformers``; fast model) and, to a compiled one, ``-graphs`` (``mode="reduce-overhead"``: CUDA
+graphs; the peak memory column then misses the graphs' pool, allocated during warm-up), e.g.
+``fast-eager-ckpt-obw``, ``fast-compiled-graphs``.
 
 ``profile``: the same step per provider (``ref-compiled``, ``fast-compiled`` and
 ``fast-compiled-math`` by default, ViT-B, fp32 and bf16): its median time (CUDA events), and from
@@ -245,6 +247,8 @@ def _provider_step(ms, config: str, provider: str, imgs: torch.Tensor, precision
     attn = next((f for f in flags if f in ATTN_BACKENDS), "auto")
     model = ms.build_model(config, impl, grad_checkpointing="ckpt" in flags, attn_backend=attn).to(DEV)
     opt = ms.make_optimizer(model, in_backward="obw" in flags)
+    if "graphs" in flags and "compiled" not in flags:
+        raise ValueError(f"{provider}: 'graphs' needs 'compiled' (CUDA graphs come from torch.compile)")
     mode = "reduce-overhead" if "graphs" in flags else None
     run = ms.compile_model(model, impl, mode) if "compiled" in flags else model
 

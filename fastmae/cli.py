@@ -78,7 +78,7 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                         "(default: fp16 on CUDA, as the official code, fp32 on CPU)")
     f.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
                    metavar="MODE", help="torch.compile the model; MODE is torch.compile's mode: default, "
-                                        "reduce-overhead (CUDA graphs: fewer host launches, the fastest on a GPU), "
+                                        "reduce-overhead (CUDA graphs: fewer host launches), "
                                         "max-autotune or max-autotune-no-cudagraphs")
     f.add_argument("--attn-backend", "--attn_backend", dest="attn_backend", default="auto",
                    choices=("auto", "sdpa", "xformers", "math"), help="attention implementation")

@@ -197,20 +197,20 @@ def _norm_mse_loss_sum_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never evicted: a recorded CUDA graph copies from the pinned table's address
 def _pixel_offsets(C: int, p: int, s_c: int, s_h: int, pinned: bool) -> torch.Tensor:
     """[P] int64 on the host: offset, from a patch's first pixel, of the pixel that prediction
     element ``e = (i*p + j)*C + c`` targets (``c*s_c + i*s_h + j``). Small, one per geometry: cached."""
-    e = torch.arange(C * p * p)
+    e = torch.arange(C * p * p, device="cpu")  # whatever the default device
     i, j, c = e // (p * C), (e // C) % p, e % C
     table = c * s_c + i * s_h + j
     return table.pin_memory() if pinned else table
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache
 def _identity(M: int, pinned: bool) -> torch.Tensor:
     """[M] int64 0..M-1 on the host: the patch index of each row when pred covers every patch."""
-    table = torch.arange(M)
+    table = torch.arange(M, device="cpu")
     return table.pin_memory() if pinned else table
 
 

@@ -302,3 +302,19 @@ def test_vector_width_choice():
     assert vec_width(torch.float16, [7, 21], []) == 1
     assert vec_width(torch.float32, [16, 224], [fp32[1:]]) == 1  # start 4 bytes past a boundary
     assert vec_width(torch.bfloat16, [16, 224], [bf16[4:]]) == 4  # 8 bytes past: 64-bit vectors
+
+
+def test_loss_tables_are_host_tensors_whatever_the_default_device():
+    """The loss's cached index tables are made on the host (and copied to CUDA per call, never
+    cached there) even under another default device: a table cached on the default device would
+    be a meta tensor here, or on CUDA a tensor inside some CUDA graph's pool."""
+    nml_kernels._pixel_offsets.cache_clear()
+    nml_kernels._identity.cache_clear()
+    pred, imgs = torch.randn(2, 4, 48, device="cpu"), torch.randn(2, 3, 8, 8, device="cpu")
+    weight = torch.ones(2, 4, device="cpu")
+    with torch.device("meta"):
+        loss = nml_kernels.norm_mse_loss_forward(pred, imgs, weight, None, 4, True, 1e-6)
+    ref = nml_kernels.norm_mse_loss_forward(pred, imgs, weight, None, 4, True, 1e-6)
+    assert loss.device.type == "cpu" and torch.equal(loss, ref)
+    assert nml_kernels._identity(4, False).device.type == "cpu"
+    assert nml_kernels._pixel_offsets(3, 4, 64, 8, False).device.type == "cpu"
