@@ -437,6 +437,12 @@ def test_norm_mse_loss_flat_patches(eps, backend, request):
     loss = ops.norm_mse_loss(pred, imgs, mask, p, norm_pix_loss=True, eps=eps)
     _poison(((N, L, P), torch.float32))
     loss.backward()
+    _check_norm_pix_loss(loss, pred, imgs, mask, p, eps)
+
+
+def _check_norm_pix_loss(loss, pred, imgs, mask, p, eps):
+    """``loss`` (backward already run into ``pred.grad``) and ``pred.grad`` against the fp64
+    truth, with the reference op in ``pred``'s dtype as the error baseline (STYLE.md rule)."""
     pred64 = pred.detach().double().requires_grad_()
     ref = loss_ref64(pred64, imgs, mask, None, p, True, eps)
     ref.backward()
@@ -444,7 +450,7 @@ def test_norm_mse_loss_flat_patches(eps, backend, request):
     base = norm_mse_loss_ref(base_pred, imgs, mask, None, p, True, eps)
     base.backward()
     assert_close("norm_mse_loss", loss, ref, base, torch.float32)
-    assert_close("norm_mse_loss dpred", pred.grad, pred64.grad, base_pred.grad, torch.float32)
+    assert_close("norm_mse_loss dpred", pred.grad, pred64.grad, base_pred.grad, pred.dtype)
 
 
 @pytest.mark.parametrize("pred_dtype,img_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
@@ -458,14 +464,7 @@ def test_norm_mse_loss_mixed_dtypes(pred_dtype, img_dtype, backend):
     mask[:, 0] = 1
     loss = ops.norm_mse_loss(pred, imgs, mask, p)
     loss.backward()
-    pred64 = pred.detach().double().requires_grad_()
-    ref = loss_ref64(pred64, imgs, mask, None, p, True, EPS)
-    ref.backward()
-    base_pred = pred.detach().clone().requires_grad_()
-    base = norm_mse_loss_ref(base_pred, imgs, mask, None, p, True, EPS)
-    base.backward()
-    assert_close("loss", loss, ref, base, torch.float32)
-    assert_close("dpred", pred.grad, pred64.grad, base_pred.grad, pred_dtype)
+    _check_norm_pix_loss(loss, pred, imgs, mask, p, EPS)
 
 
 def test_norm_mse_loss_deterministic(backend):
