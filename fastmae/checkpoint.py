@@ -301,7 +301,7 @@ def latest(output_dir: str) -> str | None:
     if os.path.isfile(last):
         return last
     numbered = []
-    for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+    for p in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*.pth")):
         m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(p))
         if m:
             numbered.append((int(m.group(1)), p))

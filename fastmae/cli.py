@@ -95,6 +95,9 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                                      "gradients without fp16's scaler (each is skipped)")
     f.add_argument("--no-picture", dest="picture", action="store_false",
                    help="do not write output_dir/reconstruction.png at the end")
+    f.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if --output_dir holds an earlier run's checkpoints, replacing "
+                        "them (without it such a run is refused; --resume auto continues it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
         path = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.device)
         print(f"wrote {path}")
         return 0
-    except (ValueError, IndexError, CheckpointError, train.NonFiniteLossError) as e:
+    except (ValueError, IndexError, OSError, CheckpointError, train.NonFiniteLossError) as e:
         print(f"fastmae {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

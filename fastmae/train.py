@@ -226,18 +226,26 @@ class Result:
 
 # ---------------------------------------------------------------------------- checkpoints
 def _save(path, *, model, optimizer, scaler, args, epoch, epoch_iter, step, meters, nonfinite, dataset_len,
-          global_batch):
+          position_settings):
     ckpt_io.save_atomic({
         "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION,
         "model": model.state_dict(), "model_config": ckpt_io.model_config(model),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "epoch_iter": epoch_iter, "step": step, "meters": meters.state(),
-        "nonfinite": nonfinite, "dataset_len": dataset_len, "global_batch": global_batch,
+        "nonfinite": nonfinite, "dataset_len": dataset_len, "position_settings": position_settings,
         "args": ckpt_io.plain_args(args), "rng": ckpt_io.rng_states(),
     }, path)
 
 
-def _check_resume(ckpt, path, model, optimizer, dataset_len, global_batch):
+def _position_settings(args, world_size: int) -> dict:
+    """What fixes a mid-epoch position: ``epoch_iter`` counts batches of ``--batch_size``, steps
+    end every ``--accum_iter`` batches, and the epoch's order comes from ``--seed`` and the
+    process count."""
+    return {"--batch_size": args.batch_size, "--accum_iter": args.accum_iter, "--seed": args.seed,
+            "process count": world_size}
+
+
+def _check_resume(ckpt, path, model, optimizer, dataset_len, settings):
     """Everything that must match before anything is loaded (no partial loads)."""
     want, have = ckpt_io.model_config(model), ckpt["model_config"]
     diff = [f"{k}: checkpoint {have.get(k)!r} vs this run {want[k]!r}" for k in want if have.get(k) != want[k]]
@@ -253,11 +261,35 @@ def _check_resume(ckpt, path, model, optimizer, dataset_len, global_batch):
         raise ckpt_io.CheckpointError(
             f"checkpoint {path!r}: optimizer parameter groups of sizes {sizes} do not match this "
             f"model's {own}")
-    if ckpt["epoch_iter"] and (ckpt.get("dataset_len") != dataset_len or ckpt.get("global_batch") != global_batch):
+    if not ckpt["epoch_iter"]:
+        return  # at an epoch's start any batch size, seed or process count can go on
+    stored = ckpt.get("position_settings")
+    if stored is None:  # written before they were stored: from its arguments and global batch
+        a = ckpt.get("args") or {}
+        per_process = (a.get("batch_size") or 0) * (a.get("accum_iter") or 0)
+        stored = {"--batch_size": a.get("batch_size"), "--accum_iter": a.get("accum_iter"), "--seed": a.get("seed"),
+                  "process count": (ckpt.get("global_batch") or 0) // per_process if per_process else None}
+    stored = dict(stored, samples=ckpt.get("dataset_len"))
+    diff = [f"{k}: checkpoint {stored.get(k)!r} vs this run {v!r}"
+            for k, v in dict(settings, samples=dataset_len).items() if stored.get(k) != v]
+    if diff:
         raise ckpt_io.CheckpointError(
-            f"checkpoint {path!r} stopped mid-epoch with {ckpt.get('dataset_len')} samples and a global "
-            f"batch of {ckpt.get('global_batch')}; this run has {dataset_len} samples and a global batch of "
-            f"{global_batch}. Resume mid-epoch with the same data, --batch_size, --accum_iter and process count")
+            f"checkpoint {path!r} stopped mid-epoch (batch {ckpt['epoch_iter']} of epoch {ckpt['epoch']}) "
+            f"with other settings ({'; '.join(diff)}): resuming there needs the same data, --batch_size, "
+            f"--accum_iter, --seed and process count, or the batches of that epoch would be skipped or "
+            f"seen twice")
+
+
+def _check_output_dir(args) -> None:
+    """A run that does not resume must not replace another run's checkpoints."""
+    if not args.output_dir or args.resume or getattr(args, "overwrite", False):
+        return
+    found = ckpt_io.latest(args.output_dir)
+    if found is not None:
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} holds an earlier run's checkpoint ({found}), which this "
+            f"run would replace: pass --resume auto to continue that run, a new --output_dir to start "
+            f"afresh beside it, or --overwrite to replace it")
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -301,7 +333,8 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     say = print if main else (lambda *a, **k: None)
 
     for flag, value, low in [("--batch_size", args.batch_size, 1), ("--accum_iter", args.accum_iter, 1),
-                             ("--epochs", args.epochs, 0), ("--num_workers", args.num_workers, 0),
+                             ("--epochs", args.epochs, 0), ("--start_epoch", args.start_epoch, 0),
+                             ("--num_workers", args.num_workers, 0),
                              ("--save-every", args.save_every, 0), ("--max-nonfinite", args.max_nonfinite, 1),
                              ("--max-steps", 1 if args.max_steps is None else args.max_steps, 1)]:
         if value < low:
@@ -315,6 +348,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     compile_mode = _compile_mode(args.compile)
+    _check_output_dir(args)
     if args.precision is None:  # the official code trains with fp16 autocast on CUDA
         args.precision = "fp16" if device.type == "cuda" else "fp32"
     if args.precision not in PRECISIONS:
@@ -351,6 +385,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     used_iters = steps_per_epoch * args.accum_iter
 
     # ---- resume
+    settings = _position_settings(args, dist_info.world_size)
     start_epoch, epoch_iter, step, nonfinite = args.start_epoch, 0, 0, 0
     meters = Meters()
     resume = args.resume
@@ -360,7 +395,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             say(f"--resume auto: no checkpoint in {args.output_dir!r}, starting from scratch")
     if resume:
         ckpt = ckpt_io.load(resume, map_location="cpu")
-        _check_resume(ckpt, resume, model, optimizer, len(train_set), global_batch)
+        _check_resume(ckpt, resume, model, optimizer, len(train_set), settings)
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
@@ -413,12 +448,12 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
             return False
         _save(path, model=model_without_ddp, optimizer=optimizer, scaler=scaler, args=args, epoch=epoch,
               epoch_iter=it, step=step, meters=meters, nonfinite=nonfinite, dataset_len=len(train_set),
-              global_batch=global_batch)
+              position_settings=settings)
         return True
 
     use_bar = main and sys.stderr.isatty()
     t_start = time.time()
-    images_seen, last_loss, saved, epoch_losses = 0, None, None, []
+    images_seen, last_loss, saved, epoch_losses = 0, None, resume or None, []
     stop = args.max_steps is not None and step >= args.max_steps
     model.train(True)
     bar = None

@@ -117,6 +117,7 @@ def test_options_before_a_command_say_where_they_go(capsys):
     (["--clip-grad", "-1"], "--clip-grad must be > 0"),
     (["--min_lr", "-5"], "--min_lr must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--start_epoch", "-2"], "--start_epoch must be at least 0"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, folder, capsys, flags, message):
     argv = ["pretrain", *TINY, "--output_dir", str(tmp_path), "--data_path", folder, *flags]
@@ -124,6 +125,17 @@ def test_bad_input_gives_a_clear_error(tmp_path, folder, capsys, flags, message)
     err = capsys.readouterr().err
     assert err.startswith("fastmae pretrain: error: ") and message in err, err
     assert "Traceback" not in err
+
+
+def test_file_system_errors_are_reported_without_a_traceback(tmp_path, folder, trained, capsys):
+    (tmp_path / "a_file").write_text("x")
+    blocked = str(tmp_path / "a_file" / "out")
+    assert cli.main(["pretrain", *TINY, "--output_dir", blocked, "--data_path", folder]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae pretrain: error: ") and "a_file" in err and "Traceback" not in err
+    assert cli.main(["visualize", "--checkpoint", trained, "--out", blocked + "/x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae visualize: error: ") and "a_file" in err and "Traceback" not in err
 
 
 def test_empty_data_folder(tmp_path, capsys):

@@ -328,6 +328,10 @@ def test_latest_checkpoint(tmp_path):
     assert ckpt_io.latest(str(tmp_path)) == str(tmp_path / "checkpoint-12.pth")  # numerically, not by name
     (tmp_path / "checkpoint-last.pth").write_bytes(b"x")
     assert ckpt_io.latest(str(tmp_path)) == str(tmp_path / "checkpoint-last.pth")
+    odd = tmp_path / "runs[1]*?"  # glob's special characters in the folder name
+    odd.mkdir()
+    (odd / "checkpoint-20.pth").write_bytes(b"x")
+    assert ckpt_io.latest(str(odd)) == str(odd / "checkpoint-20.pth")
 
 
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, folder, capsys):
@@ -413,6 +417,46 @@ def test_mismatched_checkpoints_are_refused_before_loading_anything(tmp_path, fo
     msg = _resume_error(tmp_path, folder, good_ckpt, "--batch_size", "2")
     assert "mid-epoch" in msg
     assert loads == []  # nothing was loaded by any refused resume
+
+
+def test_mid_epoch_resume_needs_the_settings_that_fix_the_position(tmp_path, folder, good_ckpt):
+    """epoch_iter counts batches of --batch_size and the epoch's order follows --seed: resuming
+    mid-epoch with the same global batch split otherwise, or another seed, would skip or repeat
+    samples (or stop on a batch that is not a step's first)."""
+    assert ckpt_io.load(good_ckpt)["epoch_iter"] == 1  # batch 4 x accum 1, stopped after 1 of 4 batches
+    msg = _resume_error(tmp_path, folder, good_ckpt, "--batch_size", "2", "--accum_iter", "2")
+    assert "mid-epoch" in msg and "--batch_size: checkpoint 4 vs this run 2" in msg
+    assert "--accum_iter: checkpoint 1 vs this run 2" in msg
+    assert "--seed: checkpoint 0 vs this run 7" in _resume_error(tmp_path, folder, good_ckpt, "--seed", "7")
+    # a checkpoint written before the settings were stored: read from its arguments
+    old = torch.load(good_ckpt, weights_only=True)
+    del old["position_settings"]
+    old["global_batch"] = 4
+    torch.save(old, tmp_path / "old.pth")
+    msg = _resume_error(tmp_path, folder, str(tmp_path / "old.pth"), "--batch_size", "2", "--accum_iter", "2")
+    assert "--accum_iter: checkpoint 1 vs this run 2" in msg and "process count: checkpoint" not in msg
+    assert run(tmp_path / "old", folder, "--resume", str(tmp_path / "old.pth")).steps == 8  # the same: resumes
+    # at an epoch's start nothing is mid-way: another split of the batch goes on
+    run(tmp_path / "edge", folder, "--epochs", "1")
+    res = run(tmp_path / "edge", folder, "--batch_size", "2", "--accum_iter", "2", "--seed", "3", "--resume", "auto")
+    assert res.steps == 4 + 4
+
+
+def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoints(tmp_path, folder):
+    first = run(tmp_path, folder, "--epochs", "1")
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint-*.pth")}
+    assert set(before) == {"checkpoint-last.pth", "checkpoint-0.pth"}
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoint.*--resume auto.*--overwrite"):
+        run(tmp_path, folder, "--epochs", "1", "--seed", "5")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint-*.pth")} == before
+    assert run(tmp_path, folder, "--epochs", "2", "--resume", "auto").steps == 8  # continuing is allowed
+    again = run(tmp_path, folder, "--epochs", "1", "--seed", "5", "--overwrite")
+    assert again.checkpoint == first.checkpoint and ckpt_io.load(again.checkpoint)["args"]["seed"] == 5
+
+
+def test_the_resumed_checkpoint_counts_as_the_last_good_one(tmp_path, folder):
+    done = run(tmp_path, folder, "--epochs", "1").checkpoint
+    assert run(tmp_path, folder, "--epochs", "1", "--resume", "auto").checkpoint == done  # nothing left to run
 
 
 def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
