@@ -70,6 +70,17 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                         "afresh when there is none)")
     g.add_argument("--start_epoch", type=int, default=0, metavar="N", help="first epoch (a resume overrides it)")
     g.add_argument("--num_workers", type=int, default=10, help="DataLoader worker processes")
+    g.add_argument("--pin_mem", action="store_true", default=True,
+                   help="pin the DataLoader's batches in memory for faster copies to the GPU (on by default; "
+                        "CUDA only)")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin them")
+    g.add_argument("--world_size", type=int, default=1, metavar="N",
+                   help="number of processes; as in the official code the launcher's WORLD_SIZE decides "
+                        "(torchrun --nproc_per_node=N), so this value is not used")
+    g.add_argument("--dist_url", default="env://", metavar="URL",
+                   help="init_method of the process group (torchrun sets the env:// variables)")
+    g.add_argument("--dist_on_itp", action="store_true",
+                   help="the official code's Microsoft ITP cluster launch: not supported, use torchrun")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
 
     f = p.add_argument_group("fastmae flags")

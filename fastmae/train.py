@@ -121,7 +121,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> Dist:
+def init_distributed(device_type: str, init_method: str = "env://") -> Dist:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); one process alone
     when ``WORLD_SIZE`` is unset or 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -133,7 +133,8 @@ def init_distributed(device_type: str) -> Dist:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", init_method=init_method,
+                                world_size=world, rank=info.rank)
     return info
 
 
@@ -327,7 +328,10 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     """
     from torch.utils.data import DataLoader
 
-    dist_info = init_distributed(parse_device(args.device).type)
+    if getattr(args, "dist_on_itp", False):
+        raise ValueError("--dist_on_itp (the official code's launch on Microsoft ITP clusters) is not supported: "
+                         "launch with torchrun --nproc_per_node=N -m fastmae pretrain ...")
+    dist_info = init_distributed(parse_device(args.device).type, getattr(args, "dist_url", "env://"))
     device = resolve_device(args.device, dist_info)
     main = dist_info.is_main
     say = print if main else (lambda *a, **k: None)
@@ -418,7 +422,8 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
 
     loader = DataLoader(
         train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+        pin_memory=getattr(args, "pin_mem", True) and device.type == "cuda", drop_last=True,
+        persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched
     )
     writer = _tensorboard(args.log_dir) if main else None

@@ -15,7 +15,8 @@ from trainkit import TINY, make_image_folder
 OFFICIAL_FLAGS = ("--model", "--input_size", "--mask_ratio", "--norm_pix_loss", "--batch_size", "--epochs",
                   "--accum_iter", "--lr", "--blr", "--min_lr", "--warmup_epochs", "--weight_decay",
                   "--data_path", "--output_dir", "--log_dir", "--resume", "--start_epoch", "--seed",
-                  "--num_workers", "--device")
+                  "--num_workers", "--device", "--pin_mem", "--no_pin_mem", "--world_size", "--dist_url",
+                  "--dist_on_itp")
 FASTMAE_FLAGS = ("--precision", "--compile", "--attn-backend", "--max-steps", "--clip-grad", "--save-every",
                  "--max-nonfinite", "--no-picture")
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
@@ -68,8 +69,10 @@ def test_pretrain_defaults_are_the_official_ones():
     official = dict(model="mae_vit_large_patch16", input_size=224, mask_ratio=0.75, norm_pix_loss=False,
                     batch_size=64, epochs=400, accum_iter=1, lr=None, blr=1e-3, min_lr=0.0, warmup_epochs=40,
                     weight_decay=0.05, output_dir="./output_dir", log_dir="./output_dir", resume="",
-                    start_epoch=0, seed=0, num_workers=10)
+                    start_epoch=0, seed=0, num_workers=10, pin_mem=True, world_size=1, dist_url="env://",
+                    dist_on_itp=False)
     assert {k: getattr(args, k) for k in official} == official
+    assert cli.build_parser().parse_args(["pretrain", "--no_pin_mem"]).pin_mem is False
     assert args.data_path is None and args.device is None and args.clip_grad is None and args.save_every == 0
 
 
@@ -118,6 +121,7 @@ def test_options_before_a_command_say_where_they_go(capsys):
     (["--min_lr", "-5"], "--min_lr must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--start_epoch", "-2"], "--start_epoch must be at least 0"),
+    (["--dist_on_itp"], "--dist_on_itp (the official code's launch on Microsoft ITP clusters) is not supported"),
 ])
 def test_bad_input_gives_a_clear_error(tmp_path, folder, capsys, flags, message):
     argv = ["pretrain", *TINY, "--output_dir", str(tmp_path), "--data_path", folder, *flags]
