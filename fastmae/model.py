@@ -116,7 +116,8 @@ class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
         return loss, pred, mask
 
 
-_NAMES = list(reference.MODEL_CONFIGS)
+# every name create_model knows: the official factories, then the small configurations
+MODEL_NAMES = tuple(reference.MODEL_CONFIGS) + tuple(reference.SMALL_CONFIGS)
 mae_vit_base_patch16_dec512d8b = reference.make_factory(MaskedAutoencoderViT, "mae_vit_base_patch16_dec512d8b")
 mae_vit_large_patch16_dec512d8b = reference.make_factory(MaskedAutoencoderViT, "mae_vit_large_patch16_dec512d8b")
 mae_vit_huge_patch14_dec512d8b = reference.make_factory(MaskedAutoencoderViT, "mae_vit_huge_patch14_dec512d8b")
@@ -126,11 +127,13 @@ mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
 
 
 def create_model(name: str, reference_impl: bool = False, **kwargs):
-    """Build an MAE by its official factory name (``mae_vit_base_patch16`` ...).
+    """Build an MAE by name: an official factory name (``mae_vit_base_patch16`` ...) or a small
+    configuration (``mae_vit_tiny_patch8``, the demo's; ``mae_vit_micro_patch8``). ``kwargs``
+    override the configuration (``img_size``, ``norm_pix_loss``, ...).
 
     ``reference_impl=True`` builds the plain reference model instead of the fast one.
     """
-    if name not in reference.MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_NAMES)}")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     cls = reference.MaskedAutoencoderViT if reference_impl else MaskedAutoencoderViT
     return reference.make_factory(cls, name)(**kwargs)

@@ -230,15 +230,26 @@ MODEL_CONFIGS = {
 for _name in list(MODEL_CONFIGS):  # the official short aliases
     MODEL_CONFIGS[_name.replace("_dec512d8b", "")] = MODEL_CONFIGS[_name]
 
+# Small configurations of the same architecture (not official): the embedded demo's model and the
+# tests'. create_model knows them by name like the official ones.
+SMALL_CONFIGS = {
+    "mae_vit_tiny_patch8": dict(patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4),
+    "mae_vit_micro_patch8": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4),
+}
+
 
 def make_factory(cls, name):
-    """A factory ``name(**kwargs)`` building ``cls`` with the official configuration of ``name``."""
+    """A factory ``name(**kwargs)`` building ``cls`` with the configuration of ``name`` (official,
+    or one of :data:`SMALL_CONFIGS`); ``kwargs`` override it."""
     def factory(**kwargs):
-        cfg = dict(MODEL_CONFIGS[name], norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        cfg = dict(MODEL_CONFIGS.get(name) or SMALL_CONFIGS[name], norm_layer=partial(nn.LayerNorm, eps=1e-6))
         cfg.update(kwargs)
         return cls(**cfg)
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{cls.__module__}.{cls.__name__} with the official {name} configuration."
+    kind = "official" if name in MODEL_CONFIGS else "small (not official)"
+    factory.__doc__ = f"{cls.__module__}.{cls.__name__} with the {kind} {name} configuration."
     return factory
 
 

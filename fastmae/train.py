@@ -28,23 +28,15 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
 from . import data, reference
+from .model import MODEL_NAMES, create_model
 from ._checks import num_kept
 
-# Small models for the embedded demo and for tests (official names come from fastmae.model).
-PRESETS = {
-    "mae_vit_tiny_patch8": dict(patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4),
-    "mae_vit_micro_patch8": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
-                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4),
-}
-MODEL_NAMES = tuple(reference.MODEL_CONFIGS) + tuple(PRESETS)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch.compile's modes; "reduce-overhead" replays forward and backward as CUDA graphs (on CPU
 # it compiles as "default")
@@ -57,24 +49,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- model
-def create_model(name: str, input_size: int, norm_pix_loss: bool = False, attn_backend: str = "auto"):
-    """The fast MAE named ``name`` (an official factory name or a :data:`PRESETS` entry), built
-    for ``input_size`` x ``input_size`` images."""
-    from .model import MaskedAutoencoderViT
-
-    if name in reference.MODEL_CONFIGS:
-        cfg = dict(reference.MODEL_CONFIGS[name])
-    elif name in PRESETS:
-        cfg = dict(PRESETS[name])
-    else:
+def make_model(name: str, input_size: int, norm_pix_loss: bool = False, attn_backend: str = "auto"):
+    """The fast MAE ``--model name`` (see :func:`fastmae.create_model`) built for ``--input_size``
+    images, with the errors named by their flags."""
+    if name not in MODEL_NAMES:
         raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    p = cfg["patch_size"]
+    p = (reference.MODEL_CONFIGS.get(name) or reference.SMALL_CONFIGS[name])["patch_size"]
     if input_size <= 0 or input_size % p:
         raise ValueError(f"--input_size {input_size} is not a positive multiple of the patch size "
                          f"{p} of {name}")
-    return MaskedAutoencoderViT(img_size=input_size, norm_pix_loss=norm_pix_loss,
-                                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                                attn_backend=attn_backend, **cfg)
+    return create_model(name, img_size=input_size, norm_pix_loss=norm_pix_loss, attn_backend=attn_backend)
 
 
 def param_groups(model, weight_decay: float):
@@ -364,7 +348,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    model = create_model(args.model, args.input_size, args.norm_pix_loss, args.attn_backend).to(device)
+    model = make_model(args.model, args.input_size, args.norm_pix_loss, args.attn_backend).to(device)
     num_kept(model.patch_embed.num_patches, args.mask_ratio)  # a clear error now, not at the first step
     model_without_ddp = model
     global_batch = args.batch_size * args.accum_iter * dist_info.world_size

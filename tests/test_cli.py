@@ -202,7 +202,7 @@ def test_reconstruction_of_a_perfect_prediction_is_the_image(norm_pix_loss):
     """Un-normalising with each patch's own statistics (norm_pix_loss) and unpatchifying must give the
     image back; the masked input shows grey exactly on the removed patches."""
     torch.manual_seed(0)
-    model = _perfect(train.create_model("mae_vit_micro_patch8", 32, norm_pix_loss=norm_pix_loss))
+    model = _perfect(train.make_model("mae_vit_micro_patch8", 32, norm_pix_loss=norm_pix_loss))
     imgs = torch.stack([data.eval_transform(32)(im) for _, im in visualize.embedded_images()[:2]])
     out = visualize.reconstruct(model, imgs, mask_ratio=0.75, seed=1)
     torch.testing.assert_close(out["reconstruction"], out["original"], rtol=0, atol=2e-5)
@@ -215,15 +215,15 @@ def test_reconstruction_of_a_perfect_prediction_is_the_image(norm_pix_loss):
 
 def test_reconstruction_of_a_wrong_prediction_is_not_the_image():
     torch.manual_seed(0)
-    model = train.create_model("mae_vit_micro_patch8", 32, norm_pix_loss=True)
+    model = train.make_model("mae_vit_micro_patch8", 32, norm_pix_loss=True)
     imgs = torch.stack([data.eval_transform(32)(im) for _, im in visualize.embedded_images()[:2]])
     out = visualize.reconstruct(model, imgs, mask_ratio=0.75, seed=1)
     assert (out["reconstruction"] - out["original"]).abs().max() > 0.1 and (out["loss"] > 0.01).all()
 
 
 def test_caption_says_how_norm_pix_predictions_are_shown(tmp_path):
-    plain = train.create_model("mae_vit_micro_patch8", 32)
-    normed = train.create_model("mae_vit_micro_patch8", 32, norm_pix_loss=True)
+    plain = train.make_model("mae_vit_micro_patch8", 32)
+    normed = train.make_model("mae_vit_micro_patch8", 32, norm_pix_loss=True)
     assert "norm_pix_loss" not in visualize.caption_for(plain, 0.75, 0)
     text = visualize.caption_for(normed, 0.75, 0)
     assert "un-normalised with the mean and variance of the original image's patch" in text
@@ -237,7 +237,7 @@ def test_caption_says_how_norm_pix_predictions_are_shown(tmp_path):
 
 def test_picture_tiles_hold_the_images(tmp_path):
     """The first tile of each row is the (upscaled) original image."""
-    model = train.create_model("mae_vit_micro_patch8", 32)
+    model = train.make_model("mae_vit_micro_patch8", 32)
     images = visualize.embedded_images()[:2]
     path = visualize.save_grid(model, images, str(tmp_path / "g.png"))
     out = visualize.reconstruct(model, torch.stack([data.eval_transform(32)(im) for _, im in images]), 0.75)

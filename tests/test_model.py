@@ -141,8 +141,12 @@ def test_factories_and_create_model():
     r = fastmae.create_model("mae_vit_huge_patch14_dec512d8b", reference_impl=True, img_size=28,
                              depth=1, decoder_depth=1)
     assert type(r) is reference.MaskedAutoencoderViT and r.patch_embed.patch_size == (14, 14)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model 'mae_vit_tiny'; choose one of .*mae_vit_micro_patch8"):
         fastmae.create_model("mae_vit_tiny")
+    tiny = fastmae.create_model("mae_vit_tiny_patch8", img_size=64)  # the demo's small configuration
+    assert (tiny.patch_embed.patch_size, tiny.patch_embed.num_patches, len(tiny.blocks)) == ((8, 8), 64, 6)
+    micro = fastmae.create_model("mae_vit_micro_patch8", reference_impl=True, img_size=32, norm_pix_loss=True)
+    assert type(micro) is reference.MaskedAutoencoderViT and micro.norm_pix_loss
 
 
 def test_state_dict_round_trip(tmp_path):

@@ -43,7 +43,7 @@ def test_learning_rate_schedule_is_warmup_then_half_cosine():
 
 
 def test_weight_decay_groups():
-    model = train.create_model("mae_vit_micro_patch8", 32)
+    model = train.make_model("mae_vit_micro_patch8", 32)
     no_decay, decay = train.param_groups(model, 0.05)
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.05
     names = {id(p): n for n, p in model.named_parameters()}
@@ -72,19 +72,19 @@ def test_lr_rule_and_optimizer(tmp_path, folder):
 def test_input_size_builds_the_model_for_that_size(name):
     p = {"mae_vit_huge_patch14": 14}.get(name, 16 if "patch16" in name else 8)
     size = 3 * p if name != "mae_vit_tiny_patch8" else 40
-    model = train.create_model(name, size) if "tiny" in name else None
+    model = train.make_model(name, size) if "tiny" in name else None
     if model is None:  # full-size encoders are big: check the configuration on the meta device
         with torch.device("meta"):
-            model = train.create_model(name, size)
+            model = train.make_model(name, size)
     assert model.patch_embed.img_size == (size, size)
     assert model.pos_embed.shape[1] == (size // p) ** 2 + 1
 
 
 def test_bad_model_and_input_size():
     with pytest.raises(ValueError, match="unknown --model 'mae_vit_gigantic'.*mae_vit_base_patch16"):
-        train.create_model("mae_vit_gigantic", 224)
+        train.make_model("mae_vit_gigantic", 224)
     with pytest.raises(ValueError, match="--input_size 100 is not a positive multiple of the patch size 16"):
-        train.create_model("mae_vit_base_patch16", 100)
+        train.make_model("mae_vit_base_patch16", 100)
 
 
 # ---------------------------------------------------------------------------- data
@@ -250,14 +250,14 @@ def test_mixed_precision(tmp_path, folder, precision, monkeypatch):
     """--precision runs the forward under autocast (the decoder's output layer computes in that
     dtype), with fp32 master weights and, for fp16, a gradient scaler."""
     seen = []
-    real = train.create_model
+    real = train.make_model
 
     def create(*a, **k):
         model = real(*a, **k)
         model.decoder_pred.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
         return model
 
-    monkeypatch.setattr(train, "create_model", create)
+    monkeypatch.setattr(train, "make_model", create)
     res = run(tmp_path, folder, "--precision", precision, "--max-steps", "3", "--clip-grad", "1.0")
     assert seen and set(seen) == {train.PRECISIONS[precision]}
     assert math.isfinite(res.final_loss)
@@ -597,7 +597,7 @@ def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
 
 def _nan_gradients_at(monkeypatch, backward_calls):
     """The model's decoder_pred.weight gets a NaN gradient in the given backward calls (1-based)."""
-    real, seen = train.create_model, [0]
+    real, seen = train.make_model, [0]
 
     def create(*a, **k):
         model = real(*a, **k)
@@ -609,7 +609,7 @@ def _nan_gradients_at(monkeypatch, backward_calls):
         model.decoder_pred.weight.register_hook(hook)
         return model
 
-    monkeypatch.setattr(train, "create_model", create)
+    monkeypatch.setattr(train, "make_model", create)
 
 
 def test_nonfinite_gradients_skip_the_step(tmp_path, monkeypatch, capsys):
@@ -632,7 +632,7 @@ def test_nonfinite_weights_never_replace_the_last_good_checkpoint(tmp_path, monk
             with torch.no_grad():
                 model.decoder_pred.weight.fill_(float("nan"))
 
-    real = train.create_model
+    real = train.make_model
 
     def create(*a, **k):
         nonlocal model
@@ -640,7 +640,7 @@ def test_nonfinite_weights_never_replace_the_last_good_checkpoint(tmp_path, monk
         return model
 
     model = None
-    monkeypatch.setattr(train, "create_model", create)
+    monkeypatch.setattr(train, "make_model", create)
     args = pretrain_args(tmp_path, "--save-every", "1", "--max-nonfinite", "3")
     with pytest.raises(train.NonFiniteLossError, match=r"last good checkpoint is .*checkpoint-last\.pth"):
         train.pretrain(args, dataset=Poisoned(16, poisoned=()), on_step=poison)
