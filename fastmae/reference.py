@@ -12,7 +12,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from ._checks import check_grid, check_images, check_noise, num_kept, to_2tuple
+from ._checks import check_architecture, check_grid, check_images, check_noise, num_kept, to_2tuple
 from .pos_embed import get_2d_sincos_pos_embed
 
 
@@ -94,6 +94,8 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         self.in_chans = in_chans
         # --- encoder
+        h, w = check_grid(to_2tuple(img_size, "img_size"), patch_size)
+        check_architecture(in_chans, mlp_ratio, h * w)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

@@ -105,6 +105,8 @@ def test_auto_on_cpu():
     ("sdpa", "cpu", torch.int32, ValueError, "does not take torch.int32"),
     ("math", "cpu", torch.int64, ValueError, "needs floating inputs"),
     ("flash9", "cpu", torch.float32, ValueError, "unknown attention backend 'flash9'"),
+    ("auto", "cpu", torch.int64, ValueError, "attention needs floating inputs, got torch.int64"),
+    ("auto", "cuda", torch.int32, ValueError, "attention needs floating inputs, got torch.int32"),
 ])
 def test_unusable_backend_errors(backend, device, dtype, exc, msg):
     with pytest.raises(exc, match=msg):

@@ -193,3 +193,7 @@ def test_bad_input():
         gelu_mlp(x[..., :3], w1, b1, w2, b2)
     with pytest.raises(ValueError, match="fc2_weight \\[D, H\\]"):
         gelu_mlp(x, w1, b1, w2.t(), b2)
+    with pytest.raises(ValueError, match=r"fc1_bias of shape \[8\] \(or None\), got \(7,\)"):
+        gelu_mlp(x, w1, b1[:-1], w2, b2)
+    with pytest.raises(ValueError, match=r"fc2_bias of shape \[4\] \(or None\), got \(4, 1\)"):
+        gelu_mlp(x, w1, b1, w2, b2[:, None])

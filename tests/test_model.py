@@ -185,6 +185,9 @@ def test_bad_input_errors(cls):
         (good, {"mask_ratio": 0.99}, "leaves no visible patch"),
         (good, {"noise": torch.rand(2, 15)}, r"noise must have shape \[N, L\] = \[2, 16\]"),
         (good, {"noise": torch.rand(3, 16)}, r"noise must have shape"),
+        (good, {"noise": torch.rand(2, 16, device="meta")}, "noise is on meta but the images are on cpu"),
+        (good, {"mask_ratio": "0.5"}, r"mask_ratio must be a number in \[0, 1\), got '0.5'"),
+        (good, {"mask_ratio": None}, r"mask_ratio must be a number"),
     ]
     for imgs, kwargs, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -194,5 +197,14 @@ def test_bad_input_errors(cls):
 def test_constructor_rejects_nondivisible_image_size():
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         fastmae.MaskedAutoencoderViT(img_size=30, patch_size=8, **SMALL)
+    for kwargs, msg in [(dict(img_size=32.0), "img_size must be a positive int or an .H, W. pair"),
+                        (dict(img_size=(32, -32)), "img_size must be a positive int"),
+                        (dict(img_size=8), "the image holds 1 patch.*at least 2"),
+                        (dict(in_chans=0), "in_chans must be a positive integer, got 0"),
+                        (dict(mlp_ratio=0), "mlp_ratio must be a positive number, got 0")]:
+        for cls in (reference.MaskedAutoencoderViT, fastmae.MaskedAutoencoderViT):
+            with pytest.raises(ValueError, match=msg):
+                cls(**dict(dict(img_size=32, patch_size=8, **SMALL), **kwargs))
+    assert fastmae.MaskedAutoencoderViT(img_size=[32, 48], patch_size=8, **SMALL).patch_embed.num_patches == 24
     with pytest.raises(ValueError, match="unknown attention backend"):
         fastmae.MaskedAutoencoderViT(img_size=32, patch_size=8, attn_backend="flash9", **SMALL)

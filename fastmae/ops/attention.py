@@ -95,6 +95,8 @@ def resolve_attn_backend(backend: str, device: torch.device, dtype: torch.dtype,
     check_attn_backend(backend)
     device = torch.device(device)
     if backend == "auto":
+        if not dtype.is_floating_point:
+            raise ValueError(f"attention needs floating inputs, got {dtype}")
         if device.type == "cuda":
             usable = dtype in _XFORMERS_DTYPES and not xformers_import_error()
             return "xformers" if usable else "sdpa"

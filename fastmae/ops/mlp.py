@@ -154,4 +154,7 @@ def gelu_mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch
         raise ValueError(f"gelu_mlp needs x [..., D], fc1_weight [H, D] and fc2_weight [D, H]; got x "
                          f"{tuple(x.shape)}, fc1_weight {tuple(fc1_weight.shape)}, "
                          f"fc2_weight {tuple(fc2_weight.shape)}")
+    for name, bias, n in (("fc1_bias", fc1_bias, H), ("fc2_bias", fc2_bias, D)):
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"gelu_mlp needs {name} of shape [{n}] (or None), got {tuple(bias.shape)}")
     return _GeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, approximate)
