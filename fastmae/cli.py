@@ -11,7 +11,6 @@ Distributed: ``torchrun --nproc_per_node=N -m fastmae pretrain ...`` (gloo on CP
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import train

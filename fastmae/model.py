@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops, reference
-from ._checks import check_images, check_noise, num_kept
+from ._checks import check_noise, num_kept
 from .ops.attention import check_attn_backend
 
 
@@ -107,13 +107,6 @@ class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
             return super().forward_loss(imgs, pred, mask)
         return ops.norm_mse_loss(pred, imgs, mask, self.patch_embed.patch_size[0],
                                  norm_pix_loss=self.norm_pix_loss)
-
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
-        check_images(imgs, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size[0])
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
-        return loss, pred, mask
 
 
 # every name create_model knows: the official factories, then the small configurations

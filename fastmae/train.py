@@ -86,7 +86,7 @@ def learning_rate(epoch: float, args) -> float:
 
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 # ---------------------------------------------------------------------------- distributed

@@ -13,6 +13,7 @@ import os
 import torch
 
 from . import data
+from ._checks import num_kept
 
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 GRAY = 0.5  # colour of removed patches in the "masked" column (in [0, 1] display space)
@@ -105,7 +106,7 @@ def render(out: dict, names, caption: str, tile: int = 192):
     H, W = out["original"].shape[-2:]
     scale = max(1, round(tile / max(H, W)))
     th, tw = H * scale, W * scale
-    pad, label_w, head_h = 8, 0, 22
+    pad, head_h = 8, 22
     font, small = _font(15), _font(13)
     width = pad + 4 * (tw + pad)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -131,7 +132,7 @@ def render(out: dict, names, caption: str, tile: int = 192):
 
 def caption_for(model, mask_ratio: float, seed: int, title: str | None = None) -> str:
     L = model.patch_embed.num_patches
-    K = int(L * (1 - mask_ratio))
+    K = num_kept(L, mask_ratio)
     p = model.patch_embed.patch_size[0]
     H, W = model.patch_embed.img_size
     lines = [f"MAE reconstructions{f' ({title})' if title else ''}: {H}x{W} images, {p}x{p} patches, "

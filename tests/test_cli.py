@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmae import checkpoint as ckpt_io
 from fastmae import cli, data, train, visualize
 from trainkit import TINY, make_image_folder
 

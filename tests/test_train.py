@@ -90,7 +90,7 @@ def test_bad_model_and_input_size():
 # ---------------------------------------------------------------------------- data
 def test_image_folder_with_and_without_train_subfolder(tmp_path):
     flat = make_image_folder(tmp_path / "flat", n=6)
-    nested = make_image_folder(tmp_path / "nested" / "train", n=5)
+    make_image_folder(tmp_path / "nested" / "train", n=5)
     assert len(data.build_dataset(flat)) == 6
     assert len(data.build_dataset(str(tmp_path / "nested"))) == 5  # DIR/train is used when present
     img, label = data.build_dataset(flat)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_grid
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -36,11 +35,6 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
     if len({t.device for _, t in named}) > 1:
         names = ", ".join(n for n, _ in named)
         raise ValueError(f"{names} must be on one device: " + ", ".join(f"{n} on {t.device}" for n, t in named))
-
-
-def check_patch_grid(H: int, W: int, patch_size: int) -> tuple[int, int]:
-    """(h, w) patch grid of an H x W image, or a ValueError if the patch size does not divide it."""
-    return check_grid((H, W), patch_size)
 
 
 def check_index_range(ids: torch.Tensor, upper: int, name: str) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._validate import check_float, check_index, check_index_range, check_patch_grid
+from .._checks import check_grid
+from ._validate import check_float, check_index, check_index_range
 
 
 def gather_mask_ref(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -99,7 +100,7 @@ def gather_mask(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> 
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
     N, C, H, W = imgs.shape
-    h, w = check_patch_grid(H, W, patch_size)
+    h, w = check_grid((H, W), patch_size)
     check_index(ids_keep, "ids_keep", N)
     if not 0 < ids_keep.shape[1] < h * w:
         raise ValueError(f"ids_keep must keep K patches with 0 < K < L = {h * w}, got K = {ids_keep.shape[1]}")

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._validate import check_float, check_index, check_index_range, check_patch_grid, check_same_device
+from .._checks import check_grid
+from ._validate import check_float, check_index, check_index_range, check_same_device
 
 
 def patch_targets_ref(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
@@ -129,7 +130,7 @@ def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.T
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
     N, C, H, W = imgs.shape
-    h, w = check_patch_grid(H, W, patch_size)
+    h, w = check_grid((H, W), patch_size)
     L, P = h * w, patch_size * patch_size * C
     if pred.dim() != 3 or pred.shape[0] != N or pred.shape[2] != P:
         raise ValueError(f"pred must be [N, rows, p*p*C] = [{N}, *, {P}] for images {tuple(imgs.shape)} "
