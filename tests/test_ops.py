@@ -5,8 +5,8 @@ Tolerance (flash-attention's rule): a backend's error against the fp64 reference
 twice the error of plain PyTorch at the same precision (the op's torch reference composition run
 on the same low-precision inputs) plus a small atol relative to the reference's magnitude; a
 failure names the worst element. Shapes reach every tail path (N = 1, L from 4 to 272, K from 1 to
-L - 1, p in 4/8/14/16, C in 1/3, non-square grids). Also: outputs poisoned with NaN before the
-kernels write them, determinism, every bad-input error, ``torch.library.opcheck`` and
+L - 1, p in 4/8/14/16, C in 1/3, non-square grids). Also: outputs allocated on NaN-filled memory
+(so an unwritten element fails), determinism, every bad-input error, ``torch.library.opcheck`` and
 ``torch.compile(fullgraph=True)`` of every registered op.
 """
 import math
@@ -105,11 +105,20 @@ def assert_close(name, out, ref, baseline, dtype):
             f"{ATOL[dtype]:g} x {scale:.3g})")
 
 
-def _poison(*specs):
-    """Free NaN-filled buffers of the outputs' sizes just before a call: an allocator that reuses
-    them hands the kernel NaN memory, so an element it forgets to write stays NaN."""
-    bufs = [torch.full(shape, math.nan, dtype=dtype) for shape, dtype in specs]
-    return [b.data_ptr() for b in bufs]  # the buffers die here
+@pytest.fixture(autouse=True)
+def uninitialized_memory_is_nan():
+    """Every output is allocated on NaN: with deterministic algorithms on, ``torch.empty`` (and
+    ``at::empty`` in the C++ kernels, the same operator) fills new memory with NaN
+    (``torch.utils.deterministic.fill_uninitialized_memory``), so an element a kernel forgets to
+    write stays NaN and fails the comparison."""
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(3).isnan().all() and torch.ops.aten.empty.memory_format([3]).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.utils.deterministic.fill_uninitialized_memory = state[2]
 
 
 def _skip_big_on_triton(backend, too_big):
@@ -136,9 +145,7 @@ def test_gather_mask(case, dtype, backend, request):
     _, ids_keep, _, _ = _masking(gen, N, L, K)
     grad = _randn(gen, N, K, C * p * p, dtype=dtype)
 
-    _poison(((N, K, C * p * p), dtype))
     out = ops.gather_mask(imgs, ids_keep, p)
-    _poison(((N, C, H, W), dtype))
     out.backward(grad)
 
     imgs64 = imgs.detach().double().requires_grad_()
@@ -189,9 +196,7 @@ def test_unshuffle_scatter(case, dtype, pos, backend, request):
     grad = _randn(gen, N, 1 + L, D, dtype=dtype)
     leaves = [x, mask_token] + ([pos_embed] if pos_embed is not None else [])
 
-    _poison(((N, 1 + L, D), dtype))
     out = ops.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
-    _poison(((N, 1 + K, D), dtype), ((D,), dtype), ((1 + L, D), dtype))
     out.backward(grad)
     check_unshuffle(out, leaves, ids_restore, grad, dtype)
 
@@ -402,7 +407,6 @@ def test_norm_mse_loss(case, dtype, mode, norm_pix, backend, request):
     g = torch.rand((), generator=gen) + 0.5  # a non-unit upstream gradient
 
     loss = ops.norm_mse_loss(pred, imgs, weight, p, norm_pix_loss=norm_pix, eps=EPS, ids=ids)
-    _poison(((N, M, P), dtype))
     (loss * g).backward()
 
     pred64 = pred.detach().double().requires_grad_()
@@ -435,7 +439,6 @@ def test_norm_mse_loss_flat_patches(eps, backend, request):
     mask[:, [0, 1, 4]] = 1  # the three flat patches are among the removed ones
     pred = _randn(gen, N, L, P, requires_grad=True)
     loss = ops.norm_mse_loss(pred, imgs, mask, p, norm_pix_loss=True, eps=eps)
-    _poison(((N, L, P), torch.float32))
     loss.backward()
     _check_norm_pix_loss(loss, pred, imgs, mask, p, eps)
 
@@ -611,22 +614,16 @@ def _primitive_calls(gen):
 @pytest.mark.parametrize("which", range(5), ids=["gather_mask", "gather_mask_backward", "unshuffle_scatter",
                                                   "unshuffle_scatter_backward", "norm_mse_loss_backward"])
 def test_outputs_fully_written(which, backend, request):
-    """Each primitive on NaN-poisoned memory: every output element must be written."""
+    """Each primitive on NaN-filled new memory (the autouse fixture): every output element written."""
     name, call, specs, ref = _primitive_calls(_gen(request))[which]
-    reused = False
-    for _ in range(20):  # the allocator usually hands the poisoned block straight back
-        ptrs = _poison(*[(s, torch.float32) for s in specs])
-        outs = call()
-        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        refs = ref()
-        refs = refs if isinstance(refs, (tuple, list)) else (refs,)
-        for o, r in zip(outs, refs):
-            assert not o.isnan().any(), f"{name}: output elements left unwritten (NaN poison survived)"
-            assert_close(name, o, r.double(), r, torch.float32)
-        reused = reused or any(o.data_ptr() in ptrs for o in outs)
-    if not reused:
-        pytest.skip("the allocator never reused the poisoned buffers here: the outputs were checked, "
-                    "but not on poisoned memory")
+    outs = call()
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    refs = ref()
+    refs = refs if isinstance(refs, (tuple, list)) else (refs,)
+    assert [tuple(o.shape) for o in outs] == [tuple(s) for s in specs]
+    for o, r in zip(outs, refs):
+        assert not o.isnan().any(), f"{name}: output elements left unwritten (NaN fill survived)"
+        assert_close(name, o, r.double(), r, torch.float32)
 
 
 # ============================================================================ bad input
