@@ -577,6 +577,45 @@ def test_cpp_settings_are_checked(var, value, message, monkeypatch):
                                                   None)
 
 
+# ============================================================================ backend choice
+def test_backend_choice(monkeypatch):
+    """Without FASTMAE_BACKEND: CPU tensors to C++ (torch math, with one warning, when the extension
+    is missing or stale), CUDA tensors to Triton (torch without it); a forced backend that cannot
+    run, or an unknown name, is a clear error."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    built = _backend.has_extension()
+    assert _backend.select_backend(cpu) == ("cpp" if built else "torch")
+    monkeypatch.setattr(_backend, "has_triton", lambda: True)
+    assert _backend.select_backend(cuda) == "triton"
+    monkeypatch.setattr(_backend, "has_triton", lambda: False)
+    assert _backend.select_backend(cuda) == "torch"
+    monkeypatch.setattr(_backend, "REQUIRED_CPP_OPS", _backend.REQUIRED_CPP_OPS + ("no_such_op",))
+    monkeypatch.setattr(_backend, "_ext_state", {})
+    with pytest.warns(RuntimeWarning) as warned:
+        assert _backend.select_backend(cpu) == "torch" and _backend.select_backend(cpu) == "torch"
+    assert len(warned) == 1 and "torch math instead" in str(warned[0].message)
+    if built:  # importable, but missing an op it should have: stale
+        assert "lacks no_such_op (built from older sources)" in _backend.extension_error()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="FASTMAE_BACKEND=cpp but the extension is unavailable"):
+        _backend.select_backend(cpu)
+    with pytest.raises(RuntimeError, match="runs on CPU tensors only, got cuda"):
+        _backend.select_backend(cuda)
+    monkeypatch.setenv("FASTMAE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="but triton is not installed"):
+        _backend.select_backend(cuda)
+    monkeypatch.setattr(_backend, "has_triton", lambda: True)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors .got cpu.*TRITON_INTERPRET=1"):
+        _backend.select_backend(cpu)
+    monkeypatch.setenv("FASTMAE_BACKEND", "Torch ")
+    assert _backend.select_backend(cuda) == "torch"
+    monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown FASTMAE_BACKEND='bogus'; choose one of torch, cpp, triton or auto"):
+        _backend.select_backend(cpu)
+
+
 # ============================================================================ outputs fully written
 def _primitive_calls(gen):
     """(name, op call, output spec, reference) for every registered primitive, at small sizes

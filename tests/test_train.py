@@ -68,6 +68,38 @@ def test_lr_rule_and_optimizer(tmp_path, folder):
     assert ckpt_io.load(res.checkpoint)["args"]["lr"] == 0.123  # --lr wins over --blr
 
 
+def test_the_schedule_sets_the_optimizers_lr(tmp_path, folder):
+    """Each step's lr is the schedule's at its first batch: after 3 steps of 4 per epoch with 1
+    warmup epoch, the third step ran at lr * 2/4, in every parameter group."""
+    res = run(tmp_path, folder, "--max-steps", "3")
+    ckpt = ckpt_io.load(res.checkpoint)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [pytest.approx(0.5 * ckpt["args"]["lr"])] * 2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clip_grad_bounds_the_norm_the_optimizer_steps_with(tmp_path, folder, precision, monkeypatch):
+    """--clip-grad: the gradients AdamW steps with have at most that norm. With fp16 the scaler
+    may hand the fused AdamW still-scaled gradients and their scale (``grad_scale``), which it
+    divides by itself: the norm is taken after that division, so clipping the scaled gradients
+    (before unscaling them) would fail here."""
+    norms = []
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        scale = getattr(self, "grad_scale", None)
+        norms.append(float(torch.nn.utils.get_total_norm(grads)) / (1.0 if scale is None else float(scale)))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run(tmp_path / "free", folder, "--precision", precision, "--max-steps", "3")
+    free = norms[:]
+    norms.clear()
+    run(tmp_path / "clipped", folder, "--precision", precision, "--max-steps", "3", "--clip-grad", "0.01")
+    assert len(free) == len(norms) == 3 and min(free) > 0.1  # unclipped, every norm is far above 0.01
+    assert max(norms) <= 0.01 * (1 + 1e-4) and min(norms) >= 0.01 * (1 - 1e-2)
+
+
 @pytest.mark.parametrize("name", ["mae_vit_base_patch16", "mae_vit_huge_patch14", "mae_vit_tiny_patch8"])
 def test_input_size_builds_the_model_for_that_size(name):
     p = {"mae_vit_huge_patch14": 14}.get(name, 16 if "patch16" in name else 8)
