@@ -132,6 +132,27 @@ def test_vit_base_parameter_count(golden):
         assert sum(p.numel() for p in model.parameters()) == golden["mae_vit_base_patch16_num_params"] == 111_907_840
 
 
+def test_position_tables_on_a_non_square_grid():
+    """Patch l = i*w + j (patchify's order): the first half of the channels encodes its column j,
+    the second its row i, as the official layout does (a square grid would hide a swap)."""
+    import numpy as np
+
+    def one_d(dim, positions):  # the official get_1d_sincos_pos_embed_from_grid, in numpy
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", np.asarray(positions, dtype=np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    model = fastmae.MaskedAutoencoderViT(img_size=(24, 40), patch_size=8, **SMALL)  # grid 3 x 5
+    for table in (model.pos_embed[0], model.decoder_pos_embed[0]):
+        D = table.shape[1]
+        cols, rows = one_d(D // 2, range(5)), one_d(D // 2, range(3))
+        assert table.shape[0] == 1 + 15 and not table[0].any()
+        for i in range(3):
+            for j in range(5):
+                want = np.concatenate([cols[j], rows[i]]).astype(np.float32)
+                assert np.allclose(table[1 + i * 5 + j].numpy(), want, atol=1e-6), (i, j)
+
+
 def test_factories_and_create_model():
     for name in ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]:
         for full in (name, name + "_dec512d8b"):

@@ -229,6 +229,18 @@ LOSS_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 @pytest.mark.parametrize("dtypes", LOSS_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("case", LOSS_CASES, ids=str)
 def test_norm_mse_loss_kernels(case, dtypes, norm_pix, poison):
+    _check_loss_kernels(case, dtypes, norm_pix)
+
+
+@pytest.mark.parametrize("case", [(2, 3, 64, 68, 4, None), (2, 1, 64, 68, 4, 100)], ids=str)
+def test_norm_mse_loss_sum_runs_over_several_blocks(case, poison, monkeypatch):
+    """The final reduction steps SUM_BLOCK rows at a time, more rows than the cases above hold:
+    with 16 its loop runs 34 and 13 times."""
+    monkeypatch.setattr(nml_kernels, "SUM_BLOCK", 16)
+    _check_loss_kernels(case, (torch.float32, torch.float32), True)
+
+
+def _check_loss_kernels(case, dtypes, norm_pix):
     N, C, H, W, p, M = case
     pred_dtype, img_dtype = dtypes
     gen = _rng("loss", case, dtypes, norm_pix)
