@@ -178,18 +178,6 @@ def test_unshuffle_scatter_kernels(case, dtype, with_pos, poison):
         assert dpos.shape == (0,) and dpos.dtype == dtype
 
 
-@pytest.mark.parametrize("with_pos", [False, True], ids=["nopos", "pos"])
-def test_unshuffle_scatter_dmask_deterministic(with_pos, poison):
-    """The mask-token (and position) gradient is bitwise identical across runs."""
-    N, L, K, D = 3, 40, 9, 72
-    gen = _rng("unshuffle-determinism", with_pos)
-    grad = _randn(gen, N, L + 1, D, scale=100.0)  # large, mixed-sign sums: order matters
-    ids_restore = _perms(gen, N, L)
-    runs = [us_kernels.unshuffle_scatter_backward(grad, ids_restore, K, with_pos) for _ in range(3)]
-    for dx, dmask, dpos in runs[1:]:
-        assert torch.equal(dmask, runs[0][1]) and torch.equal(dpos, runs[0][2]) and torch.equal(dx, runs[0][0])
-
-
 @pytest.mark.parametrize("target", [1, 5, 10 ** 6])
 def test_unshuffle_scatter_backward_row_splits(target, monkeypatch, poison):
     """The per-sample backward splits each sample's rows into whole blocks to have about
@@ -205,9 +193,14 @@ def test_unshuffle_scatter_backward_row_splits(target, monkeypatch, poison):
     tolerance(dmask, rdmask, rdmask, "d mask_token")
 
 
-def test_unshuffle_scatter_uses_no_atomics():
-    """Determinism by construction: partial sums in a buffer, a fixed-order reduction, no atomics."""
-    assert "tl.atomic" not in inspect.getsource(us_kernels)
+@pytest.mark.parametrize("module", ["gather_mask", "unshuffle_scatter", "norm_mse_loss"])
+def test_kernels_use_no_atomics(module):
+    """Determinism by construction: partial sums in buffers, fixed-order reductions, no atomics.
+    (Run-to-run equality cannot be tested here: the interpreter runs programs one at a time, so
+    a race could not show; tests/test_cuda.py checks it on a GPU.)"""
+    source = inspect.getsource({"gather_mask": gm_kernels, "unshuffle_scatter": us_kernels,
+                                "norm_mse_loss": nml_kernels}[module])
+    assert "atomic_" not in source
 
 
 # ---------------------------------------------------------------------------- norm_mse_loss
