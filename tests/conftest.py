@@ -15,10 +15,50 @@ from fastmae.ops import _backend  # noqa: E402
 from helpers import available_backends  # noqa: E402
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _differing_sources(installed: str) -> list[str]:
+    """The checkout's Python files (fastmae/, kernels/ through its link) whose installed copy in
+    ``installed`` is missing or differs. (The C++ extension's sources are not compared.)"""
+    differ = []
+    source = os.path.join(ROOT, "fastmae")
+    for folder, _, files in os.walk(source, followlinks=True):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            rel = os.path.relpath(os.path.join(folder, name), source)
+            copy = os.path.join(installed, rel)
+            with open(os.path.join(folder, name), "rb") as a:
+                mine = a.read()
+            if not os.path.isfile(copy) or open(copy, "rb").read() != mine:
+                differ.append(rel)
+    return sorted(differ)
+
+
+def pytest_configure(config):
+    """The tests (and the subprocesses they start, such as the fastmae console script) must run
+    this checkout's code: a bare ``pytest`` imports the installed fastmae, which may be an older
+    install than the checkout."""
+    import fastmae
+
+    installed = os.path.dirname(os.path.realpath(fastmae.__file__))
+    if installed == os.path.realpath(os.path.join(ROOT, "fastmae")):
+        return
+    differ = _differing_sources(installed)
+    if differ:
+        pytest.exit(f"the fastmae these tests import ({installed}) is not this checkout's code: "
+                    f"{', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''} differ. Reinstall it "
+                    f"(pip install --no-build-isolation .) or install the checkout editable (pip install "
+                    f"--no-build-isolation -e .)", returncode=4)
+
+
 def pytest_report_header(config):
     err = _backend.extension_error()
-    return [f"fastmae backends on CPU: {', '.join(available_backends())}"
-            + ("" if err is None else f" (C++ extension unavailable: {err})")]
+    import fastmae
+
+    return [f"fastmae from {os.path.dirname(fastmae.__file__)}; backends on CPU: "
+            f"{', '.join(available_backends())}" + ("" if err is None else f" (C++ extension unavailable: {err})")]
 
 
 @pytest.fixture(params=["torch", "cpp", "triton"])
