@@ -51,6 +51,32 @@ def _perms(gen, N, L):
     return torch.stack([torch.randperm(L, generator=gen) for _ in range(N)])
 
 
+@pytest.fixture(autouse=True)
+def launches_are_compiled_ahead_of_time(monkeypatch):
+    """Every launch a test makes must be one of its module's ``launch_configs()``, the list that
+    bench/triton_aot.py compiles for sm_80/sm_90 and checks for spills and vector width: the same
+    kernel, constexprs, number of warps and pointer dtypes. (Read at each launch, so a test that
+    lowers a module constant checks against the configurations that constant gives.)"""
+    from fastmae.kernels._common import dtype_name
+
+    for module in (gm_kernels, us_kernels, nml_kernels):
+        def checked(kernel, grid, *args, _module=module, _real=module.launch, **kwargs):
+            bound = dict(zip(kernel.arg_names, args), **kwargs)
+            warps = kwargs.get("num_warps", 4)
+            for c in _module.launch_configs():
+                if (c.kernel is kernel and c.num_warps == warps
+                        and all(bound.get(k) == v for k, v in c.constexprs.items())
+                        and all(bound[n] is None or "*" + dtype_name(bound[n].dtype) == t
+                                for n, t in c.signature.items() if t.startswith("*"))):
+                    return _real(kernel, grid, *args, **kwargs)
+            constexprs = {k: v for k, v in bound.items() if not isinstance(v, torch.Tensor) and k.isupper()}
+            dtypes = {k: v.dtype for k, v in bound.items() if isinstance(v, torch.Tensor)}
+            raise AssertionError(f"{kernel.__name__} launched with {constexprs}, {warps} warps, {dtypes}: "
+                                 f"not among {_module.__name__}.launch_configs(), so never compiled ahead of time")
+
+        monkeypatch.setattr(module, "launch", checked)
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Make every torch.empty / torch.empty_like allocation NaN-filled (floats) for the test."""
