@@ -68,6 +68,20 @@ def test_lr_rule_and_optimizer(tmp_path, folder):
     assert ckpt_io.load(res.checkpoint)["args"]["lr"] == 0.123  # --lr wins over --blr
 
 
+def test_attn_backend_reaches_every_attention_layer(tmp_path, folder, monkeypatch):
+    from fastmae import ops
+
+    used, real = [], ops.attention
+
+    def spy(q, k, v, backend="auto"):
+        used.append(backend)
+        return real(q, k, v, backend=backend)
+
+    monkeypatch.setattr(ops, "attention", spy)  # what the model's Attention layers call
+    run(tmp_path, folder, "--attn-backend", "math", "--max-steps", "1")
+    assert len(used) >= 3 and set(used) == {"math"}  # 2 encoder + 1 decoder blocks, at least once each
+
+
 def test_the_schedule_sets_the_optimizers_lr(tmp_path, folder):
     """Each step's lr is the schedule's at its first batch: after 3 steps of 4 per epoch with 1
     warmup epoch, the third step ran at lr * 2/4, in every parameter group."""
