@@ -294,6 +294,15 @@ def load_model(path: str, device="cpu", reference_impl: bool = False, **kwargs):
     return model.to(device).eval(), ckpt
 
 
+def run_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoints a run writes in ``output_dir``: ``checkpoint-last.pth`` and the numbered
+    ``checkpoint-<epoch>.pth`` archives that exist."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(os.path.join(output_dir, name) for name in os.listdir(output_dir)
+                  if name == LAST or re.fullmatch(r"checkpoint-(\d+)\.pth", name))
+
+
 def latest(output_dir: str) -> str | None:
     """The newest checkpoint in ``output_dir``: ``checkpoint-last.pth`` (rewritten whenever any
     checkpoint is), else the highest-numbered ``checkpoint-<epoch>.pth``; None when there is none."""

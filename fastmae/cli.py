@@ -18,7 +18,8 @@ from . import train
 # The no-argument run: small enough for a few minutes on 2 CPU cores, with a clearly falling loss.
 DEMO_DEFAULTS = dict(
     model="mae_vit_tiny_patch8", input_size=64, batch_size=32, epochs=25, warmup_epochs=2,
-    blr=8e-3, num_workers=1, precision="fp32",
+    blr=8e-3, num_workers=1, precision="fp32", output_dir="./fastmae_demo", log_dir="./fastmae_demo",
+    overwrite=True,  # a demo run replaces the previous demo's files (in its own folder, not ./output_dir)
 )
 
 
@@ -128,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", formatter_class=_Formatter, help="what `fastmae` with no arguments runs",
         description="Pre-train a small MAE on the embedded photographs (what `fastmae` alone runs): "
-                    + ", ".join(f"--{k} {v}" for k, v in DEMO_DEFAULTS.items())
-                    + ". Any pretrain flag can be given to override these.")
+                    + ", ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in DEMO_DEFAULTS.items())
+                    + ". Any pretrain flag can be given to override these; each run replaces the previous "
+                      "demo's files in its folder.")
     _add_pretrain_flags(demo)
     demo.set_defaults(**DEMO_DEFAULTS)
 

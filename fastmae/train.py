@@ -55,9 +55,9 @@ def make_model(name: str, input_size: int, norm_pix_loss: bool = False, attn_bac
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     p = (reference.MODEL_CONFIGS.get(name) or reference.SMALL_CONFIGS[name])["patch_size"]
-    if input_size <= 0 or input_size % p:
-        raise ValueError(f"--input_size {input_size} is not a positive multiple of the patch size "
-                         f"{p} of {name}")
+    if input_size <= p or input_size % p:
+        raise ValueError(f"--input_size {input_size} is not a multiple of the patch size {p} of {name} "
+                         f"larger than it (an MAE needs at least 2 patches)")
     return create_model(name, img_size=input_size, norm_pix_loss=norm_pix_loss, attn_backend=attn_backend)
 
 
@@ -265,11 +265,24 @@ def _check_resume(ckpt, path, model, optimizer, dataset_len, settings):
             f"seen twice")
 
 
-def _check_output_dir(args) -> None:
-    """A run that does not resume must not replace another run's checkpoints."""
-    if not args.output_dir or args.resume or getattr(args, "overwrite", False):
-        return
-    found = ckpt_io.latest(args.output_dir)
+def _continues_in_output_dir(args, resume) -> bool:
+    """Whether the run resumes from a checkpoint in its own --output_dir (continuing that run)."""
+    return bool(resume) and os.path.dirname(os.path.realpath(resume)) == os.path.realpath(args.output_dir)
+
+
+def _check_output_dir(args, dist_info) -> None:
+    """A run must not replace checkpoints of a run it does not continue (``--resume auto``, or a
+    file in its own --output_dir), unless --overwrite says so. Rank 0 decides for every process."""
+    found = None
+    if (dist_info.is_main and args.output_dir and not getattr(args, "overwrite", False) and args.resume != "auto"
+            and not _continues_in_output_dir(args, args.resume)):
+        found = ckpt_io.latest(args.output_dir)
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
     if found is not None:
         raise ValueError(
             f"--output_dir {args.output_dir!r} holds an earlier run's checkpoint ({found}), which this "
@@ -336,7 +349,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     compile_mode = _compile_mode(args.compile)
-    _check_output_dir(args)
+    _check_output_dir(args, dist_info)
     if args.precision is None:  # the official code trains with fp16 autocast on CUDA
         args.precision = "fp16" if device.type == "cuda" else "fp32"
     if args.precision not in PRECISIONS:
@@ -416,6 +429,11 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         os.makedirs(args.output_dir, exist_ok=True)
         for tmp in ckpt_io.remove_stale_temporaries(args.output_dir):
             say(f"removed {tmp}, left by an interrupted save")
+        if getattr(args, "overwrite", False) and not _continues_in_output_dir(args, resume):
+            old_log = [log_path] if os.path.isfile(log_path) else []
+            for old in ckpt_io.run_checkpoints(args.output_dir) + old_log:
+                os.remove(old)
+                say(f"--overwrite: removed {old}, of an earlier run")
     last_path = os.path.join(args.output_dir, ckpt_io.LAST) if args.output_dir else None
 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -433,7 +451,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         never replaced by a poisoned one. Returns whether it was written."""
         if not _finite_weights(model_without_ddp):
             say(f"not saving {path}: the weights hold non-finite values; the last good checkpoint is "
-                f"{saved or 'not written yet'}")
+                f"{saved or resume or 'not written yet'}")
             return False
         _save(path, model=model_without_ddp, optimizer=optimizer, scaler=scaler, args=args, epoch=epoch,
               epoch_iter=it, step=step, meters=meters, nonfinite=nonfinite, dataset_len=len(train_set),
@@ -442,7 +460,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
 
     use_bar = main and sys.stderr.isatty()
     t_start = time.time()
-    images_seen, last_loss, saved, epoch_losses = 0, None, resume or None, []
+    images_seen, last_loss, saved, epoch_losses = 0, None, None, []
     stop = args.max_steps is not None and step >= args.max_steps
     model.train(True)
     bar = None
@@ -501,7 +519,7 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
                         raise NonFiniteLossError(
                             f"the loss or its gradients were non-finite for {nonfinite} consecutive steps (epoch "
                             f"{epoch}, step {step}); stopping. Lower --lr/--blr, set --clip-grad, or use --precision "
-                            f"fp32/bf16; the last good checkpoint is {saved or 'not written yet'}")
+                            f"fp32/bf16; the last good checkpoint is {saved or resume or 'not written yet'}")
                 optimizer.zero_grad(set_to_none=True)
                 group_bad = False
                 step += 1

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fastmae import checkpoint as ckpt_io
 from fastmae import cli, data, train, visualize
 from trainkit import TINY, make_image_folder
 
@@ -17,7 +18,7 @@ OFFICIAL_FLAGS = ("--model", "--input_size", "--mask_ratio", "--norm_pix_loss", 
                   "--num_workers", "--device", "--pin_mem", "--no_pin_mem", "--world_size", "--dist_url",
                   "--dist_on_itp")
 FASTMAE_FLAGS = ("--precision", "--compile", "--attn-backend", "--max-steps", "--clip-grad", "--save-every",
-                 "--max-nonfinite", "--no-picture")
+                 "--max-nonfinite", "--no-picture", "--overwrite")
 ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
@@ -96,6 +97,11 @@ def test_demo_settings_train_on_the_embedded_photographs(tmp_path, capsys):
     assert f"reconstructions: {tmp_path / 'reconstruction.png'}" in out
     with Image.open(tmp_path / "reconstruction.png") as im:
         assert im.width > 4 * 64 and im.height > len(data.EMBEDDED_PREVIEW) * 64
+    # again in the same folder: a demo replaces the previous demo's files
+    assert cli.main(["demo", "--output_dir", str(tmp_path), "--log_dir", str(tmp_path), "--max-steps", "2",
+                     "--num_workers", "0", "--no-picture"]) == 0
+    assert ckpt_io.load(str(tmp_path / "checkpoint-last.pth"))["step"] == 2
+    assert cli.DEMO_DEFAULTS["output_dir"] != cli.build_parser().parse_args(["pretrain"]).output_dir
 
 
 def test_options_before_a_command_say_where_they_go(capsys):
@@ -109,7 +115,9 @@ def test_options_before_a_command_say_where_they_go(capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--data_path", "/no/such/folder"], "--data_path '/no/such/folder' does not exist"),
     (["--model", "mae_vit_gigantic"], "unknown --model 'mae_vit_gigantic'"),
-    (["--input_size", "36"], "--input_size 36 is not a positive multiple of the patch size 8"),
+    (["--input_size", "36"], "--input_size 36 is not a multiple of the patch size 8"),
+    (["--input_size", "8"], "--input_size 8 is not a multiple of the patch size 8 of mae_vit_micro_patch8 larger "
+                            "than it (an MAE needs at least 2 patches)"),
     (["--resume", "/no/such/checkpoint.pth"], "checkpoint '/no/such/checkpoint.pth' does not exist"),
     (["--batch_size", "64"], "fewer than one optimizer step"),
     (["--device", "tpu"], "--device must be cpu or cuda"),

@@ -129,7 +129,7 @@ def test_input_size_builds_the_model_for_that_size(name):
 def test_bad_model_and_input_size():
     with pytest.raises(ValueError, match="unknown --model 'mae_vit_gigantic'.*mae_vit_base_patch16"):
         train.make_model("mae_vit_gigantic", 224)
-    with pytest.raises(ValueError, match="--input_size 100 is not a positive multiple of the patch size 16"):
+    with pytest.raises(ValueError, match="--input_size 100 is not a multiple of the patch size 16"):
         train.make_model("mae_vit_base_patch16", 100)
 
 
@@ -474,6 +474,13 @@ def test_mid_epoch_resume_needs_the_settings_that_fix_the_position(tmp_path, fol
     assert "mid-epoch" in msg and "--batch_size: checkpoint 4 vs this run 2" in msg
     assert "--accum_iter: checkpoint 1 vs this run 2" in msg
     assert "--seed: checkpoint 0 vs this run 7" in _resume_error(tmp_path, folder, good_ckpt, "--seed", "7")
+    other = torch.load(good_ckpt, weights_only=True)
+    other["position_settings"]["process count"] = 2  # written by 2 processes
+    torch.save(other, tmp_path / "two.pth")
+    assert "process count: checkpoint 2 vs this run 1" in _resume_error(tmp_path, folder, str(tmp_path / "two.pth"))
+    fewer = make_image_folder(tmp_path / "fewer", n=12)
+    msg = _resume_error(tmp_path, fewer, good_ckpt)
+    assert "samples: checkpoint 16 vs this run 12" in msg
     # a checkpoint written before the settings were stored: read from its arguments
     old = torch.load(good_ckpt, weights_only=True)
     del old["position_settings"]
@@ -489,20 +496,38 @@ def test_mid_epoch_resume_needs_the_settings_that_fix_the_position(tmp_path, fol
 
 
 def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoints(tmp_path, folder):
-    first = run(tmp_path, folder, "--epochs", "1")
-    before = {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint-*.pth")}
+    out, other = tmp_path / "run", tmp_path / "other"
+    first = run(out, folder, "--epochs", "1")
+    elsewhere = run(other, folder, "--epochs", "1", "--seed", "3").checkpoint
+    before = {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")}
     assert set(before) == {"checkpoint-last.pth", "checkpoint-0.pth"}
-    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoint.*--resume auto.*--overwrite"):
-        run(tmp_path, folder, "--epochs", "1", "--seed", "5")
-    assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint-*.pth")} == before
-    assert run(tmp_path, folder, "--epochs", "2", "--resume", "auto").steps == 8  # continuing is allowed
-    again = run(tmp_path, folder, "--epochs", "1", "--seed", "5", "--overwrite")
-    assert again.checkpoint == first.checkpoint and ckpt_io.load(again.checkpoint)["args"]["seed"] == 5
+    for extra in [(), ("--resume", elsewhere)]:  # afresh, or continuing a run from another folder
+        with pytest.raises(ValueError, match=r"holds an earlier run's checkpoint.*--resume auto.*--overwrite"):
+            run(out, folder, "--epochs", "2", "--seed", "5", *extra)
+    assert {p.name: p.read_bytes() for p in out.glob("checkpoint-*.pth")} == before
+    # continuing the folder's own run is allowed, by auto or by its path
+    assert run(out, folder, "--epochs", "2", "--resume", "auto").steps == 8
+    assert run(out, folder, "--epochs", "3", "--resume", first.checkpoint).steps == 12
+    assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-last.pth", "checkpoint-0.pth",
+                                                              "checkpoint-1.pth", "checkpoint-2.pth"}
+    # --overwrite deletes the earlier run's checkpoints and log before it starts
+    again = run(out, folder, "--epochs", "1", "--seed", "5", "--overwrite")
+    assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-last.pth", "checkpoint-0.pth"}
+    assert ckpt_io.load(again.checkpoint)["args"]["seed"] == 5
+    assert len((out / "log.txt").read_text().splitlines()) == 1
 
 
-def test_the_resumed_checkpoint_counts_as_the_last_good_one(tmp_path, folder):
-    done = run(tmp_path, folder, "--epochs", "1").checkpoint
-    assert run(tmp_path, folder, "--epochs", "1", "--resume", "auto").checkpoint == done  # nothing left to run
+def test_a_resumed_runs_errors_name_the_checkpoint_it_resumed(tmp_path, monkeypatch):
+    """Stopped on non-finite losses before its own first save, a resumed run names the file it
+    resumed as the last good checkpoint; its result names only files it wrote."""
+    good = train.pretrain(pretrain_args(tmp_path, "--epochs", "1"), dataset=Poisoned(16, poisoned=())).checkpoint
+    _poison_transform(monkeypatch)
+    args = pretrain_args(tmp_path, "--epochs", "2", "--max-nonfinite", "2", "--resume", "auto")
+    with pytest.raises(train.NonFiniteLossError, match=f"the last good checkpoint is {good}"):
+        train.pretrain(args, dataset=Poisoned(16, poisoned=range(16)))
+    resumed = train.pretrain(pretrain_args(tmp_path / "none", "--epochs", "1", "--resume", good, "--output_dir", ""),
+                             dataset=Poisoned(16, poisoned=()))
+    assert resumed.checkpoint is None  # nothing written by this run (no --output_dir)
 
 
 def test_atomic_save_leaves_the_old_file_on_failure(tmp_path):
