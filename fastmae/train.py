@@ -430,8 +430,8 @@ def pretrain(args, dataset=None, on_step=None) -> Result:
         for tmp in ckpt_io.remove_stale_temporaries(args.output_dir):
             say(f"removed {tmp}, left by an interrupted save")
         if getattr(args, "overwrite", False) and not _continues_in_output_dir(args, resume):
-            old_log = [log_path] if os.path.isfile(log_path) else []
-            for old in ckpt_io.run_checkpoints(args.output_dir) + old_log:
+            outputs = [os.path.join(args.output_dir, name) for name in ("log.txt", "reconstruction.png")]
+            for old in ckpt_io.run_checkpoints(args.output_dir) + [f for f in outputs if os.path.isfile(f)]:
                 os.remove(old)
                 say(f"--overwrite: removed {old}, of an earlier run")
     last_path = os.path.join(args.output_dir, ckpt_io.LAST) if args.output_dir else None

@@ -510,8 +510,10 @@ def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoints(tmp_path, folder
     assert run(out, folder, "--epochs", "3", "--resume", first.checkpoint).steps == 12
     assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-last.pth", "checkpoint-0.pth",
                                                               "checkpoint-1.pth", "checkpoint-2.pth"}
-    # --overwrite deletes the earlier run's checkpoints and log before it starts
+    # --overwrite deletes the earlier run's checkpoints, log and picture before it starts
+    (out / "reconstruction.png").write_bytes(b"an earlier run's picture")
     again = run(out, folder, "--epochs", "1", "--seed", "5", "--overwrite")
+    assert not (out / "reconstruction.png").exists()  # (--no-picture: this run writes none)
     assert {p.name for p in out.glob("checkpoint-*.pth")} == {"checkpoint-last.pth", "checkpoint-0.pth"}
     assert ckpt_io.load(again.checkpoint)["args"]["seed"] == 5
     assert len((out / "log.txt").read_text().splitlines()) == 1
