@@ -242,11 +242,16 @@ SMALL_CONFIGS = {
 }
 
 
+def config_of(name: str) -> dict:
+    """The constructor arguments of a named configuration (official or small)."""
+    return MODEL_CONFIGS.get(name) or SMALL_CONFIGS[name]
+
+
 def make_factory(cls, name):
     """A factory ``name(**kwargs)`` building ``cls`` with the configuration of ``name`` (official,
     or one of :data:`SMALL_CONFIGS`); ``kwargs`` override it."""
     def factory(**kwargs):
-        cfg = dict(MODEL_CONFIGS.get(name) or SMALL_CONFIGS[name], norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        cfg = dict(config_of(name), norm_layer=partial(nn.LayerNorm, eps=1e-6))
         cfg.update(kwargs)
         return cls(**cfg)
     factory.__name__ = factory.__qualname__ = name

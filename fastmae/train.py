@@ -54,7 +54,7 @@ def make_model(name: str, input_size: int, norm_pix_loss: bool = False, attn_bac
     images, with the errors named by their flags."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    p = (reference.MODEL_CONFIGS.get(name) or reference.SMALL_CONFIGS[name])["patch_size"]
+    p = reference.config_of(name)["patch_size"]
     if input_size <= p or input_size % p:
         raise ValueError(f"--input_size {input_size} is not a multiple of the patch size {p} of {name} "
                          f"larger than it (an MAE needs at least 2 patches)")

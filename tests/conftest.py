@@ -29,11 +29,14 @@ def _differing_sources(installed: str) -> list[str]:
                 continue
             rel = os.path.relpath(os.path.join(folder, name), source)
             copy = os.path.join(installed, rel)
-            with open(os.path.join(folder, name), "rb") as a:
-                mine = a.read()
-            if not os.path.isfile(copy) or open(copy, "rb").read() != mine:
+            if not os.path.isfile(copy) or _read(copy) != _read(os.path.join(folder, name)):
                 differ.append(rel)
     return sorted(differ)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def pytest_configure(config):

@@ -1,0 +1,135 @@
+"""What a fused op's full CPU call spends above its C++ kernels, and its forward and backward apart.
+
+At ViT-B shapes (bench/test_bench_ops.py's inputs), with a 64 MB copy before every timed call
+(cold caches, as in the suite) and the tuned allocator of bench/NOTES.md:
+
+- ``layers``: forward + backward through the public function and autograd, against the bare
+  ``torch.ops.fastmae_C`` kernels with the gradients set by hand, alternating every 4 calls;
+- ``split``: unshuffle_scatter's forward kernel and backward kernel timed apart, beside the copy.
+
+Run::
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        python bench/cpu_op_layers.py layers unshuffle_scatter bf16
+    ... python bench/cpu_op_layers.py split unshuffle_scatter bf16 [--no-pos]
+
+It prints the extension it loaded: a figure from an installed copy other than the checkout's
+measures other code.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_bench_ops as tb  # noqa: E402
+
+import fastmae._C  # noqa: E402
+from fastmae.ops import _backend  # noqa: E402
+
+SETS = 12  # input sets in turn, > 2x the LLC together
+C = torch.ops.fastmae_C
+
+
+def _flush(bufs, i):
+    src, dst = bufs[i % len(bufs)]
+    dst.copy_(src)
+
+
+def _bare(op, leaves, consts, grad):
+    """The two C++ kernels of ``op``, no autograd; gradients assigned as autograd would."""
+    if op == "unshuffle_scatter":
+        x, tok, pos = leaves
+        (ids,) = consts
+        out = C.unshuffle_scatter_fwd(x.detach(), tok.detach().reshape(-1), ids, pos.detach().reshape(-1, x.shape[-1]))
+        dx, dmask, dpos = C.unshuffle_scatter_bwd(grad, ids, x.shape[1] - 1, True)
+        x.grad, tok.grad, pos.grad = dx, dmask.view(tok.shape), dpos.view(pos.shape)
+    elif op == "gather_mask":
+        (imgs,) = leaves
+        (ids,) = consts
+        out = C.gather_mask_fwd(imgs.detach(), ids, tb.P_SIZE)
+        imgs.grad = C.gather_mask_bwd(grad, ids, tb.P_SIZE, imgs.shape[-2], imgs.shape[-1])
+    else:
+        raise SystemExit("layers: gather_mask or unshuffle_scatter")
+    return out
+
+
+def layers(op, dtype, calls):
+    sets = [tb._setup(op, dtype, True, seed=s) for s in range(SETS)]
+    fast_fn, _ = tb._functions(op)
+    bufs = [(torch.randn(16 * 2**20), torch.empty(16 * 2**20)) for _ in range(2)]
+
+    def public(leaves, consts, grad):
+        fast_fn(*leaves, *consts).backward(grad)
+
+    times = {"public": [], "bare": []}
+    for i in range(calls):
+        kind = "public" if (i // 4) % 2 == 0 else "bare"
+        leaves, consts, grad = sets[i % SETS][:3]
+        for t in leaves:
+            t.grad = None
+        _flush(bufs, i)
+        t0 = time.perf_counter()
+        public(leaves, consts, grad) if kind == "public" else _bare(op, leaves, consts, grad)
+        if i >= calls // 10:
+            times[kind].append(time.perf_counter() - t0)
+    for kind, ts in times.items():
+        print(f"{op} {dtype} full, {kind}: median {1e3 * statistics.median(ts):.3f} ms")
+
+
+def split(op, dtype, calls, need_pos=True):
+    if op != "unshuffle_scatter":
+        raise SystemExit("split: unshuffle_scatter only")
+    sets = [tb._setup(op, dtype, True, seed=s) for s in range(SETS)]
+    bufs = [(torch.randn(16 * 2**20), torch.empty(16 * 2**20)) for _ in range(2)]
+    fwd, bwd, copy = [], [], []
+    for i in range(calls):
+        (x, tok, pos), (ids,), _ = sets[i % SETS][:3]
+        _flush(bufs, i)
+        t0 = time.perf_counter()
+        out = C.unshuffle_scatter_fwd(x.detach(), tok.detach().reshape(-1), ids, pos.detach().reshape(-1, x.shape[-1]))
+        t1 = time.perf_counter()
+        _, (ids,), grad = sets[(i + 5) % SETS][:3]
+        _flush(bufs, i + 1)
+        t2 = time.perf_counter()
+        res = C.unshuffle_scatter_bwd(grad, ids, x.shape[1] - 1, need_pos)
+        t3 = time.perf_counter()
+        _flush(bufs, i)
+        t4 = time.perf_counter()
+        if i >= calls // 10:
+            fwd.append(t1 - t0)
+            bwd.append(t3 - t2)
+            copy.append(t4 - t3)
+        del out, res
+    es = torch.tensor([], dtype=dtype).element_size()
+    nbytes = (tb.N * (tb.K + 1) + tb.N * (tb.L + 1)) * tb.D_DEC * es  # x and out (grad and dx)
+    f, b, c = (statistics.median(v) for v in (fwd, bwd, copy))
+    print(f"{op} {dtype}: forward {1e3 * f:.3f} ms ({nbytes / f / 1e9:.1f} GB/s), backward {1e3 * b:.3f} ms "
+          f"({nbytes / b / 1e9:.1f} GB/s), 64 MB copy {2 * 64 * 2**20 / c / 1e9:.1f} GB/s")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("layers", "split"))
+    parser.add_argument("op", choices=("gather_mask", "unshuffle_scatter"))
+    parser.add_argument("dtype", choices=("fp32", "bf16"))
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--no-pos", dest="need_pos", action="store_false",
+                        help="split: the backward without the position gradient (the model's case: its table is frozen)")
+    args = parser.parse_args()
+    if not _backend.has_extension():
+        raise SystemExit(f"the C++ extension is unavailable: {_backend.extension_error()}")
+    os.environ["FASTMAE_BACKEND"] = "cpp"
+    print(f"extension: {fastmae._C.__file__}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.what == "layers":
+        layers(args.op, dtype, args.calls)
+    else:
+        split(args.op, dtype, args.calls, args.need_pos)
+
+
+if __name__ == "__main__":
+    main()
