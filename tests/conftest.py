@@ -75,3 +75,19 @@ def backend(request, monkeypatch):
         pytest.skip(f"backend {name} unavailable here")
     monkeypatch.setenv("FASTMAE_BACKEND", name)
     return name
+
+
+@pytest.fixture
+def nan_memory():
+    """Every output is allocated on NaN: with deterministic algorithms on, ``torch.empty`` (and
+    ``at::empty`` in the C++ kernels, the same operator) fills new memory with NaN
+    (``torch.utils.deterministic.fill_uninitialized_memory``), so an element a kernel forgets to
+    write stays NaN and fails the comparison."""
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(3).isnan().all() and torch.ops.aten.empty.memory_format([3]).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.utils.deterministic.fill_uninitialized_memory = state[2]

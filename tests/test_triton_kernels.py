@@ -78,17 +78,8 @@ def launches_are_compiled_ahead_of_time(monkeypatch):
 
 
 @pytest.fixture
-def poison(monkeypatch):
-    """Make every torch.empty / torch.empty_like allocation NaN-filled (floats) for the test."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+def poison(nan_memory):
+    """New memory (the launchers' torch.empty) is NaN-filled for the test (conftest's nan_memory)."""
 
 
 def _worst(a: torch.Tensor, b: torch.Tensor) -> str:
