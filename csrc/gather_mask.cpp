@@ -8,6 +8,7 @@
 // Parallel over (n, grid row), so each task writes whole image rows contiguously; with streaming
 // stores when the gradient is 16 MiB or more (common.h, stream_output).
 #include "common.h"
+#include "ops.h"
 
 #include <type_traits>
 

@@ -11,6 +11,7 @@
 // Backward: dpred = grad * w * 2 (pred - t) / (P * sum(w)), one pass; dpred written with streaming
 // stores when it is 16 MiB or more (common.h, stream_output).
 #include "common.h"
+#include "ops.h"
 
 #include <cmath>
 

@@ -11,6 +11,7 @@
 // summed per fixed chunk of rows (unshuffle_bwd_perm_chunks); otherwise tasks own blocks of
 // columns d, each column summed over (n, l) in a fixed order (unshuffle_bwd_blocks).
 #include "common.h"
+#include "ops.h"
 
 namespace fastmae {
 namespace {

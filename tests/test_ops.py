@@ -10,12 +10,14 @@ L - 1, p in 4/8/14/16, C in 1/3, non-square grids). Also: outputs allocated on N
 ``torch.compile(fullgraph=True)`` of every registered op.
 """
 import math
+import sys
 import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmae import ops
 from fastmae.ops import _backend
@@ -609,6 +611,117 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown FASTMAE_BACKEND='bogus'; choose one of torch, cpp, triton or auto"):
         _backend.select_backend(cpu)
+
+
+# ============================================================================ the eager C++ route
+def _route_cases(gen, dtype):
+    """name -> (C++-route op, custom op, args, indices of the args to differentiate): odd shapes,
+    and the variants the C++ autograd functions branch on (no pos_embed, a [1, 1, D] mask token,
+    an input that needs no gradient, loss on removed rows only)."""
+    mod = {name: sys.modules[f"fastmae.ops.{name}"] for name in ("gather_mask", "unshuffle_scatter", "norm_mse_loss")}
+    c = torch.ops.fastmae_C
+    N, C, H, W, p, K = 3, 3, 24, 40, 8, 7
+    L = (H // p) * (W // p)
+    _, keep, restore, mask = _masking(gen, N, L, K)
+    removed = restore.argsort(1)[:, K:].contiguous()
+    imgs = _randn(gen, N, C, H, W, dtype=dtype)
+    Dx = 33
+    x, tok, pos = _randn(gen, N, 1 + K, Dx, dtype=dtype), _randn(gen, 1, 1, Dx, dtype=dtype), _randn(gen, 1 + L, Dx, dtype=dtype)
+    pred, pred_rm = _randn(gen, N, L, C * p * p, dtype=dtype), _randn(gen, N, L - K, C * p * p, dtype=dtype)
+    us, loss = mod["unshuffle_scatter"]._unshuffle_scatter_op, mod["norm_mse_loss"]._norm_mse_loss_op
+    return {
+        "gather_mask": (c.gather_mask, mod["gather_mask"]._gather_mask_op, (imgs, keep, p), [0]),
+        "unshuffle_scatter": (c.unshuffle_scatter, us, (x, tok, restore, pos), [0, 1, 3]),
+        "unshuffle_scatter_x_only": (c.unshuffle_scatter, us, (x, tok, restore, pos), [0]),
+        "unshuffle_scatter_nopos": (c.unshuffle_scatter, us, (x, tok, restore, None), [0, 1]),
+        "norm_mse_loss": (c.norm_mse_loss, loss, (pred, imgs, mask, None, p, True, EPS), [0]),
+        "norm_mse_loss_ids": (c.norm_mse_loss, loss, (pred_rm, imgs, torch.rand(N, L - K, generator=gen), removed, p,
+                                                      False, EPS), [0]),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["gather_mask", "unshuffle_scatter", "unshuffle_scatter_x_only",
+                                  "unshuffle_scatter_nopos", "norm_mse_loss", "norm_mse_loss_ids"])
+def test_eager_cpp_route_matches_custom_op(name, dtype, request):
+    """The op registered in C++ with a C++ autograd function (the eager CPU route) gives the
+    custom op's outputs and gradients bit for bit: the same kernels, reached without Python."""
+    _require_cpp()
+    gen = _gen(request)
+    route, custom, args, wrt = _route_cases(gen, dtype)[name]
+    results = []
+    for fn in (route, custom):
+        leaves = [a.detach().clone().requires_grad_(i in wrt) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                  else a for i, a in enumerate(args)]
+        out = fn(*leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        grads = torch.autograd.grad(out, [leaves[i] for i in wrt], grad_out)
+        results.append((out, grads))
+    (out_r, grads_r), (out_c, grads_c) = results
+    assert "CppNode" not in type(out_c.grad_fn).__name__ and out_r.grad_fn.name().endswith("Fn>")
+    assert out_r.dtype == out_c.dtype and torch.equal(out_r, out_c)
+    for i, gr, gc in zip(wrt, grads_r, grads_c):
+        assert gr.shape == args[i].shape and gr.dtype == gc.dtype and torch.equal(gr, gc), f"argument {i}"
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
+    """Plain eager calls on the cpp backend take the C++ route; under a dispatch mode (what fake
+    tensors and FLOP counters use), with a tensor subclass, or on another backend the public
+    functions call the custom ops; inference mode runs the C++ route's forward kernel."""
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    gen = _gen(request)
+    N, C, H, W, p, K, D = 2, 3, 16, 24, 8, 2, 8
+    L = (H // p) * (W // p)
+    _, keep, restore, mask = _masking(gen, N, L, K)
+    imgs = _randn(gen, N, C, H, W)
+    calls = {  # name -> (call, the input it differentiates)
+        "gather_mask": (lambda t: ops.gather_mask(t, keep, p), _randn(gen, N, C, H, W)),
+        "unshuffle_scatter": (lambda t: ops.unshuffle_scatter(t, torch.zeros(D), restore), _randn(gen, N, 1 + K, D)),
+        "norm_mse_loss": (lambda t: ops.norm_mse_loss(t, imgs, mask, p), _randn(gen, N, L, C * p * p)),
+    }
+    for name, (call, leaf) in calls.items():
+        leaf = leaf.requires_grad_()
+        assert f"{''.join(w.title() for w in name.split('_'))}Fn" in call(leaf).grad_fn.name(), name
+        with _RecordOps() as rec:
+            call(leaf).sum().backward()
+        assert f"fastmae.{name}.default" in rec.ops and f"fastmae.{name}_backward.default" in rec.ops, name
+        with torch.inference_mode():
+            inferred = call(leaf.detach())
+        torch.testing.assert_close(inferred, call(leaf).detach(), rtol=0, atol=0)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _backend.eager_cpp(imgs.as_subclass(Sub), keep)
+    assert _backend.eager_cpp(imgs, keep) and _backend.eager_cpp(torch.nn.Parameter(imgs), keep, None)
+    monkeypatch.setenv("FASTMAE_BACKEND", "torch")
+    assert not _backend.eager_cpp(imgs, keep)
+    assert "CppNode" not in ops.gather_mask(imgs.requires_grad_(), keep, p).grad_fn.name()
+
+
+def test_eager_cpp_route_ops_schema():
+    """The C++-route ops declare no mutation or aliasing, and register an autograd kernel."""
+    _require_cpp()
+    c = torch.ops.fastmae_C
+    N, K, L, D = 2, 3, 8, 16
+    restore = torch.stack([torch.randperm(L) for _ in range(N)])
+    args = (torch.randn(N, 1 + K, D, requires_grad=True), torch.randn(D, requires_grad=True), restore,
+            torch.randn(1 + L, D, requires_grad=True))
+    torch.library.opcheck(c.unshuffle_scatter, args, test_utils=("test_schema", "test_autograd_registration"))
+    imgs = torch.randn(N, 3, 16, 32, requires_grad=True)  # L = 8 patches of 8 x 8
+    torch.library.opcheck(c.gather_mask, (imgs, restore[:, :K].contiguous(), 8),
+                          test_utils=("test_schema", "test_autograd_registration"))
 
 
 # ============================================================================ outputs fully written

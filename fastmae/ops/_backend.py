@@ -9,6 +9,10 @@ One place decides which implementation runs:
 
 By default CUDA tensors go to Triton and CPU tensors to C++ (torch math, with one warning, if
 the extension is missing). ``FASTMAE_BACKEND=torch|cpp|triton`` forces one for every op.
+
+On the ``cpp`` backend an eager call on plain CPU tensors skips the ``fastmae::`` custom op and
+calls its twin registered in C++ with a C++ autograd function (``eager_cpp``): the same kernels,
+without Python between them and the public function.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ REQUIRED_CPP_OPS = (
     "gather_mask_fwd", "gather_mask_bwd",
     "unshuffle_scatter_fwd", "unshuffle_scatter_bwd",
     "norm_mse_loss_fwd", "norm_mse_loss_bwd",
+    "gather_mask", "unshuffle_scatter", "norm_mse_loss",  # the eager route (eager_cpp)
 )
 _ext_state: dict = {}
 
@@ -115,3 +120,25 @@ def select_backend(device: torch.device) -> str:
             return "cpp"
         _warn_no_extension_once()
     return "torch"
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_cpp(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on ``tensors`` (None for an absent optional) takes the eager C++ route.
+
+    That route, ``torch.ops.fastmae_C.<op>`` (csrc/autograd.cpp), runs the kernels the custom op
+    runs on the ``cpp`` backend, with a C++ autograd function instead of the custom op's Python
+    layers (0.4-0.5 ms of a forward + backward at ViT-B shapes, bench/NOTES.md). It is taken only
+    for plain CPU tensors in eager mode: torch.compile, dispatch and function modes (fake
+    tensors, FLOP counters), torch.func transforms and tensor subclasses get the custom op, which
+    has the fake implementation and registrations they need.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(type(t) not in _PLAIN_TENSORS or t.device.type != "cpu" for t in present):
+        return False
+    return not torch.overrides.has_torch_function(present) and select_backend(present[0].device) == "cpp"

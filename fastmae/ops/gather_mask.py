@@ -106,4 +106,7 @@ def gather_mask(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> 
         raise ValueError(f"ids_keep must keep K patches with 0 < K < L = {h * w}, got K = {ids_keep.shape[1]}")
     if ids_keep.device != imgs.device:
         raise ValueError(f"ids_keep is on {ids_keep.device} but imgs on {imgs.device}")
-    return _gather_mask_op(imgs.contiguous(), ids_keep.contiguous(), int(patch_size))
+    imgs, ids_keep = imgs.contiguous(), ids_keep.contiguous()
+    if _backend.eager_cpp(imgs, ids_keep):
+        return torch.ops.fastmae_C.gather_mask(imgs, ids_keep, int(patch_size))
+    return _gather_mask_op(imgs, ids_keep, int(patch_size))

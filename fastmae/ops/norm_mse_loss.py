@@ -155,6 +155,7 @@ def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.T
             if t.requires_grad:  # the official loss would differentiate them; a None gradient would be silent
                 raise ValueError(f"{name} requires grad, but norm_mse_loss differentiates pred only (the "
                                  f"target and its weights are data); pass {name}.detach()")
-    return _norm_mse_loss_op(pred.contiguous(), imgs.contiguous(), mask.float().contiguous(),
-                             None if ids is None else ids.contiguous(), int(patch_size), bool(norm_pix_loss),
-                             float(eps))
+    args = (pred.contiguous(), imgs.contiguous(), mask.float().contiguous(), None if ids is None else ids.contiguous())
+    if _backend.eager_cpp(*args):
+        return torch.ops.fastmae_C.norm_mse_loss(*args, int(patch_size), bool(norm_pix_loss), float(eps))
+    return _norm_mse_loss_op(*args, int(patch_size), bool(norm_pix_loss), float(eps))

@@ -145,4 +145,7 @@ def unshuffle_scatter(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
     mask_token = mask_token.reshape(D).to(x.dtype)
     if pos_embed is not None:
         pos_embed = pos_embed.reshape(L + 1, D).to(x.dtype).contiguous()
-    return _unshuffle_scatter_op(x.contiguous(), mask_token.contiguous(), ids_restore.contiguous(), pos_embed)
+    x, mask_token, ids_restore = x.contiguous(), mask_token.contiguous(), ids_restore.contiguous()
+    if _backend.eager_cpp(x, mask_token, ids_restore, pos_embed):
+        return torch.ops.fastmae_C.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
+    return _unshuffle_scatter_op(x, mask_token, ids_restore, pos_embed)
