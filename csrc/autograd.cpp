@@ -1,13 +1,18 @@
 // The eager CPU route of the three fused ops: each op once more as a dispatcher op
 // (torch.ops.fastmae_C.gather_mask, .unshuffle_scatter, .norm_mse_loss) whose autograd is a C++
-// torch::autograd::Function over the same kernels as the fastmae:: custom ops' cpp backend. A
+// torch::autograd::Function over the same kernels as the fastmae:: custom ops' cpp backend, so a
 // call crosses no Python between the public function's checks and the kernels, forward or
-// backward; the custom op's Python layers cost 0.4-0.5 ms per forward + backward at ViT-B shapes
-// in the op benchmarks (bench/NOTES.md). fastmae.ops takes this route only where the custom op
-// would run these kernels with nothing else watching (ops/_backend.py, eager_cpp): never under
-// torch.compile, dispatch or function modes, functorch transforms or tensor subclasses, which
-// the custom ops support and this route does not. Same kernels, same arguments: the same bits.
+// backward (in the op benchmarks the custom op's layers cost 0.4-0.5 ms of a ViT-B forward +
+// backward; this route removed 0.1-0.45 ms of it, bench/NOTES.md). fastmae.ops takes it only
+// where the custom op would run these kernels with nothing else watching (ops/_backend.py,
+// eager_cpp): never under torch.compile, tracing, dispatch or function modes, functorch
+// transforms or tensor subclasses, which the custom ops support and these ops do not (no fake or
+// Meta kernels: they are internal). Same kernels, same arguments: the same bits. The backward
+// functions mirror the custom ops' (`_backward` in fastmae/ops/<op>.py); mask_token and pos_embed
+// gradients need no dtype cast here because the kernels require x's dtype for both.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -17,6 +22,15 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// The backward kernels through the dispatcher, whose Autograd kernel for them (the not-implemented
+// fallback, registered below) gives their outputs a node that raises if differentiated: a double
+// backward through this route fails, as it does through the custom ops, instead of silently
+// dropping the second-order term.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
 
 struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& imgs, const at::Tensor& ids_keep,
@@ -32,8 +46,9 @@ struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
     at::Tensor dimgs;
     if (ctx->needs_input_grad(0)) {
       const at::Tensor ids_keep = ctx->get_saved_variables()[0];
-      dimgs = gather_mask_bwd(grads[0].contiguous(), ids_keep, ctx->saved_data["p"].toInt(),
-                              ctx->saved_data["H"].toInt(), ctx->saved_data["W"].toInt());
+      static const auto op = op_handle<decltype(gather_mask_bwd)>("fastmae_C::gather_mask_bwd");
+      dimgs = op.call(grads[0].contiguous(), ids_keep, ctx->saved_data["p"].toInt(), ctx->saved_data["H"].toInt(),
+                      ctx->saved_data["W"].toInt());
     }
     return {dimgs, at::Tensor(), at::Tensor()};
   }
@@ -55,8 +70,8 @@ struct UnshuffleScatterFn : public torch::autograd::Function<UnshuffleScatterFn>
     const at::Tensor ids_restore = ctx->get_saved_variables()[0];
     // edges: x, mask_token, ids_restore, then pos_embed when given
     const bool need_pos = ctx->saved_data["has_pos"].toBool() && ctx->needs_input_grad(3);
-    auto [dx, dmask, dpos] =
-        unshuffle_scatter_bwd(grads[0].contiguous(), ids_restore, ctx->saved_data["K"].toInt(), need_pos);
+    static const auto op = op_handle<decltype(unshuffle_scatter_bwd)>("fastmae_C::unshuffle_scatter_bwd");
+    auto [dx, dmask, dpos] = op.call(grads[0].contiguous(), ids_restore, ctx->saved_data["K"].toInt(), need_pos);
     return {ctx->needs_input_grad(0) ? dx : at::Tensor(),
             ctx->needs_input_grad(1) ? dmask.reshape(ctx->saved_data["token_shape"].toIntVector()) : at::Tensor(),
             at::Tensor(), need_pos ? dpos.reshape(ctx->saved_data["pos_shape"].toIntVector()) : at::Tensor()};
@@ -79,8 +94,9 @@ struct NormMseLossFn : public torch::autograd::Function<NormMseLossFn> {
     if (ctx->needs_input_grad(0)) {
       const variable_list saved = ctx->get_saved_variables();
       const std::optional<at::Tensor> ids = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
-      dpred = norm_mse_loss_bwd(grads[0], saved[0], saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
-                                ctx->saved_data["norm_pix"].toBool(), ctx->saved_data["eps"].toDouble());
+      static const auto op = op_handle<decltype(norm_mse_loss_bwd)>("fastmae_C::norm_mse_loss_bwd");
+      dpred = op.call(grads[0], saved[0], saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
+                      ctx->saved_data["norm_pix"].toBool(), ctx->saved_data["eps"].toDouble());
     }
     return {dpred, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -120,4 +136,10 @@ TORCH_LIBRARY_IMPL(fastmae_C, AutogradCPU, m) {
   m.impl("gather_mask", &fastmae::gather_mask_autograd);
   m.impl("unshuffle_scatter", &fastmae::unshuffle_scatter_autograd);
   m.impl("norm_mse_loss", &fastmae::norm_mse_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastmae_C, Autograd, m) {
+  m.impl("gather_mask_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("unshuffle_scatter_bwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("norm_mse_loss_bwd", torch::autograd::autogradNotImplementedFallback());
 }

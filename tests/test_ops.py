@@ -51,6 +51,8 @@ UNSHUFFLE_CASES = [
     (3, 7, 15, 64),
     (4, 49, 196, 130),
     (2, 100, 272, 40),
+    (9, 5, 16, 48),  # N past the C++ backward's groups of 8 samples, D % 16 == 0
+    (17, 3, 8, 40),  # two full groups and one sample, D % 16 != 0
 ]
 # norm_mse_loss: (N, C, H, W, p)
 LOSS_CASES = [
@@ -674,10 +676,12 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
     """Plain eager calls on the cpp backend take the C++ route; under a dispatch mode (what fake
-    tensors and FLOP counters use), with a tensor subclass, or on another backend the public
-    functions call the custom ops; inference mode runs the C++ route's forward kernel."""
+    tensors and FLOP counters use), under torch.jit.trace, with a tensor subclass, or on another
+    backend the public functions call the custom ops; inference mode runs the C++ route's forward
+    kernel."""
     _require_cpp()
     monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
     gen = _gen(request)
@@ -700,6 +704,9 @@ def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
             inferred = call(leaf.detach())
         torch.testing.assert_close(inferred, call(leaf).detach(), rtol=0, atol=0)
 
+    traced = torch.jit.trace(calls["gather_mask"][0], (imgs,), check_trace=False)
+    assert "fastmae::gather_mask" in [node.kind() for node in traced.graph.nodes()]
+
     class Sub(torch.Tensor):
         pass
 
@@ -719,9 +726,28 @@ def test_eager_cpp_route_ops_schema():
     args = (torch.randn(N, 1 + K, D, requires_grad=True), torch.randn(D, requires_grad=True), restore,
             torch.randn(1 + L, D, requires_grad=True))
     torch.library.opcheck(c.unshuffle_scatter, args, test_utils=("test_schema", "test_autograd_registration"))
-    imgs = torch.randn(N, 3, 16, 32, requires_grad=True)  # L = 8 patches of 8 x 8
-    torch.library.opcheck(c.gather_mask, (imgs, restore[:, :K].contiguous(), 8),
+    imgs = torch.randn(N, 3, 16, 32)  # L = 8 patches of 8 x 8
+    torch.library.opcheck(c.gather_mask, (imgs.clone().requires_grad_(), restore[:, :K].contiguous(), 8),
                           test_utils=("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(c.norm_mse_loss, (torch.randn(N, L, 3 * 8 * 8, requires_grad=True), imgs, torch.rand(N, L),
+                                            None, 8, True, EPS), test_utils=("test_schema", "test_autograd_registration"))
+
+
+def test_eager_cpp_route_double_backward_raises(monkeypatch, request):
+    """A second derivative through the loss's backward is not implemented: both routes say so when
+    it is taken, rather than dropping the term (first derivatives under create_graph still work)."""
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    gen = _gen(request)
+    imgs, mask = _randn(gen, 2, 3, 16, 16), torch.ones(2, 4)
+    for route in (True, False):
+        monkeypatch.setattr(_backend, "eager_cpp", lambda *a, route=route: route)
+        pred = _randn(gen, 2, 4, 3 * 8 * 8, requires_grad=True)
+        loss = ops.norm_mse_loss(pred, imgs, mask, 8)
+        (grad,) = torch.autograd.grad(loss, pred, create_graph=True)
+        with pytest.raises(RuntimeError, match="(derivative for fastmae_C::norm_mse_loss_bwd is not implemented|"
+                                               "no autograd formula was registered)"):
+            (loss + grad.square().sum()).backward()
 
 
 # ============================================================================ outputs fully written

@@ -130,12 +130,13 @@ def eager_cpp(*tensors: torch.Tensor | None) -> bool:
 
     That route, ``torch.ops.fastmae_C.<op>`` (csrc/autograd.cpp), runs the kernels the custom op
     runs on the ``cpp`` backend, with a C++ autograd function instead of the custom op's Python
-    layers (0.4-0.5 ms of a forward + backward at ViT-B shapes, bench/NOTES.md). It is taken only
-    for plain CPU tensors in eager mode: torch.compile, dispatch and function modes (fake
-    tensors, FLOP counters), torch.func transforms and tensor subclasses get the custom op, which
-    has the fake implementation and registrations they need.
+    layers (0.1-0.45 ms less per forward + backward at ViT-B shapes, bench/NOTES.md). It is taken
+    only for plain CPU tensors in eager mode: torch.compile, ``torch.jit.trace``, dispatch and
+    function modes (fake tensors, FLOP counters, ``torch.set_default_device``), torch.func
+    transforms and tensor subclasses get the custom op, which has the fake implementation and
+    registrations they need.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()):
         return False
     present = [t for t in tensors if t is not None]
