@@ -82,7 +82,7 @@ def _setup_context(ctx, inputs, output):
     ctx.patch_size, ctx.hw = patch_size, tuple(imgs.shape[-2:])
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad):  # mirrored by the eager C++ route's backward (csrc/autograd.cpp)
     (ids_keep,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None

@@ -110,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (patch_size, norm_pix_loss, eps)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad):  # mirrored by the eager C++ route's backward (csrc/autograd.cpp)
     pred, imgs, weight, ids = ctx.saved_tensors
     dpred = None
     if ctx.needs_input_grad[0]:

@@ -108,7 +108,7 @@ def _setup_context(ctx, inputs, output):
     ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad):  # mirrored by the eager C++ route's backward (csrc/autograd.cpp)
     (ids_restore,) = ctx.saved_tensors
     need_pos = ctx.pos_meta is not None and ctx.needs_input_grad[3]
     dx, dmask, dpos = _unshuffle_scatter_backward_op(grad.contiguous(), ids_restore, ctx.K, need_pos)
