@@ -140,6 +140,6 @@ def eager_cpp(*tensors: torch.Tensor | None) -> bool:
             or torch._C._are_functorch_transforms_active()):
         return False
     present = [t for t in tensors if t is not None]
-    if any(type(t) not in _PLAIN_TENSORS or t.device.type != "cpu" for t in present):
+    if any(type(t) not in _PLAIN_TENSORS or not t.is_cpu for t in present):
         return False
     return not torch.overrides.has_torch_function(present) and select_backend(present[0].device) == "cpp"
