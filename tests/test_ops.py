@@ -733,6 +733,31 @@ def test_eager_cpp_route_ops_schema():
                                             None, 8, True, EPS), test_utils=("test_schema", "test_autograd_registration"))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # raised inside torch
+def test_forward_mode_ad_is_refused(backend, request):
+    """A tangent on an input is a clear NotImplementedError (a custom op would drop it silently);
+    outside a dual level, and with tangent-free inputs inside one, the ops run."""
+    import torch.autograd.forward_ad as fwad
+
+    gen = _gen(request)
+    N, C, H, W, p, K, D = 2, 3, 16, 16, 8, 1, 8
+    _, keep, restore, mask = _masking(gen, N, 4, K)
+    imgs, x, tok = _randn(gen, N, C, H, W), _randn(gen, N, 1 + K, D), _randn(gen, D)
+    pred = _randn(gen, N, 4, C * p * p)
+    calls = [
+        ("gather_mask", "imgs", lambda a: ops.gather_mask(a, keep, p), imgs),
+        ("unshuffle_scatter", "x", lambda a: ops.unshuffle_scatter(a, tok, restore), x),
+        ("unshuffle_scatter", "mask_token", lambda a: ops.unshuffle_scatter(x, a, restore), tok),
+        ("norm_mse_loss", "pred", lambda a: ops.norm_mse_loss(a, imgs, mask, p), pred),
+    ]
+    for op, name, call, primal in calls:
+        with fwad.dual_level():
+            call(primal)  # no tangent: runs
+            with pytest.raises(NotImplementedError, match=f"{op} does not implement forward-mode AD .jvp., but "
+                                                          f"{name} carries a tangent"):
+                call(fwad.make_dual(primal, torch.ones_like(primal)))
+
+
 def test_eager_cpp_route_double_backward_raises(monkeypatch, request):
     """A second derivative through the loss's backward is not implemented: both routes say so when
     it is taken, rather than dropping the term (first derivatives under create_graph still work)."""

@@ -3,6 +3,7 @@ public functions, and one value check of index ranges before any kernel touches 
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwad
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,6 +28,16 @@ def check_index(ids: torch.Tensor, name: str, batch: int, width: int | None = No
         raise ValueError(f"{name} has batch size {ids.shape[0]} but the data has {batch}")
     if width is not None and ids.shape[1] != width:
         raise ValueError(f"{name} must have shape [{batch}, {width}], got {tuple(ids.shape)}")
+
+
+def check_no_tangent(op: str, *named: tuple[str, torch.Tensor | None]) -> None:
+    """Forward-mode AD (jvp) is not implemented by the fused ops: an input with a tangent is an
+    error (a custom op would drop the tangent and return none, silently)."""
+    if fwad._current_level < 0:  # no dual level is open
+        return
+    for name, t in named:
+        if t is not None and fwad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"{op} does not implement forward-mode AD (jvp), but {name} carries a tangent")
 
 
 def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from . import _backend
 from .._checks import check_grid
-from ._validate import check_float, check_index, check_index_range
+from ._validate import check_float, check_index, check_index_range, check_no_tangent
 
 
 def gather_mask_ref(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -106,6 +106,7 @@ def gather_mask(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> 
         raise ValueError(f"ids_keep must keep K patches with 0 < K < L = {h * w}, got K = {ids_keep.shape[1]}")
     if ids_keep.device != imgs.device:
         raise ValueError(f"ids_keep is on {ids_keep.device} but imgs on {imgs.device}")
+    check_no_tangent("gather_mask", ("imgs", imgs))
     imgs, ids_keep = imgs.contiguous(), ids_keep.contiguous()
     if _backend.eager_cpp(imgs, ids_keep):
         return torch.ops.fastmae_C.gather_mask(imgs, ids_keep, int(patch_size))

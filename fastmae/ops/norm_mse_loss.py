@@ -21,7 +21,7 @@ import torch
 
 from . import _backend
 from .._checks import check_grid
-from ._validate import check_float, check_index, check_index_range, check_same_device
+from ._validate import check_float, check_index, check_index_range, check_no_tangent, check_same_device
 
 
 def patch_targets_ref(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
@@ -150,6 +150,7 @@ def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.T
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must have shape [N, rows] = [{N}, {M}], got {shape}")
     check_same_device(("pred", pred), ("imgs", imgs), ("mask", mask), ("ids", ids))
+    check_no_tangent("norm_mse_loss", ("pred", pred), ("imgs", imgs), ("mask", mask))
     if torch.is_grad_enabled():
         for name, t in (("imgs", imgs), ("mask", mask)):
             if t.requires_grad:  # the official loss would differentiate them; a None gradient would be silent

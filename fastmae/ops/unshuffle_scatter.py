@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._validate import check_float, check_index, check_index_range, check_same_device
+from ._validate import check_float, check_index, check_index_range, check_no_tangent, check_same_device
 
 
 def unshuffle_scatter_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
@@ -142,6 +142,7 @@ def unshuffle_scatter(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
             raise ValueError(f"pos_embed must be [1+L, D] = [{L + 1}, {D}] (optionally with a leading 1), "
                              f"got shape {tuple(pos_embed.shape)}")
     check_same_device(("x", x), ("mask_token", mask_token), ("ids_restore", ids_restore), ("pos_embed", pos_embed))
+    check_no_tangent("unshuffle_scatter", ("x", x), ("mask_token", mask_token), ("pos_embed", pos_embed))
     mask_token = mask_token.reshape(D).to(x.dtype)
     if pos_embed is not None:
         pos_embed = pos_embed.reshape(L + 1, D).to(x.dtype).contiguous()
