@@ -628,7 +628,8 @@ def _route_cases(gen, dtype):
     removed = restore.argsort(1)[:, K:].contiguous()
     imgs = _randn(gen, N, C, H, W, dtype=dtype)
     Dx = 33
-    x, tok, pos = _randn(gen, N, 1 + K, Dx, dtype=dtype), _randn(gen, 1, 1, Dx, dtype=dtype), _randn(gen, 1 + L, Dx, dtype=dtype)
+    x, tok = _randn(gen, N, 1 + K, Dx, dtype=dtype), _randn(gen, 1, 1, Dx, dtype=dtype)
+    pos = _randn(gen, 1 + L, Dx, dtype=dtype)
     pred, pred_rm = _randn(gen, N, L, C * p * p, dtype=dtype), _randn(gen, N, L - K, C * p * p, dtype=dtype)
     us, loss = mod["unshuffle_scatter"]._unshuffle_scatter_op, mod["norm_mse_loss"]._norm_mse_loss_op
     return {
@@ -645,10 +646,11 @@ def _route_cases(gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["gather_mask", "unshuffle_scatter", "unshuffle_scatter_x_only",
                                   "unshuffle_scatter_nopos", "norm_mse_loss", "norm_mse_loss_ids"])
-def test_eager_cpp_route_matches_custom_op(name, dtype, request):
+def test_eager_cpp_route_matches_custom_op(name, dtype, monkeypatch, request):
     """The op registered in C++ with a C++ autograd function (the eager CPU route) gives the
     custom op's outputs and gradients bit for bit: the same kernels, reached without Python."""
     _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")  # the custom op's backend
     gen = _gen(request)
     route, custom, args, wrt = _route_cases(gen, dtype)[name]
     results = []
@@ -725,12 +727,13 @@ def test_eager_cpp_route_ops_schema():
     restore = torch.stack([torch.randperm(L) for _ in range(N)])
     args = (torch.randn(N, 1 + K, D, requires_grad=True), torch.randn(D, requires_grad=True), restore,
             torch.randn(1 + L, D, requires_grad=True))
-    torch.library.opcheck(c.unshuffle_scatter, args, test_utils=("test_schema", "test_autograd_registration"))
+    utils = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(c.unshuffle_scatter, args, test_utils=utils)
     imgs = torch.randn(N, 3, 16, 32)  # L = 8 patches of 8 x 8
     torch.library.opcheck(c.gather_mask, (imgs.clone().requires_grad_(), restore[:, :K].contiguous(), 8),
-                          test_utils=("test_schema", "test_autograd_registration"))
-    torch.library.opcheck(c.norm_mse_loss, (torch.randn(N, L, 3 * 8 * 8, requires_grad=True), imgs, torch.rand(N, L),
-                                            None, 8, True, EPS), test_utils=("test_schema", "test_autograd_registration"))
+                          test_utils=utils)
+    pred = torch.randn(N, L, 3 * 8 * 8, requires_grad=True)
+    torch.library.opcheck(c.norm_mse_loss, (pred, imgs, torch.rand(N, L), None, 8, True, EPS), test_utils=utils)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # raised inside torch
