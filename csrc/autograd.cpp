@@ -23,13 +23,19 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The backward kernels through the dispatcher, whose Autograd kernel for them (the not-implemented
-// fallback, registered below) gives their outputs a node that raises if differentiated: a double
-// backward through this route fails, as it does through the custom ops, instead of silently
-// dropping the second-order term.
+// A backward that builds a graph (create_graph=True, grad mode on) calls its kernel through the
+// dispatcher, whose Autograd kernel for it (the not-implemented fallback, registered below) gives
+// the outputs a node that raises if differentiated: a double backward through this route fails,
+// as it does through the custom ops, instead of silently dropping the second-order term. A plain
+// backward (grad mode off) calls the kernel itself: nothing would record it, and the boxed
+// fallback is a cost of its own on the way.
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+template <typename Fn, typename... Args>
+auto call_bwd(const c10::TypedOperatorHandle<Fn>& op, Fn* kernel, Args&&... args) {
+  return at::GradMode::is_enabled() ? op.call(std::forward<Args>(args)...) : kernel(std::forward<Args>(args)...);
 }
 
 struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
@@ -47,7 +53,7 @@ struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
     if (ctx->needs_input_grad(0)) {
       const at::Tensor ids_keep = ctx->get_saved_variables()[0];
       static const auto op = op_handle<decltype(gather_mask_bwd)>("fastmae_C::gather_mask_bwd");
-      dimgs = op.call(grads[0].contiguous(), ids_keep, ctx->saved_data["p"].toInt(), ctx->saved_data["H"].toInt(),
+      dimgs = call_bwd(op, gather_mask_bwd, grads[0].contiguous(), ids_keep, ctx->saved_data["p"].toInt(), ctx->saved_data["H"].toInt(),
                       ctx->saved_data["W"].toInt());
     }
     return {dimgs, at::Tensor(), at::Tensor()};
@@ -71,7 +77,8 @@ struct UnshuffleScatterFn : public torch::autograd::Function<UnshuffleScatterFn>
     // edges: x, mask_token, ids_restore, then pos_embed when given
     const bool need_pos = ctx->saved_data["has_pos"].toBool() && ctx->needs_input_grad(3);
     static const auto op = op_handle<decltype(unshuffle_scatter_bwd)>("fastmae_C::unshuffle_scatter_bwd");
-    auto [dx, dmask, dpos] = op.call(grads[0].contiguous(), ids_restore, ctx->saved_data["K"].toInt(), need_pos);
+    auto [dx, dmask, dpos] =
+        call_bwd(op, unshuffle_scatter_bwd, grads[0].contiguous(), ids_restore, ctx->saved_data["K"].toInt(), need_pos);
     return {ctx->needs_input_grad(0) ? dx : at::Tensor(),
             ctx->needs_input_grad(1) ? dmask.reshape(ctx->saved_data["token_shape"].toIntVector()) : at::Tensor(),
             at::Tensor(), need_pos ? dpos.reshape(ctx->saved_data["pos_shape"].toIntVector()) : at::Tensor()};
@@ -95,7 +102,7 @@ struct NormMseLossFn : public torch::autograd::Function<NormMseLossFn> {
       const variable_list saved = ctx->get_saved_variables();
       const std::optional<at::Tensor> ids = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
       static const auto op = op_handle<decltype(norm_mse_loss_bwd)>("fastmae_C::norm_mse_loss_bwd");
-      dpred = op.call(grads[0], saved[0], saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
+      dpred = call_bwd(op, norm_mse_loss_bwd, grads[0], saved[0], saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
                       ctx->saved_data["norm_pix"].toBool(), ctx->saved_data["eps"].toDouble());
     }
     return {dpred, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
