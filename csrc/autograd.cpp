@@ -1,15 +1,21 @@
 // The eager CPU route of the three fused ops: each op once more as a dispatcher op
 // (torch.ops.fastmae_C.gather_mask, .unshuffle_scatter, .norm_mse_loss) whose autograd is a C++
 // torch::autograd::Function over the same kernels as the fastmae:: custom ops' cpp backend, so a
-// call crosses no Python between the public function's checks and the kernels, forward or
-// backward (in the op benchmarks the custom op's layers cost 0.4-0.5 ms of a ViT-B forward +
-// backward; this route removed 0.1-0.45 ms of it, bench/NOTES.md). fastmae.ops takes it only
-// where the custom op would run these kernels with nothing else watching (ops/_backend.py,
-// eager_cpp): never under torch.compile, tracing, dispatch or function modes, functorch
-// transforms or tensor subclasses, which the custom ops support and these ops do not (no fake or
-// Meta kernels: they are internal). Same kernels, same arguments: the same bits. The backward
-// functions mirror the custom ops' (`_backward` in fastmae/ops/<op>.py); mask_token and pos_embed
-// gradients need no dtype cast here because the kernels require x's dtype for both.
+// call crosses no Python between the public function and the kernels, forward or backward
+// (bench/NOTES.md: the custom op's layers cost 0.4-0.5 ms of a ViT-B forward + backward in the op
+// benchmarks). fastmae.ops takes it only where the custom op would run these kernels with nothing
+// else watching (ops/_backend.py, eager_cpp): never under torch.compile, tracing, dispatch or
+// function modes, functorch transforms or tensor subclasses, which the custom ops support and
+// these ops do not (no fake or Meta kernels: they are internal).
+//
+// These ops take the public functions' arguments as the user gave them: the conversions the
+// public functions make before a custom op (contiguous layouts, the mask token and position table
+// cast to x's dtype, the loss's mask as float32 or all ones) are made here, below autograd, and
+// undone on the gradients (cast back, given the inputs' shapes), which is what autograd does
+// through those conversions. Every argument the public functions refuse is refused here too (the
+// kernels' checks and the few below), so the public functions run their own checks only when
+// this route raises, to name the problem. Same kernels, same arguments: the same bits. The
+// backward functions mirror the custom ops' (`_backward` in fastmae/ops/<op>.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -27,8 +33,7 @@ using torch::autograd::variable_list;
 // dispatcher, whose Autograd kernel for it (the not-implemented fallback, registered below) gives
 // the outputs a node that raises if differentiated: a double backward through this route fails,
 // as it does through the custom ops, instead of silently dropping the second-order term. A plain
-// backward (grad mode off) calls the kernel itself: nothing would record it, and the boxed
-// fallback is a cost of its own on the way.
+// backward (grad mode off) calls the kernel itself: nothing would record it.
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
@@ -38,11 +43,56 @@ auto call_bwd(const c10::TypedOperatorHandle<Fn>& op, Fn* kernel, Args&&... args
   return at::GradMode::is_enabled() ? op.call(std::forward<Args>(args)...) : kernel(std::forward<Args>(args)...);
 }
 
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", dt);
+}
+
+// ---------------------------------------------------------------------------------- arguments
+struct UnshuffleArgs {
+  at::Tensor x, mask_token, ids_restore;
+  std::optional<at::Tensor> pos_embed;
+};
+UnshuffleArgs unshuffle_args(const at::Tensor& x, const at::Tensor& mask_token, const at::Tensor& ids_restore,
+                             const std::optional<at::Tensor>& pos_embed) {
+  check_float_dtype(x, "x");
+  check_float_dtype(mask_token, "mask_token");
+  TORCH_CHECK_VALUE(x.dim() == 3, "x must be [N, 1+K, D], got shape ", x.sizes());
+  UnshuffleArgs a{x.contiguous(), mask_token.to(x.scalar_type()).contiguous(), ids_restore.contiguous(), std::nullopt};
+  if (pos_embed.has_value()) {
+    check_float_dtype(*pos_embed, "pos_embed");
+    TORCH_CHECK_VALUE(pos_embed->dim() >= 1 && pos_embed->size(-1) == x.size(2), "pos_embed must be [1+L, D], got ",
+                      pos_embed->sizes());
+    a.pos_embed = pos_embed->to(x.scalar_type()).contiguous();
+  }
+  return a;
+}
+
+struct LossArgs {
+  at::Tensor pred, imgs, weight;
+  std::optional<at::Tensor> ids;
+};
+LossArgs loss_args(const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& mask,
+                   const std::optional<at::Tensor>& ids) {
+  LossArgs a{pred.contiguous(), imgs.contiguous(), at::Tensor(), std::nullopt};
+  if (mask.has_value()) {
+    a.weight = mask->to(at::kFloat).contiguous();
+  } else {
+    TORCH_CHECK_VALUE(ids.has_value() && pred.dim() == 3, "mask is required when pred covers every patch");
+    a.weight = at::ones({pred.size(0), pred.size(1)}, pred.options().dtype(at::kFloat));
+  }
+  if (ids.has_value()) a.ids = ids->contiguous();
+  return a;
+}
+
+// ---------------------------------------------------------------------------------- autograd
 struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& imgs, const at::Tensor& ids_keep,
                             int64_t patch_size) {
-    at::Tensor out = gather_mask_fwd(imgs, ids_keep, patch_size);  // checks imgs is [N, C, H, W]
-    ctx->save_for_backward({ids_keep});
+    const at::Tensor ids = ids_keep.contiguous();
+    at::Tensor out = gather_mask_fwd(imgs.contiguous(), ids, patch_size);  // checks imgs is [N, C, H, W]
+    ctx->save_for_backward({ids});
     ctx->saved_data["p"] = patch_size;
     ctx->saved_data["H"] = imgs.size(2);
     ctx->saved_data["W"] = imgs.size(3);
@@ -53,8 +103,8 @@ struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
     if (ctx->needs_input_grad(0)) {
       const at::Tensor ids_keep = ctx->get_saved_variables()[0];
       static const auto op = op_handle<decltype(gather_mask_bwd)>("fastmae_C::gather_mask_bwd");
-      dimgs = call_bwd(op, gather_mask_bwd, grads[0].contiguous(), ids_keep, ctx->saved_data["p"].toInt(), ctx->saved_data["H"].toInt(),
-                      ctx->saved_data["W"].toInt());
+      dimgs = call_bwd(op, gather_mask_bwd, grads[0].contiguous(), ids_keep, ctx->saved_data["p"].toInt(),
+                       ctx->saved_data["H"].toInt(), ctx->saved_data["W"].toInt());
     }
     return {dimgs, at::Tensor(), at::Tensor()};
   }
@@ -63,12 +113,15 @@ struct GatherMaskFn : public torch::autograd::Function<GatherMaskFn> {
 struct UnshuffleScatterFn : public torch::autograd::Function<UnshuffleScatterFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mask_token,
                             const at::Tensor& ids_restore, const std::optional<at::Tensor>& pos_embed) {
-    at::Tensor out = unshuffle_scatter_fwd(x, mask_token, ids_restore, pos_embed);
-    ctx->save_for_backward({ids_restore});
+    const UnshuffleArgs a = unshuffle_args(x, mask_token, ids_restore, pos_embed);
+    at::Tensor out = unshuffle_scatter_fwd(a.x, a.mask_token, a.ids_restore, a.pos_embed);
+    ctx->save_for_backward({a.ids_restore});
     ctx->saved_data["K"] = x.size(1) - 1;
     ctx->saved_data["token_shape"] = mask_token.sizes().vec();
-    const bool has_pos = pos_embed.has_value() && pos_embed->defined();
+    ctx->saved_data["token_dtype"] = mask_token.scalar_type();
+    const bool has_pos = pos_embed.has_value();
     ctx->saved_data["pos_shape"] = has_pos ? pos_embed->sizes().vec() : std::vector<int64_t>{};
+    ctx->saved_data["pos_dtype"] = has_pos ? pos_embed->scalar_type() : x.scalar_type();
     ctx->saved_data["has_pos"] = has_pos;
     return out;
   }
@@ -79,18 +132,22 @@ struct UnshuffleScatterFn : public torch::autograd::Function<UnshuffleScatterFn>
     static const auto op = op_handle<decltype(unshuffle_scatter_bwd)>("fastmae_C::unshuffle_scatter_bwd");
     auto [dx, dmask, dpos] =
         call_bwd(op, unshuffle_scatter_bwd, grads[0].contiguous(), ids_restore, ctx->saved_data["K"].toInt(), need_pos);
+    auto as_input = [&](const at::Tensor& g, const char* shape, const char* dtype) {  // undo the conversion
+      return g.to(ctx->saved_data[dtype].toScalarType()).reshape(ctx->saved_data[shape].toIntVector());
+    };
     return {ctx->needs_input_grad(0) ? dx : at::Tensor(),
-            ctx->needs_input_grad(1) ? dmask.reshape(ctx->saved_data["token_shape"].toIntVector()) : at::Tensor(),
-            at::Tensor(), need_pos ? dpos.reshape(ctx->saved_data["pos_shape"].toIntVector()) : at::Tensor()};
+            ctx->needs_input_grad(1) ? as_input(dmask, "token_shape", "token_dtype") : at::Tensor(), at::Tensor(),
+            need_pos ? as_input(dpos, "pos_shape", "pos_dtype") : at::Tensor()};
   }
 };
 
 struct NormMseLossFn : public torch::autograd::Function<NormMseLossFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& imgs,
-                            const at::Tensor& weight, const std::optional<at::Tensor>& ids, int64_t patch_size,
-                            bool norm_pix, double eps) {
-    at::Tensor loss = norm_mse_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix, eps);
-    ctx->save_for_backward({pred, imgs, weight, ids.value_or(at::Tensor())});
+                            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ids,
+                            int64_t patch_size, bool norm_pix, double eps) {
+    const LossArgs a = loss_args(pred, imgs, mask, ids);
+    at::Tensor loss = norm_mse_loss_fwd(a.pred, a.imgs, a.weight, a.ids, patch_size, norm_pix, eps);
+    ctx->save_for_backward({a.pred, a.imgs, a.weight, a.ids.value_or(at::Tensor())});
     ctx->saved_data["p"] = patch_size;
     ctx->saved_data["norm_pix"] = norm_pix;
     ctx->saved_data["eps"] = eps;
@@ -103,12 +160,13 @@ struct NormMseLossFn : public torch::autograd::Function<NormMseLossFn> {
       const std::optional<at::Tensor> ids = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
       static const auto op = op_handle<decltype(norm_mse_loss_bwd)>("fastmae_C::norm_mse_loss_bwd");
       dpred = call_bwd(op, norm_mse_loss_bwd, grads[0], saved[0], saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
-                      ctx->saved_data["norm_pix"].toBool(), ctx->saved_data["eps"].toDouble());
+                       ctx->saved_data["norm_pix"].toBool(), ctx->saved_data["eps"].toDouble());
     }
     return {dpred, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
+// ---------------------------------------------------------------------------------- kernels
 at::Tensor gather_mask_autograd(const at::Tensor& imgs, const at::Tensor& ids_keep, int64_t patch_size) {
   return GatherMaskFn::apply(imgs, ids_keep, patch_size);
 }
@@ -116,10 +174,28 @@ at::Tensor unshuffle_scatter_autograd(const at::Tensor& x, const at::Tensor& mas
                                       const std::optional<at::Tensor>& pos_embed) {
   return UnshuffleScatterFn::apply(x, mask_token, ids_restore, pos_embed);
 }
-at::Tensor norm_mse_loss_autograd(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& ids, int64_t patch_size, bool norm_pix,
-                                  double eps) {
-  return NormMseLossFn::apply(pred, imgs, weight, ids, patch_size, norm_pix, eps);
+at::Tensor norm_mse_loss_autograd(const at::Tensor& pred, const at::Tensor& imgs,
+                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ids,
+                                  int64_t patch_size, bool norm_pix, double eps) {
+  // the target and its weights are data: a gradient asked of them would silently be None
+  TORCH_CHECK_VALUE(!at::GradMode::is_enabled() || !(imgs.requires_grad() || (mask && mask->requires_grad())),
+                    "norm_mse_loss differentiates pred only; imgs and mask must not require grad");
+  return NormMseLossFn::apply(pred, imgs, mask, ids, patch_size, norm_pix, eps);
+}
+
+// Below autograd (inference mode): the same conversions, then the forward kernels.
+at::Tensor gather_mask_plain(const at::Tensor& imgs, const at::Tensor& ids_keep, int64_t patch_size) {
+  return gather_mask_fwd(imgs.contiguous(), ids_keep.contiguous(), patch_size);
+}
+at::Tensor unshuffle_scatter_plain(const at::Tensor& x, const at::Tensor& mask_token, const at::Tensor& ids_restore,
+                                   const std::optional<at::Tensor>& pos_embed) {
+  const UnshuffleArgs a = unshuffle_args(x, mask_token, ids_restore, pos_embed);
+  return unshuffle_scatter_fwd(a.x, a.mask_token, a.ids_restore, a.pos_embed);
+}
+at::Tensor norm_mse_loss_plain(const at::Tensor& pred, const at::Tensor& imgs, const std::optional<at::Tensor>& mask,
+                               const std::optional<at::Tensor>& ids, int64_t patch_size, bool norm_pix, double eps) {
+  const LossArgs a = loss_args(pred, imgs, mask, ids);
+  return norm_mse_loss_fwd(a.pred, a.imgs, a.weight, a.ids, patch_size, norm_pix, eps);
 }
 
 }  // namespace
@@ -128,15 +204,14 @@ at::Tensor norm_mse_loss_autograd(const at::Tensor& pred, const at::Tensor& imgs
 TORCH_LIBRARY_FRAGMENT(fastmae_C, m) {
   m.def("gather_mask(Tensor imgs, Tensor ids_keep, int patch_size) -> Tensor");
   m.def("unshuffle_scatter(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed) -> Tensor");
-  m.def("norm_mse_loss(Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, bool norm_pix, "
+  m.def("norm_mse_loss(Tensor pred, Tensor imgs, Tensor? mask, Tensor? ids, int patch_size, bool norm_pix, "
         "float eps) -> Tensor");
 }
 
-// Below autograd (inference-mode tensors) the forward kernels themselves.
 TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {
-  m.impl("gather_mask", &fastmae::gather_mask_fwd);
-  m.impl("unshuffle_scatter", &fastmae::unshuffle_scatter_fwd);
-  m.impl("norm_mse_loss", &fastmae::norm_mse_loss_fwd);
+  m.impl("gather_mask", &fastmae::gather_mask_plain);
+  m.impl("unshuffle_scatter", &fastmae::unshuffle_scatter_plain);
+  m.impl("norm_mse_loss", &fastmae::norm_mse_loss_plain);
 }
 
 TORCH_LIBRARY_IMPL(fastmae_C, AutogradCPU, m) {

@@ -12,12 +12,14 @@ the extension is missing). ``FASTMAE_BACKEND=torch|cpp|triton`` forces one for e
 
 On the ``cpp`` backend an eager call on plain CPU tensors skips the ``fastmae::`` custom op and
 calls its twin registered in C++ with a C++ autograd function (``eager_cpp``): the same kernels,
-without Python between them and the public function.
+without Python between them and the public function, which checks its arguments in Python only
+when that twin refuses them (to name the problem).
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -44,6 +46,8 @@ def _load_extension() -> str | None:
     except (ImportError, OSError, RuntimeError) as e:  # missing, or built for another torch
         return f"{type(e).__name__}: {e}"
     missing = [op for op in REQUIRED_CPP_OPS if not hasattr(torch.ops.fastmae_C, op)]
+    if not hasattr(sys.modules["fastmae._C"], "_eager_route"):
+        missing.append("_eager_route")
     if missing:
         return f"the built extension lacks {', '.join(missing)} (built from older sources)"
     return None
@@ -122,24 +126,23 @@ def select_backend(device: torch.device) -> str:
     return "torch"
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 def eager_cpp(*tensors: torch.Tensor | None) -> bool:
     """Whether an op on ``tensors`` (None for an absent optional) takes the eager C++ route.
 
     That route, ``torch.ops.fastmae_C.<op>`` (csrc/autograd.cpp), runs the kernels the custom op
     runs on the ``cpp`` backend, with a C++ autograd function instead of the custom op's Python
-    layers (0.1-0.45 ms less per forward + backward at ViT-B shapes, bench/NOTES.md). It is taken
-    only for plain CPU tensors in eager mode: torch.compile, ``torch.jit.trace``, dispatch and
-    function modes (fake tensors, FLOP counters, ``torch.set_default_device``), torch.func
-    transforms and tensor subclasses get the custom op, which has the fake implementation and
-    registrations they need.
+    layers. It is taken only for plain CPU tensors in eager mode: torch.compile, ``torch.jit.trace``,
+    dispatch and function modes (fake tensors, FLOP counters, ``torch.set_default_device``),
+    torch.func transforms and tensor subclasses get the custom op, which has the fake
+    implementation and registrations they need. The tests after torch.compile's are one C++ call
+    (``fastmae._C._eager_route``, csrc/module.cpp): each Python step costs microseconds when the
+    caches are cold, as they are between the ops of a training step (bench/NOTES.md).
     """
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling():
         return False
-    present = [t for t in tensors if t is not None]
-    if any(type(t) not in _PLAIN_TENSORS or not t.is_cpu for t in present):
-        return False
-    return not torch.overrides.has_torch_function(present) and select_backend(present[0].device) == "cpp"
+    route = _ext_state.get("route")
+    if route is None:
+        if not has_extension():
+            return False
+        route = _ext_state["route"] = importlib.import_module("fastmae._C")._eager_route
+    return route(*tensors)

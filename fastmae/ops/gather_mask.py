@@ -96,6 +96,11 @@ _gather_mask_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------- public API
 def gather_mask(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Visible patches ``[N, K, C*p*p]`` in (c, i, j) order, straight from NCHW pixels."""
+    if type(patch_size) is int and _backend.eager_cpp(imgs, ids_keep):
+        try:  # the C++ route checks and converts the arguments itself
+            return torch.ops.fastmae_C.gather_mask(imgs, ids_keep, patch_size)
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            pass  # refused: the checks below name the problem (or the custom op raises it again)
     check_float(imgs, "imgs")
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")
@@ -107,7 +112,4 @@ def gather_mask(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> 
     if ids_keep.device != imgs.device:
         raise ValueError(f"ids_keep is on {ids_keep.device} but imgs on {imgs.device}")
     check_no_tangent("gather_mask", ("imgs", imgs))
-    imgs, ids_keep = imgs.contiguous(), ids_keep.contiguous()
-    if _backend.eager_cpp(imgs, ids_keep):
-        return torch.ops.fastmae_C.gather_mask(imgs, ids_keep, int(patch_size))
-    return _gather_mask_op(imgs, ids_keep, int(patch_size))
+    return _gather_mask_op(imgs.contiguous(), ids_keep.contiguous(), int(patch_size))

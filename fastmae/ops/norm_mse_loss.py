@@ -125,6 +125,11 @@ _norm_mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor], patch_size: int,
                   norm_pix_loss: bool = True, eps: float = 1e-6, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The MAE loss (see the module doc). ``mask`` may be None only when ``ids`` is given."""
+    if type(patch_size) is int and _backend.eager_cpp(pred, imgs, mask, ids):
+        try:  # the C++ route checks and converts the arguments itself
+            return torch.ops.fastmae_C.norm_mse_loss(pred, imgs, mask, ids, patch_size, bool(norm_pix_loss), float(eps))
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            pass  # refused: the checks below name the problem (or the custom op raises it again)
     check_float(pred, "pred")
     check_float(imgs, "imgs")
     if imgs.dim() != 4:
@@ -157,6 +162,4 @@ def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.T
                 raise ValueError(f"{name} requires grad, but norm_mse_loss differentiates pred only (the "
                                  f"target and its weights are data); pass {name}.detach()")
     args = (pred.contiguous(), imgs.contiguous(), mask.float().contiguous(), None if ids is None else ids.contiguous())
-    if _backend.eager_cpp(*args):
-        return torch.ops.fastmae_C.norm_mse_loss(*args, int(patch_size), bool(norm_pix_loss), float(eps))
     return _norm_mse_loss_op(*args, int(patch_size), bool(norm_pix_loss), float(eps))

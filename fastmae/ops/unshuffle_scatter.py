@@ -125,6 +125,11 @@ _unshuffle_scatter_op.register_autograd(_backward, setup_context=_setup_context)
 def unshuffle_scatter(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                       pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decoder input ``[N, 1+L, D]`` from ``x [N, 1+K, D]`` (cls first), see the module doc."""
+    if _backend.eager_cpp(x, mask_token, ids_restore, pos_embed):
+        try:  # the C++ route checks and converts the arguments itself
+            return torch.ops.fastmae_C.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            pass  # refused: the checks below name the problem (or the custom op raises it again)
     check_float(x, "x")
     if x.dim() != 3 or x.shape[1] < 1:
         raise ValueError(f"x must be [N, 1+K, D] with the cls token first, got shape {tuple(x.shape)}")
@@ -143,12 +148,8 @@ def unshuffle_scatter(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: to
                              f"got shape {tuple(pos_embed.shape)}")
     check_same_device(("x", x), ("mask_token", mask_token), ("ids_restore", ids_restore), ("pos_embed", pos_embed))
     check_no_tangent("unshuffle_scatter", ("x", x), ("mask_token", mask_token), ("pos_embed", pos_embed))
-    x, ids_restore, mask_token = x.contiguous(), ids_restore.contiguous(), mask_token.to(x.dtype).contiguous()
+    mask_token = mask_token.reshape(D).to(x.dtype)
     if pos_embed is not None:
-        pos_embed = pos_embed.to(x.dtype).contiguous()
-    if _backend.eager_cpp(x, mask_token, ids_restore, pos_embed):
-        # the token and the table in their own shapes: the C++ op reads them flat and gives their
-        # gradients those shapes, so autograd records no view nodes (one engine step each)
-        return torch.ops.fastmae_C.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
-    return _unshuffle_scatter_op(x, mask_token.reshape(D), ids_restore,
-                                 None if pos_embed is None else pos_embed.reshape(L + 1, D))
+        pos_embed = pos_embed.reshape(L + 1, D).to(x.dtype).contiguous()
+    x, mask_token, ids_restore = x.contiguous(), mask_token.contiguous(), ids_restore.contiguous()
+    return _unshuffle_scatter_op(x, mask_token, ids_restore, pos_embed)
