@@ -668,6 +668,61 @@ def test_eager_cpp_route_matches_custom_op(name, dtype, monkeypatch, request):
         assert gr.shape == args[i].shape and gr.dtype == gc.dtype and torch.equal(gr, gc), f"argument {i}"
 
 
+def _conversion_cases(gen, dtype):
+    """name -> (public call, its float arguments, the indices to differentiate): arguments the
+    public functions convert before a custom op, and the C++ route converts itself: layouts that
+    are not contiguous, a mask token and position table in another dtype and shape than x's, a
+    bool mask, no mask (ids given), a non-contiguous index tensor."""
+    N, C, H, W, p, K, D = 3, 3, 16, 24, 8, 2, 24
+    L = (H // p) * (W // p)
+    _, keep, restore, mask = _masking(gen, N, L, K)
+    removed = restore.argsort(1)[:, K:]
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    imgs_cl = _randn(gen, N, C, H, W, dtype=dtype).to(memory_format=torch.channels_last)
+    x_t = _randn(gen, N, D, 1 + K, dtype=dtype).transpose(1, 2)
+    tok = _randn(gen, 1, 1, D, dtype=other)
+    pos_t = _randn(gen, 1, D, 1 + L, dtype=other).transpose(1, 2)
+    pred_t = _randn(gen, N, C * p * p, L, dtype=dtype).transpose(1, 2)
+    imgs = _randn(gen, N, C, H, W, dtype=dtype)
+    keep_t = keep.t().contiguous().t()
+    u, g, nl = ops.unshuffle_scatter, ops.gather_mask, ops.norm_mse_loss
+    return {
+        "gather_noncontiguous": (lambda a, b: g(a, b, p), (imgs_cl, keep_t), [0]),
+        "unshuffle_converted": (lambda a, b, c: u(a, b, restore.t().contiguous().t(), c), (x_t, tok, pos_t), [0, 1, 2]),
+        "unshuffle_token_flat": (lambda a, b: u(a, b, restore), (x_t, tok.reshape(D)), [0, 1]),
+        "loss_bool_mask": (lambda a, b: nl(a, b, mask.bool(), p), (pred_t, imgs_cl), [0]),
+        "loss_no_mask": (lambda a, b: nl(a, b, None, p, ids=removed.t().contiguous().t()),
+                         (_randn(gen, N, L - K, C * p * p, dtype=dtype), imgs), [0]),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["gather_noncontiguous", "unshuffle_converted", "unshuffle_token_flat",
+                                  "loss_bool_mask", "loss_no_mask"])
+def test_eager_cpp_route_converts_like_the_public_functions(name, dtype, monkeypatch, request):
+    """The C++ route takes the arguments as given and makes the public functions' conversions
+    itself (undoing them on the gradients): outputs and gradients, with their dtypes and shapes,
+    are bitwise those of the custom-op path, which converts in Python."""
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    call, args, wrt = _conversion_cases(_gen(request), dtype)[name]
+    results = []
+    for route in (True, False):
+        if not route:
+            monkeypatch.setattr(_backend, "eager_cpp", lambda *a: False)
+        leaves = [a.detach().clone(memory_format=torch.preserve_format).requires_grad_(i in wrt)
+                  for i, a in enumerate(args)]
+        out = call(*leaves)
+        assert out.grad_fn.name().endswith("Fn>") == route, out.grad_fn.name()
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        results.append((out, torch.autograd.grad(out, [leaves[i] for i in wrt], grad_out)))
+    (out_r, grads_r), (out_c, grads_c) = results
+    assert out_r.dtype == out_c.dtype and out_r.shape == out_c.shape and torch.equal(out_r, out_c)
+    for i, gr, gc in zip(wrt, grads_r, grads_c):
+        assert gr.shape == args[i].shape and gr.dtype == gc.dtype == args[i].dtype, f"argument {i}"
+        assert torch.equal(gr, gc), f"argument {i}"
+
+
 class _RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -681,9 +736,9 @@ class _RecordOps(TorchDispatchMode):
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
     """Plain eager calls on the cpp backend take the C++ route; under a dispatch mode (what fake
-    tensors and FLOP counters use), under torch.jit.trace, with a tensor subclass, or on another
-    backend the public functions call the custom ops; inference mode runs the C++ route's forward
-    kernel."""
+    tensors and FLOP counters use), a function mode, a torch.func transform, torch.jit.trace,
+    with a tensor subclass, a tensor on another device, or on another backend the public
+    functions call the custom ops; inference mode runs the C++ route's forward kernel."""
     _require_cpp()
     monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
     gen = _gen(request)
@@ -714,6 +769,20 @@ def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
 
     assert not _backend.eager_cpp(imgs.as_subclass(Sub), keep)
     assert _backend.eager_cpp(imgs, keep) and _backend.eager_cpp(torch.nn.Parameter(imgs), keep, None)
+    assert not _backend.eager_cpp(imgs, keep.to("meta")) and not _backend.eager_cpp(None, imgs)
+    seen = []
+
+    def under_transform(t):
+        seen.append(_backend.eager_cpp(t, keep))
+        return t.sum()
+
+    torch.func.grad(under_transform)(imgs)
+    torch.func.vmap(under_transform)(imgs)
+    with torch.device("cpu"):  # a function mode
+        seen.append(_backend.eager_cpp(imgs, keep))
+    assert seen == [False, False, False]
+    monkeypatch.setenv("FASTMAE_BACKEND", " Cpp ")
+    assert _backend.eager_cpp(imgs, keep)
     monkeypatch.setenv("FASTMAE_BACKEND", "torch")
     assert not _backend.eager_cpp(imgs, keep)
     assert "CppNode" not in ops.gather_mask(imgs.requires_grad_(), keep, p).grad_fn.name()
@@ -887,6 +956,16 @@ def _bad_inputs():
          "mask requires grad, but norm_mse_loss differentiates pred only"),
         ("loss_imgs_requires_grad", lambda: nl(pred, imgs.clone().requires_grad_(), mask, p), ValueError,
          "imgs requires grad"),
+        # arguments the C++ route converts (layouts, dtypes of the token and table, the mask's) but
+        # must still refuse
+        ("gather_imgs_dtype", lambda: g(imgs.int(), keep, p), ValueError, "imgs must be float32, bfloat16 or float16"),
+        ("unshuffle_x_dtype", lambda: u(x.int(), tok, restore, pos), ValueError, "x must be float32"),
+        ("unshuffle_token_dtype", lambda: u(x, tok.long(), restore, pos), ValueError, "mask_token must be float32"),
+        ("unshuffle_pos_dtype", lambda: u(x, tok, restore, pos.long()), ValueError, "pos_embed must be float32"),
+        ("unshuffle_pos_last_dim", lambda: u(x, tok, restore, pos.reshape(D, 1 + L)), ValueError,
+         "pos_embed must be"),
+        ("loss_pred_dtype", lambda: nl(pred.long(), imgs, mask, p), ValueError, "pred must be float32"),
+        ("loss_mask_required", lambda: nl(pred, imgs, None, p), ValueError, "mask is required"),
         # another device than the rest ("meta" stands for one on a machine without a GPU)
         ("unshuffle_devices", lambda: u(x, tok.to("meta"), restore, pos), ValueError,
          "x, mask_token, ids_restore, pos_embed must be on one device: .*mask_token on meta"),
