@@ -2,7 +2,9 @@
 are each a ``torch.library`` custom op in the ``fastmae`` namespace with a fake implementation and
 registered autograd, dispatched to Triton (CUDA), C++ (CPU) or torch math (see
 ``fastmae.ops._backend``); in eager mode, plain CPU tensors on the C++ backend reach the same
-kernels through a twin registered in C++ with C++ autograd (``_backend.eager_cpp``).
+kernels through a twin registered in C++ with C++ autograd (``_backend.eager_cpp``), which
+checks and converts the arguments itself; the public functions' Python checks then run only when
+it refuses an argument, to raise the error that names it.
 ``attention`` picks an attention backend; ``gelu_mlp`` is the transformer MLP with its GELU
 recomputed in backward. Each has a ``*_ref`` twin."""
 from ._backend import has_extension, select_backend
