@@ -4,17 +4,19 @@
 // call crosses no Python between the public function and the kernels, forward or backward
 // (bench/NOTES.md: the custom op's layers cost 0.4-0.5 ms of a ViT-B forward + backward in the op
 // benchmarks). fastmae.ops takes it only where the custom op would run these kernels with nothing
-// else watching (ops/_backend.py, eager_cpp): never under torch.compile, tracing, dispatch or
-// function modes, functorch transforms or tensor subclasses, which the custom ops support and
-// these ops do not (no fake or Meta kernels: they are internal).
+// else watching (ops/_backend.py eager_cpp, whose tests are module.cpp's _eager_route): never
+// under torch.compile, tracing, dispatch or function modes, functorch transforms or tensor
+// subclasses, which the custom ops support and these ops do not (no fake or Meta kernels: they
+// are internal).
 //
 // These ops take the public functions' arguments as the user gave them: the conversions the
 // public functions make before a custom op (contiguous layouts, the mask token and position table
 // cast to x's dtype, the loss's mask as float32 or all ones) are made here, below autograd, and
 // undone on the gradients (cast back, given the inputs' shapes), which is what autograd does
 // through those conversions. Every argument the public functions refuse is refused here too (the
-// kernels' checks and the few below), so the public functions run their own checks only when
-// this route raises, to name the problem. Same kernels, same arguments: the same bits. The
+// kernels' checks and the few below; an input carrying a forward-mode tangent by
+// torch::autograd::Function itself, which has no jvp), so the public functions run their own
+// checks only when this route raises, to name the problem. Same kernels, same arguments: the same bits. The
 // backward functions mirror the custom ops' (`_backward` in fastmae/ops/<op>.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -22,6 +24,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "route.h"
 
 namespace fastmae {
 namespace {
@@ -31,16 +34,18 @@ using torch::autograd::variable_list;
 
 // A backward that builds a graph (create_graph=True, grad mode on) calls its kernel through the
 // dispatcher, whose Autograd kernel for it (the not-implemented fallback, registered below) gives
-// the outputs a node that raises if differentiated: a double backward through this route fails,
-// as it does through the custom ops, instead of silently dropping the second-order term. A plain
-// backward (grad mode off) calls the kernel itself: nothing would record it.
+// the outputs a node that raises if differentiated, provided an input requires grad: a double
+// backward through this route fails, as it does through the custom ops, instead of silently
+// dropping the second-order term. So does a backward run under a dispatch mode or a functorch
+// transform, which must see the op. A plain backward calls the kernel itself.
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
+bool bwd_through_dispatcher() { return at::GradMode::is_enabled() || dispatcher_watched(); }
 template <typename Fn, typename... Args>
 auto call_bwd(const c10::TypedOperatorHandle<Fn>& op, Fn* kernel, Args&&... args) {
-  return at::GradMode::is_enabled() ? op.call(std::forward<Args>(args)...) : kernel(std::forward<Args>(args)...);
+  return bwd_through_dispatcher() ? op.call(std::forward<Args>(args)...) : kernel(std::forward<Args>(args)...);
 }
 
 void check_float_dtype(const at::Tensor& t, const char* name) {
@@ -147,7 +152,9 @@ struct NormMseLossFn : public torch::autograd::Function<NormMseLossFn> {
                             int64_t patch_size, bool norm_pix, double eps) {
     const LossArgs a = loss_args(pred, imgs, mask, ids);
     at::Tensor loss = norm_mse_loss_fwd(a.pred, a.imgs, a.weight, a.ids, patch_size, norm_pix, eps);
-    ctx->save_for_backward({a.pred, a.imgs, a.weight, a.ids.value_or(at::Tensor())});
+    // pred itself too: a contiguous copy made here has no history, so a backward that builds a
+    // graph takes pred's own (see call_bwd); it costs no memory when pred is contiguous
+    ctx->save_for_backward({a.pred, a.imgs, a.weight, a.ids.value_or(at::Tensor()), pred});
     ctx->saved_data["p"] = patch_size;
     ctx->saved_data["norm_pix"] = norm_pix;
     ctx->saved_data["eps"] = eps;
@@ -159,7 +166,8 @@ struct NormMseLossFn : public torch::autograd::Function<NormMseLossFn> {
       const variable_list saved = ctx->get_saved_variables();
       const std::optional<at::Tensor> ids = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
       static const auto op = op_handle<decltype(norm_mse_loss_bwd)>("fastmae_C::norm_mse_loss_bwd");
-      dpred = call_bwd(op, norm_mse_loss_bwd, grads[0], saved[0], saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
+      const at::Tensor p = bwd_through_dispatcher() ? saved[4].contiguous() : saved[0];
+      dpred = call_bwd(op, norm_mse_loss_bwd, grads[0], p, saved[1], saved[2], ids, ctx->saved_data["p"].toInt(),
                        ctx->saved_data["norm_pix"].toBool(), ctx->saved_data["eps"].toDouble());
     }
     return {dpred, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

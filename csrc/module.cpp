@@ -5,34 +5,29 @@
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/TracerMode.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cctype>
 #include <cstdlib>
 #include <string>
 
+#include "route.h"
+
 namespace {
 
-// A torch.func transform is active: its dynamic-layer keys are in the thread's included set (what
-// torch._C._are_functorch_transforms_active reports).
-bool functorch_active() {
-  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-}
-
-// FASTMAE_BACKEND unset, empty, "auto" or "cpp" (any case, blanks around it): CPU tensors go to
-// the C++ kernels. Any other value is left to fastmae.ops._backend.select_backend (which also
-// refuses unknown names). Read with getenv: os.environ's assignments call putenv.
+// FASTMAE_BACKEND unset, empty, "auto" or "cpp" (any case, ASCII blanks around it): CPU tensors
+// go to the C++ kernels. Any other value is left to fastmae.ops._backend.select_backend (which
+// also refuses unknown names). Read with getenv: os.environ's assignments call putenv.
 bool backend_is_cpp() {
   const char* env = std::getenv("FASTMAE_BACKEND");
   if (env == nullptr) return true;
-  std::string name;
-  for (const char* c = env; *c != '\0'; ++c) {
-    if (!std::isspace(static_cast<unsigned char>(*c))) name += char(std::tolower(static_cast<unsigned char>(*c)));
-  }
+  std::string name(env);
+  auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!name.empty() && blank(name.back())) name.pop_back();
+  size_t first = 0;
+  while (first < name.size() && blank(name[first])) ++first;
+  name.erase(0, first);
+  for (char& c : name) c = char(std::tolower(static_cast<unsigned char>(c)));
   return name.empty() || name == "auto" || name == "cpp";
 }
 
@@ -46,7 +41,7 @@ bool backend_is_cpp() {
 // every fused op. torch.compile is tested before calling this (it must not trace into it).
 PyObject* eager_route(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   bool ok = nargs > 0 && args[0] != Py_None && !at::tracer::impl::is_dispatch_enabled() &&
-            c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !functorch_active() &&
+            !fastmae::dispatcher_watched() &&
             !at::impl::torch_function_mode_enabled() && backend_is_cpp();
   for (Py_ssize_t i = 0; ok && i < nargs; ++i) {
     if (args[i] != Py_None) ok = THPVariable_CheckExact(args[i]) && THPVariable_Unpack(args[i]).is_cpu();

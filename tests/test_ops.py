@@ -753,7 +753,11 @@ def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
     }
     for name, (call, leaf) in calls.items():
         leaf = leaf.requires_grad_()
-        assert f"{''.join(w.title() for w in name.split('_'))}Fn" in call(leaf).grad_fn.name(), name
+        out = call(leaf)
+        assert f"{''.join(w.title() for w in name.split('_'))}Fn" in out.grad_fn.name(), name
+        with _RecordOps() as rec:  # a mode entered for the backward only sees the route's backward op
+            out.sum().backward()
+        assert f"fastmae_C.{name}_bwd.default" in rec.ops, name
         with _RecordOps() as rec:
             call(leaf).sum().backward()
         assert f"fastmae.{name}.default" in rec.ops and f"fastmae.{name}_backward.default" in rec.ops, name
@@ -783,6 +787,10 @@ def test_eager_cpp_route_only_in_plain_eager(monkeypatch, request):
     assert seen == [False, False, False]
     monkeypatch.setenv("FASTMAE_BACKEND", " Cpp ")
     assert _backend.eager_cpp(imgs, keep)
+    monkeypatch.setenv("FASTMAE_BACKEND", "c pp")  # refused by select_backend, on every path
+    assert not _backend.eager_cpp(imgs, keep)
+    with pytest.raises(ValueError, match="unknown FASTMAE_BACKEND='c pp'"):
+        ops.gather_mask(imgs, keep, p)
     monkeypatch.setenv("FASTMAE_BACKEND", "torch")
     assert not _backend.eager_cpp(imgs, keep)
     assert "CppNode" not in ops.gather_mask(imgs.requires_grad_(), keep, p).grad_fn.name()
@@ -839,12 +847,14 @@ def test_eager_cpp_route_double_backward_raises(monkeypatch, request):
     imgs, mask = _randn(gen, 2, 3, 16, 16), torch.ones(2, 4)
     for route in (True, False):
         monkeypatch.setattr(_backend, "eager_cpp", lambda *a, route=route: route)
-        pred = _randn(gen, 2, 4, 3 * 8 * 8, requires_grad=True)
-        loss = ops.norm_mse_loss(pred, imgs, mask, 8)
-        (grad,) = torch.autograd.grad(loss, pred, create_graph=True)
-        with pytest.raises(RuntimeError, match="(derivative for fastmae_C::norm_mse_loss_bwd is not implemented|"
-                                               "no autograd formula was registered)"):
-            (loss + grad.square().sum()).backward()
+        for contiguous in (True, False):  # the decoder's pred[:, 1:] is not (the route copies it)
+            leaf = _randn(gen, 2, 5, 3 * 8 * 8, requires_grad=True)
+            pred = leaf[:, :4].contiguous() if contiguous else leaf[:, 1:]
+            loss = ops.norm_mse_loss(pred, imgs, mask, 8)
+            (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+            with pytest.raises(RuntimeError, match="(derivative for fastmae_C::norm_mse_loss_bwd is not implemented|"
+                                                   "no autograd formula was registered)"):
+                (loss + grad.square().sum()).backward()
 
 
 # ============================================================================ outputs fully written
