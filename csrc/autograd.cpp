@@ -16,13 +16,14 @@
 // through those conversions. Every argument the public functions refuse is refused here too (the
 // kernels' checks and the few below; an input carrying a forward-mode tangent by
 // torch::autograd::Function itself, which has no jvp), so the public functions run their own
-// checks only when this route raises, to name the problem. Same kernels, same arguments: the same bits. The
-// backward functions mirror the custom ops' (`_backward` in fastmae/ops/<op>.py).
+// checks only when this route raises, to name the problem. Same kernels, same arguments: the
+// same bits. The backward functions mirror the custom ops' (`_backward` in fastmae/ops/<op>.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "ops.h"
 #include "route.h"
 
@@ -46,12 +47,6 @@ bool bwd_through_dispatcher() { return at::GradMode::is_enabled() || dispatcher_
 template <typename Fn, typename... Args>
 auto call_bwd(const c10::TypedOperatorHandle<Fn>& op, Fn* kernel, Args&&... args) {
   return bwd_through_dispatcher() ? op.call(std::forward<Args>(args)...) : kernel(std::forward<Args>(args)...);
-}
-
-void check_float_dtype(const at::Tensor& t, const char* name) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
-                    " must be float32, bfloat16 or float16, got ", dt);
 }
 
 // ---------------------------------------------------------------------------------- arguments

@@ -313,11 +313,14 @@ inline void put8(T* dst, v8f v, bool stream) {
 // ------------------------------------------------------------------ argument checks
 // The Python op layer checks metadata before calling these ops; the kernels check again
 // (cheaply) so that a direct call through torch.ops can never read or write out of bounds.
-inline void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, name,
                     " must be float32, bfloat16 or float16, got ", dt);
+}
+inline void check_float_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  check_float_dtype(t, name);
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
