@@ -5,13 +5,17 @@ At ViT-B shapes (bench/test_bench_ops.py's inputs), with a 64 MB copy before eve
 
 - ``layers``: forward + backward through the public function and autograd, against the bare
   ``torch.ops.fastmae_C`` kernels with the gradients set by hand, alternating every 4 calls;
-- ``split``: unshuffle_scatter's forward kernel and backward kernel timed apart, beside the copy.
+- ``split``: unshuffle_scatter's forward kernel and backward kernel timed apart, beside the copy;
+- ``cold``: what the Python in front of the kernels costs when its caches are cold: the eager
+  route test (``_backend.eager_cpp``), the public forward and the C++ route op's forward, each
+  timed once after the eager reference's forward + backward and a 64 MB copy, in turn.
 
 Run::
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         python bench/cpu_op_layers.py layers unshuffle_scatter bf16
     ... python bench/cpu_op_layers.py split unshuffle_scatter bf16 [--no-pos]
+    ... python bench/cpu_op_layers.py cold unshuffle_scatter bf16
 
 It prints the extension it loaded: a figure from an installed copy other than the checkout's
 measures other code.
@@ -111,9 +115,38 @@ def split(op, dtype, calls, need_pos=True):
           f"({nbytes / b / 1e9:.1f} GB/s), 64 MB copy {2 * 64 * 2**20 / c / 1e9:.1f} GB/s")
 
 
+def cold(op, dtype, calls):
+    if op != "unshuffle_scatter":
+        raise SystemExit("cold: unshuffle_scatter only")
+    sets = [tb._setup(op, dtype, True, seed=s) for s in range(4)]
+    fast_fn, ref_fn = tb._functions(op)
+    bufs = [(torch.randn(16 * 2**20), torch.empty(16 * 2**20)) for _ in range(2)]
+    (x, tok, pos), (ids,), _ = sets[0][:3]
+    pieces = {
+        "nothing": lambda: None,
+        "eager_cpp": lambda: _backend.eager_cpp(x, tok, ids, pos),
+        "public forward": lambda: fast_fn(x, tok, pos, ids),
+        "route op forward": lambda: C.unshuffle_scatter(x, tok, ids, pos),
+    }
+    times = {k: [] for k in pieces}
+    for i in range(calls):
+        name = list(pieces)[i % len(pieces)]
+        leaves, consts, grad = sets[1 + i % 3][:3]
+        for t in leaves:
+            t.grad = None
+        ref_fn(*leaves, *consts).backward(grad)  # other code runs between two calls, as in a step
+        _flush(bufs, i)
+        t0 = time.perf_counter()
+        out = pieces[name]()
+        times[name].append(time.perf_counter() - t0)
+        del out
+    for name, ts in times.items():
+        print(f"{op} {dtype} cold, {name}: median {1e6 * statistics.median(ts[len(ts) // 10:]):.1f} us")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("layers", "split"))
+    parser.add_argument("what", choices=("layers", "split", "cold"))
     parser.add_argument("op", choices=("gather_mask", "unshuffle_scatter"))
     parser.add_argument("dtype", choices=("fp32", "bf16"))
     parser.add_argument("--calls", type=int, default=400)
@@ -127,8 +160,10 @@ def main():
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.what == "layers":
         layers(args.op, dtype, args.calls)
-    else:
+    elif args.what == "split":
         split(args.op, dtype, args.calls, args.need_pos)
+    else:
+        cold(args.op, dtype, args.calls)
 
 
 if __name__ == "__main__":
