@@ -99,18 +99,50 @@ inline float hsum8(v8f a) {
   return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-// sum_{k < n} f(k), f giving the 8 values k .. k+7, for n a multiple of 32: four accumulators
+// ------------------------------------------------------------------ 16-wide fp32 vectors
+// Two v8f side by side: one zmm register in the AVX-512 variants (half the instructions of two
+// v8f there), two ymm or four xmm registers elsewhere (the same instructions as two v8f).
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v32h __attribute__((vector_size(64)));
+
+inline v8f lo8(v16f v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline v8f hi8(v16f v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+inline v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline v16f load16(const c10::BFloat16* p) {  // as load8: bf16 bits into the high halves
+  v16h h;
+  std::memcpy(&h, p, sizeof(h));
+  const v32h wide = __builtin_shufflevector(v16h{}, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8,
+                                            24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  v16f v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+inline v16f load16(const c10::Half* p) {
+  const v8f a = load8(p), b = load8(p + 8);
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// Sum of the 16 lanes in a fixed order.
+inline float hsum16(v16f a) { return hsum8(lo8(a) + hi8(a)); }
+
+// sum_{k < n} f(k), f giving the 16 values k .. k+15, for n a multiple of 64: four accumulators
+// (four independent chains of additions, so that the next addition need not wait for the last)
 // combined in a fixed order (deterministic, like sum_f32).
 template <typename F>
-inline float sum_v8(int64_t n, const F& f) {
-  v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  for (int64_t k = 0; k < n; k += 32) {
+inline float sum_v16(int64_t n, const F& f) {
+  v16f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (int64_t k = 0; k < n; k += 64) {
     a0 += f(k);
-    a1 += f(k + 8);
-    a2 += f(k + 16);
-    a3 += f(k + 24);
+    a1 += f(k + 16);
+    a2 += f(k + 32);
+    a3 += f(k + 48);
   }
-  return hsum8((a0 + a1) + (a2 + a3));
+  return hsum16((a0 + a1) + (a2 + a3));
 }
 
 // Dispatch over the three float dtypes the ops accept (scalar_t inside the lambda).
@@ -206,6 +238,11 @@ struct Avx512Bf16 {
     std::memcpy(&m, &v, sizeof(m));
     return (__m128i)_mm256_cvtneps_pbh(m);
   }
+  FASTMAE_AVX512_TARGET_ONLY static inline __m256i round16(v16f v) {
+    __m512 m;
+    std::memcpy(&m, &v, sizeof(m));
+    return (__m256i)_mm512_cvtneps_pbh(m);
+  }
 #endif
 };
 
@@ -218,6 +255,25 @@ inline void store8(T* p, v8f v) {
   }
 #endif
   store8(p, v);
+}
+
+// store8<Isa> of 16 values (one vcvtneps2bf16 of a zmm register for bf16 in the AVX-512
+// variant; the same results as two store8<Isa>).
+template <typename Isa, typename T>
+inline void store16(T* p, v16f v) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same_v<Isa, IsaAvx512> && std::is_same_v<T, c10::BFloat16>) {
+    const __m256i h = Avx512Bf16::round16(v);
+    std::memcpy(p, &h, sizeof(h));  // (_mm256_storeu_si256 needs the AVX target here)
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    store8<Isa>(p, lo8(v));
+    store8<Isa>(p + 8, hi8(v));
+  }
 }
 
 // ------------------------------------------------------------------ streaming stores
@@ -307,6 +363,18 @@ inline void put8(T* dst, v8f v, bool stream) {
     stream8<Isa>(dst, v);
   } else {
     store8<Isa>(dst, v);
+  }
+}
+
+// put8 of 16 values.
+template <typename Isa, typename T>
+inline void put16(T* dst, v16f v, bool stream) {
+  if (stream) {
+    alignas(64) T tmp[16];
+    store16<Isa>(tmp, v);
+    Stream<Isa>::copy(dst, tmp, sizeof(tmp));
+  } else {
+    store16<Isa>(dst, v);
   }
 }
 

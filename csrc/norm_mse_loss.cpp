@@ -101,58 +101,109 @@ inline PatchStats load_patch(const img_t* img, int64_t l, const Geometry& g, boo
   return {mean, 1.f / std::sqrt(var + eps)};
 }
 
-// The same for C in {1, 3} and p a multiple of 8 (every ViT patch size but 14), with 8-wide
-// vectors: each group of 8 pixels of the three channel rows is interleaved by two-input
-// shuffles into 24 consecutive values of x, and the pixel sum is accumulated on the way, so
-// only the variance needs a second pass (over x, in L1).
-template <int CC, typename img_t>
-inline PatchStats load_patch_v8(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
+// Eight pixels of the three channel rows (a, b, c) interleaved into o[0, 24): one lane permute
+// per input and output vector, then two blends (element i of either input).
+inline void interleave3_8(v8f a, v8f b, v8f c, float* o) {
+  const v8f pa0 = __builtin_shuffle(a, v8i{0, 0, 0, 1, 0, 0, 2, 0});  // a0 .  .  a1 .  .  a2 .
+  const v8f pb0 = __builtin_shuffle(b, v8i{0, 0, 0, 0, 1, 0, 0, 2});  // .  b0 .  .  b1 .  .  b2
+  const v8f pc0 = __builtin_shuffle(c, v8i{0, 0, 0, 0, 0, 1, 0, 0});  // .  .  c0 .  .  c1 .  .
+  const v8f pa1 = __builtin_shuffle(a, v8i{0, 3, 0, 0, 4, 0, 0, 5});  // .  a3 .  .  a4 .  .  a5
+  const v8f pb1 = __builtin_shuffle(b, v8i{0, 0, 3, 0, 0, 4, 0, 0});  // .  .  b3 .  .  b4 .  .
+  const v8f pc1 = __builtin_shuffle(c, v8i{2, 0, 0, 3, 0, 0, 4, 0});  // c2 .  .  c3 .  .  c4 .
+  const v8f pa2 = __builtin_shuffle(a, v8i{0, 0, 6, 0, 0, 7, 0, 0});  // .  .  a6 .  .  a7 .  .
+  const v8f pb2 = __builtin_shuffle(b, v8i{5, 0, 0, 6, 0, 0, 7, 0});  // b5 .  .  b6 .  .  b7 .
+  const v8f pc2 = __builtin_shuffle(c, v8i{0, 5, 0, 0, 6, 0, 0, 7});  // .  c5 .  .  c6 .  .  c7
+  const v8i ab0 = {0, 9, 2, 3, 12, 5, 6, 15}, abc0 = {0, 1, 10, 3, 4, 13, 6, 7};
+  const v8i ab1 = {0, 1, 10, 3, 4, 13, 6, 7}, abc1 = {8, 1, 2, 11, 4, 5, 14, 7};
+  const v8i ab2 = {8, 1, 2, 11, 4, 5, 14, 7}, abc2 = {0, 9, 2, 3, 12, 5, 6, 15};
+  store8(o, __builtin_shuffle(__builtin_shuffle(pa0, pb0, ab0), pc0, abc0));       // a0 b0 c0 a1 b1 c1 a2 b2
+  store8(o + 8, __builtin_shuffle(__builtin_shuffle(pa1, pb1, ab1), pc1, abc1));   // c2 a3 b3 c3 a4 b4 c4 a5
+  store8(o + 16, __builtin_shuffle(__builtin_shuffle(pa2, pb2, ab2), pc2, abc2));  // b5 c5 a6 b6 c6 a7 b7 c7
+}
+
+// Sixteen pixels into o[0, 48): in the AVX-512 variant two two-source permutes of zmm registers
+// per 16 outputs (the first takes a's and b's elements, the second c's), where interleave3_8
+// twice needs 30 lane permutes and blends; elsewhere interleave3_8 twice.
+template <typename Isa>
+inline void interleave3_16(v16f a, v16f b, v16f c, float* o) {
+  if constexpr (std::is_same_v<Isa, IsaAvx512>) {
+    typedef int32_t v16i __attribute__((vector_size(64)));
+    const v16i ab0 = {0, 16, 0, 1, 17, 0, 2, 18, 0, 3, 19, 0, 4, 20, 0, 5};
+    const v16i abc0 = {0, 1, 16, 3, 4, 17, 6, 7, 18, 9, 10, 19, 12, 13, 20, 15};
+    const v16i ab1 = {21, 0, 6, 22, 0, 7, 23, 0, 8, 24, 0, 9, 25, 0, 10, 26};
+    const v16i abc1 = {0, 21, 2, 3, 22, 5, 6, 23, 8, 9, 24, 11, 12, 25, 14, 15};
+    const v16i ab2 = {0, 11, 27, 0, 12, 28, 0, 13, 29, 0, 14, 30, 0, 15, 31, 0};
+    const v16i abc2 = {26, 1, 2, 27, 4, 5, 28, 7, 8, 29, 10, 11, 30, 13, 14, 31};
+    store16<Isa>(o, __builtin_shuffle(__builtin_shuffle(a, b, ab0), c, abc0));       // a0 b0 c0 ... a5
+    store16<Isa>(o + 16, __builtin_shuffle(__builtin_shuffle(a, b, ab1), c, abc1));  // b5 c5 ... b10
+    store16<Isa>(o + 32, __builtin_shuffle(__builtin_shuffle(a, b, ab2), c, abc2));  // c10 a11 ... c15
+  } else {
+    interleave3_8(lo8(a), lo8(b), lo8(c), o);
+    interleave3_8(hi8(a), hi8(b), hi8(c), o + 24);
+  }
+}
+
+// The same for C in {1, 3} and p a multiple of 8 (every ViT patch size but 14), with vectors of
+// 16 pixels (p a multiple of 16) or 8: each group of pixels of the three channel rows is
+// interleaved into consecutive values of x, and the pixel sum is accumulated on the way, so only
+// the variance needs a second pass (over x, in L1). The sums' order depends on the geometry only,
+// never on the instruction set: every variant gives the same bits.
+template <typename Isa, int CC, typename img_t>
+inline PatchStats load_patch_vec(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
   const int64_t p = g.p, W = g.W, H = g.H, P = g.P;
   const img_t* patch = img + (l / g.w) * p * W + (l % g.w) * p;
-  v8f s0 = {}, s1 = {};
-  for (int64_t i = 0; i < p; ++i) {
-    const img_t* r0 = patch + i * W;
-    float* o = x + i * p * CC;
-    for (int64_t j = 0; j < p; j += 8, o += 8 * CC) {
-      const v8f a = load8(r0 + j);
-      if constexpr (CC == 3) {
-        const v8f b = load8(r0 + H * W + j), c = load8(r0 + 2 * H * W + j);
-        s0 += a + b;
-        s1 += c;
-        // one lane permute per input and output vector, then two blends (element i of either input)
-        const v8f pa0 = __builtin_shuffle(a, v8i{0, 0, 0, 1, 0, 0, 2, 0});  // a0 .  .  a1 .  .  a2 .
-        const v8f pb0 = __builtin_shuffle(b, v8i{0, 0, 0, 0, 1, 0, 0, 2});  // .  b0 .  .  b1 .  .  b2
-        const v8f pc0 = __builtin_shuffle(c, v8i{0, 0, 0, 0, 0, 1, 0, 0});  // .  .  c0 .  .  c1 .  .
-        const v8f pa1 = __builtin_shuffle(a, v8i{0, 3, 0, 0, 4, 0, 0, 5});  // .  a3 .  .  a4 .  .  a5
-        const v8f pb1 = __builtin_shuffle(b, v8i{0, 0, 3, 0, 0, 4, 0, 0});  // .  .  b3 .  .  b4 .  .
-        const v8f pc1 = __builtin_shuffle(c, v8i{2, 0, 0, 3, 0, 0, 4, 0});  // c2 .  .  c3 .  .  c4 .
-        const v8f pa2 = __builtin_shuffle(a, v8i{0, 0, 6, 0, 0, 7, 0, 0});  // .  .  a6 .  .  a7 .  .
-        const v8f pb2 = __builtin_shuffle(b, v8i{5, 0, 0, 6, 0, 0, 7, 0});  // b5 .  .  b6 .  .  b7 .
-        const v8f pc2 = __builtin_shuffle(c, v8i{0, 5, 0, 0, 6, 0, 0, 7});  // .  c5 .  .  c6 .  .  c7
-        const v8i ab0 = {0, 9, 2, 3, 12, 5, 6, 15}, abc0 = {0, 1, 10, 3, 4, 13, 6, 7};
-        const v8i ab1 = {0, 1, 10, 3, 4, 13, 6, 7}, abc1 = {8, 1, 2, 11, 4, 5, 14, 7};
-        const v8i ab2 = {8, 1, 2, 11, 4, 5, 14, 7}, abc2 = {0, 9, 2, 3, 12, 5, 6, 15};
-        store8(o, __builtin_shuffle(__builtin_shuffle(pa0, pb0, ab0), pc0, abc0));       // a0 b0 c0 a1 b1 c1 a2 b2
-        store8(o + 8, __builtin_shuffle(__builtin_shuffle(pa1, pb1, ab1), pc1, abc1));   // c2 a3 b3 c3 a4 b4 c4 a5
-        store8(o + 16, __builtin_shuffle(__builtin_shuffle(pa2, pb2, ab2), pc2, abc2));  // b5 c5 a6 b6 c6 a7 b7 c7
-      } else {
-        s0 += a;
-        store8(o, a);
+  float total;
+  if (p % 16 == 0) {
+    v16f s0 = {}, s1 = {};
+    for (int64_t i = 0; i < p; ++i) {
+      const img_t* r0 = patch + i * W;
+      float* o = x + i * p * CC;
+      for (int64_t j = 0; j < p; j += 16, o += 16 * CC) {
+        const v16f a = load16(r0 + j);
+        if constexpr (CC == 3) {
+          const v16f b = load16(r0 + H * W + j), c = load16(r0 + 2 * H * W + j);
+          s0 += a + b;
+          s1 += c;
+          interleave3_16<Isa>(a, b, c, o);
+        } else {
+          s0 += a;
+          store16<Isa>(o, a);
+        }
       }
     }
+    total = hsum16(s0 + s1);
+  } else {
+    v8f s0 = {}, s1 = {};
+    for (int64_t i = 0; i < p; ++i) {
+      const img_t* r0 = patch + i * W;
+      float* o = x + i * p * CC;
+      for (int64_t j = 0; j < p; j += 8, o += 8 * CC) {
+        const v8f a = load8(r0 + j);
+        if constexpr (CC == 3) {
+          const v8f b = load8(r0 + H * W + j), c = load8(r0 + 2 * H * W + j);
+          s0 += a + b;
+          s1 += c;
+          interleave3_8(a, b, c, o);
+        } else {
+          s0 += a;
+          store8(o, a);
+        }
+      }
+    }
+    total = hsum8(s0 + s1);
   }
   if (!norm_pix) return {0.f, 1.f};
-  const float mean = hsum8(s0 + s1) / float(P);
-  const v8f vm = mean - v8f{};
-  const float sq = sum_v8(P, [&](int64_t k) {
-    const v8f d = load8(x + k) - vm;
+  const float mean = total / float(P);
+  const v16f vm = mean - v16f{};
+  const float sq = sum_v16(P, [&](int64_t k) {
+    const v16f d = load16(x + k) - vm;
     return d * d;
   });
   const float var = sq / float(P - 1);  // unbiased, as torch.var
   return {mean, 1.f / std::sqrt(var + eps)};
 }
 
-// Whether load_patch_v8 handles this geometry (then P is a multiple of 64, so of sum_v8's 32).
+// Whether load_patch_vec handles this geometry (then P is a multiple of 64, as sum_v16 needs).
 inline bool vector_path(const Geometry& g) { return (g.C == 3 || g.C == 1) && g.p % 8 == 0; }
 
 // Pixel (c=0, i=0, j=0) of the target patch of pred row `row`.
@@ -163,14 +214,18 @@ inline const img_t* row_patch(const img_t* imgs, const int64_t* ids, int64_t row
 }
 
 // The pixels and statistics of the target of pred row `row` (patch ids[row], or row % M).
-template <typename img_t>
+template <typename Isa, typename img_t>
 inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t row, const Geometry& g,
                                  bool norm_pix, float eps, float* x) {
-  if (row + 1 < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + 1, g), g.C, g.p, g.H, g.W);
+  // The target patch two rows ahead: one row is too little lead, and in 16 bits two neighbouring
+  // patches share their lines, so row + 1's are often the ones being read (bench/NOTES.md).
+  constexpr int64_t ahead = 2;
+  if (row + ahead < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + ahead, g), g.C, g.p, g.H, g.W);
   const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
   const img_t* img = imgs + n * g.C * g.H * g.W;
   if (vector_path(g)) {
-    return g.C == 3 ? load_patch_v8<3>(img, l, g, norm_pix, eps, x) : load_patch_v8<1>(img, l, g, norm_pix, eps, x);
+    return g.C == 3 ? load_patch_vec<Isa, 3>(img, l, g, norm_pix, eps, x)
+                    : load_patch_vec<Isa, 1>(img, l, g, norm_pix, eps, x);
   }
   switch (g.C) {
     case 1: return load_patch<1>(img, l, g, norm_pix, eps, x);
@@ -195,13 +250,13 @@ inline void loss_chunks(const pred_t* pred, const img_t* imgs, const float* weig
     const int64_t r1 = std::min(rows, (chunk + 1) * kRowsPerChunk);
     for (int64_t row = chunk * kRowsPerChunk; row < r1; ++row) {
       prefetch_pred_row(pred, row, rows, P);
-      const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
+      const PatchStats st = load_row_patch<Isa>(imgs, ids, row, g, norm_pix, eps, x);
       const pred_t* pr = pred + row * P;
       float se;
       if (vec) {
-        const v8f vm = st.mean - v8f{}, vr = st.rstd - v8f{};
-        se = sum_v8(P, [&](int64_t k) {
-          const v8f diff = load8(pr + k) - (load8(x + k) - vm) * vr;
+        const v16f vm = st.mean - v16f{}, vr = st.rstd - v16f{};
+        se = sum_v16(P, [&](int64_t k) {
+          const v16f diff = load16(pr + k) - (load16(x + k) - vm) * vr;
           return diff * diff;
         });
       } else {
@@ -228,13 +283,13 @@ inline void grad_rows(float scale, const pred_t* pred, const img_t* imgs, const 
   const bool vec = vector_path(g);
   for (int64_t row = begin; row < end; ++row) {
     prefetch_pred_row(pred, row, end, P);
-    const PatchStats st = load_row_patch(imgs, ids, row, g, norm_pix, eps, x);
+    const PatchStats st = load_row_patch<Isa>(imgs, ids, row, g, norm_pix, eps, x);
     const float coef = weight[row] * scale;
     const pred_t* pr = pred + row * P;
     pred_t* o = dpred + row * P;
     if (vec) {
-      const v8f vm = st.mean - v8f{}, vr = st.rstd - v8f{}, vc = coef - v8f{};
-      for (int64_t k = 0; k < P; k += 8) put8<Isa>(o + k, (load8(pr + k) - (load8(x + k) - vm) * vr) * vc, stream);
+      const v16f vm = st.mean - v16f{}, vr = st.rstd - v16f{}, vc = coef - v16f{};
+      for (int64_t k = 0; k < P; k += 16) put16<Isa>(o + k, (load16(pr + k) - (load16(x + k) - vm) * vr) * vc, stream);
     } else {
       for (int64_t k = 0; k < P; ++k) o[k] = from_f<pred_t>((to_f(pr[k]) - (x[k] - st.mean) * st.rstd) * coef);
     }

@@ -62,6 +62,8 @@ LOSS_CASES = [
     (2, 3, 32, 32, 16),
     (1, 1, 64, 68, 4),  # L = 272
     (2, 1, 16, 24, 8),  # C = 1 with p a multiple of 8 (the C++ 8-wide path)
+    (2, 1, 32, 48, 16),  # C = 1 with p a multiple of 16 (the C++ 16-wide path)
+    (1, 3, 64, 32, 32),  # two 16-pixel groups per patch row
 ]
 
 
@@ -502,6 +504,9 @@ def test_cpp_isa_variants(dtype, isa, monkeypatch, request):
     test_norm_mse_loss(LOSS_CASES[1], dtype, "full", True, "cpp", request)
     test_norm_mse_loss(LOSS_CASES[2], dtype, "ids+weights", True, "cpp", request)
     test_norm_mse_loss(LOSS_CASES[0], dtype, "ids", False, "cpp", request)
+    test_norm_mse_loss(LOSS_CASES[3], dtype, "full", True, "cpp", request)
+    test_norm_mse_loss(LOSS_CASES[6], dtype, "ids", True, "cpp", request)
+    test_norm_mse_loss(LOSS_CASES[7], dtype, "ids+weights", True, "cpp", request)
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -516,7 +521,9 @@ def _cpu_has_avx512_bf16() -> bool:
 def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
     """The AVX-512 variant rounds fp32 to bf16 with vcvtneps2bf16, the others with integer
     arithmetic: bitwise the same results on normal values, ties (to even) included. Sums of two
-    bf16 values, as unshuffle_scatter's forward makes, land on ties often."""
+    bf16 values, as unshuffle_scatter's forward makes, land on ties often. The loss at p = 16
+    also interleaves its target with other instructions (two-source permutes of 16 values against
+    8-wide shuffles), its sums in the same order: the same bits, forward and backward."""
     _require_cpp()
     if not _cpu_has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16: only one bf16 rounding runs here")
@@ -528,16 +535,21 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
     imgs = torch.rand(2, 3, 32, 32, generator=gen).bfloat16()
     pred = torch.randn(2, 16, 192, generator=gen).bfloat16()
     mask = (torch.rand(2, 16, generator=gen) > 0.25).float()
+    pred16, mask16 = torch.randn(2, 4, 768, generator=gen).bfloat16(), mask[:, :4].contiguous()
     f = torch.ops.fastmae_C
 
     def outputs():
         return (f.unshuffle_scatter_fwd(x, tok, ids, pos),
-                f.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, mask, None, 8, True, EPS))
+                f.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, mask, None, 8, True, EPS),
+                f.norm_mse_loss_bwd(torch.tensor(1.0), pred16, imgs, mask16, None, 16, True, EPS),
+                f.norm_mse_loss_fwd(pred16, imgs, mask16, None, 16, True, EPS).view(1))
 
     native = outputs()
     monkeypatch.setenv("FASTMAE_CPU_ISA", "avx2")
-    for name, a, b in zip(("unshuffle_scatter", "norm_mse_loss dpred"), native, outputs()):
-        assert torch.equal(a.view(torch.int16), b.view(torch.int16)), f"{name}: AVX-512 and AVX2 bf16 differ"
+    names = ("unshuffle_scatter", "norm_mse_loss dpred", "norm_mse_loss dpred, p = 16", "norm_mse_loss, p = 16")
+    for name, a, b in zip(names, native, outputs(), strict=True):
+        bits = torch.int16 if a.element_size() == 2 else torch.int32
+        assert torch.equal(a.view(bits), b.view(bits)), f"{name}: AVX-512 and AVX2 differ"
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "base"])
