@@ -86,6 +86,16 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
       }
     }
     const int64_t grow0 = n * K;
+    // The gradient rows of the next grid row's kept patches, prefetched: this grid row reads its
+    // own in p-value pieces, one per image row, which the hardware prefetchers do not run ahead
+    // of (the backward 1.3x faster in bf16, 1.05x in fp32; bench/NOTES.md).
+    if (t + 1 < end) {
+      const int64_t n1 = (t + 1) / g.h, hi1 = (t + 1) % g.h;
+      const int64_t* id1 = ids + n1 * K;
+      for (int64_t k = 0; k < K; ++k) {
+        if (uint64_t(id1[k] - hi1 * w) < uint64_t(w)) prefetch_bytes(gbits + (n1 * K + k) * D, D * int64_t(sizeof(B)));
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t i = 0; i < p; ++i) {
         B* orow = obits + ((n * C + c) * H + hi * p + i) * W;
