@@ -5,7 +5,7 @@ Tolerance (flash-attention's rule): a backend's error against the fp64 reference
 twice the error of plain PyTorch at the same precision (the op's torch reference composition run
 on the same low-precision inputs) plus a small atol relative to the reference's magnitude; a
 failure names the worst element. Shapes reach every tail path (N = 1, L from 4 to 272, K from 1 to
-L - 1, p in 4/8/14/16, C in 1/3, non-square grids). Also: outputs allocated on NaN-filled memory
+L - 1, p from 4 to 48, C in 1/3, non-square grids). Also: outputs allocated on NaN-filled memory
 (so an unwritten element fails), determinism, every bad-input error, ``torch.library.opcheck`` and
 ``torch.compile(fullgraph=True)`` of every registered op.
 """
@@ -61,9 +61,11 @@ LOSS_CASES = [
     (3, 3, 28, 28, 14),
     (2, 3, 32, 32, 16),
     (1, 1, 64, 68, 4),  # L = 272
-    (2, 1, 16, 24, 8),  # C = 1 with p a multiple of 8 (the C++ 8-wide path)
-    (2, 1, 32, 48, 16),  # C = 1 with p a multiple of 16 (the C++ 16-wide path)
+    (2, 1, 16, 24, 8),  # C = 1, p a multiple of 8 (the C++ vector path, 8-pixel groups)
+    (2, 1, 32, 48, 16),  # C = 1, p a multiple of 16 (16-pixel groups)
     (1, 3, 64, 32, 32),  # two 16-pixel groups per patch row
+    (1, 3, 48, 96, 48),  # three
+    (2, 3, 48, 72, 24),  # three 8-pixel groups per patch row
 ]
 
 
@@ -544,6 +546,7 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
                 f.norm_mse_loss_bwd(torch.tensor(1.0), pred16, imgs, mask16, None, 16, True, EPS),
                 f.norm_mse_loss_fwd(pred16, imgs, mask16, None, 16, True, EPS).view(1))
 
+    monkeypatch.delenv("FASTMAE_CPU_ISA", raising=False)  # the best variant: AVX-512 here
     native = outputs()
     monkeypatch.setenv("FASTMAE_CPU_ISA", "avx2")
     names = ("unshuffle_scatter", "norm_mse_loss dpred", "norm_mse_loss dpred, p = 16", "norm_mse_loss, p = 16")
