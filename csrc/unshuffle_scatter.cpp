@@ -198,7 +198,7 @@ inline void store_perm_sums(const float* acc, scalar_t* out, int64_t D) {
 
 // 16 values as two fp32 vectors: bf16 in widen16's order, other dtypes in memory order.
 template <typename scalar_t>
-inline void load16(const scalar_t* p, v8f& lo, v8f& hi) {
+inline void load_pair16(const scalar_t* p, v8f& lo, v8f& hi) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     widen16(p, lo, hi);
   } else {
@@ -229,7 +229,7 @@ inline void sum_rows16(const scalar_t* const* rows, const v8u* removed, float* a
     v8f mlo = load8(am + d), mhi = load8(am + d + 8);
     for (int g = 0; g < G; ++g) {
       v8f lo, hi;
-      load16(rows[g] + d, lo, hi);
+      load_pair16(rows[g] + d, lo, hi);
       if constexpr (kPos) {
         plo += lo;
         phi += hi;
