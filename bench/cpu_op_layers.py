@@ -5,7 +5,8 @@ At ViT-B shapes (bench/test_bench_ops.py's inputs), with a 64 MB copy before eve
 
 - ``layers``: forward + backward through the public function and autograd, against the bare
   ``torch.ops.fastmae_C`` kernels with the gradients set by hand, alternating every 4 calls;
-- ``split``: unshuffle_scatter's forward kernel and backward kernel timed apart, beside the copy;
+- ``split``: an op's forward kernel and backward kernel timed apart, beside the copy (any op;
+  ``layers`` takes gather_mask or unshuffle_scatter, ``cold`` unshuffle_scatter);
 - ``cold``: what the Python in front of the kernels costs when its caches are cold: the eager
   route test (``_backend.eager_cpp``), the public forward and the C++ route op's forward, each
   timed once after the eager reference's forward + backward and a 64 MB copy, in turn.
@@ -14,7 +15,7 @@ Run::
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         python bench/cpu_op_layers.py layers unshuffle_scatter bf16
-    ... python bench/cpu_op_layers.py split unshuffle_scatter bf16 [--no-pos]
+    ... python bench/cpu_op_layers.py split unshuffle_scatter|gather_mask|norm_mse_loss bf16 [--no-pos]
     ... python bench/cpu_op_layers.py cold unshuffle_scatter bf16
 
 It prints the extension it loaded: a figure from an installed copy other than the checkout's
@@ -84,22 +85,59 @@ def layers(op, dtype, calls):
         print(f"{op} {dtype} full, {kind}: median {1e3 * statistics.median(ts):.3f} ms")
 
 
+def _kernels(op, dtype, need_pos):
+    """(forward, backward, minimal bytes of each) of ``op``'s two C++ kernels; each kernel takes
+    one input set of ``tb._setup``."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    if op == "unshuffle_scatter":
+        def fwd(s):
+            (x, tok, pos), (ids,), _ = s[:3]
+            return C.unshuffle_scatter_fwd(x.detach(), tok.detach().reshape(-1), ids, pos.detach().reshape(-1, x.shape[-1]))
+
+        def bwd(s):
+            (x, _, _), (ids,), grad = s[:3]
+            return C.unshuffle_scatter_bwd(grad, ids, x.shape[1] - 1, need_pos)
+
+        nbytes = (tb.N * (tb.K + 1) + tb.N * (tb.L + 1)) * tb.D_DEC * es  # x and out (grad and dx)
+        return fwd, bwd, nbytes, nbytes
+    if op == "gather_mask":
+        def fwd(s):
+            (imgs,), (ids,), _ = s[:3]
+            return C.gather_mask_fwd(imgs.detach(), ids, tb.P_SIZE)
+
+        def bwd(s):
+            _, (ids,), grad = s[:3]
+            return C.gather_mask_bwd(grad, ids, tb.P_SIZE, tb.IMG, tb.IMG)
+
+        kept, img = tb.N * tb.K * tb.PATCH * es, tb.N * tb.C * tb.IMG * tb.IMG * es
+        return fwd, bwd, 2 * kept, kept + img
+    one = torch.ones(())
+
+    def fwd(s):
+        (pred,), (imgs, mask), _ = s[:3]
+        return C.norm_mse_loss_fwd(pred.detach(), imgs, mask, None, tb.P_SIZE, True, 1e-6)
+
+    def bwd(s):
+        (pred,), (imgs, mask), _ = s[:3]
+        return C.norm_mse_loss_bwd(one, pred.detach(), imgs, mask, None, tb.P_SIZE, True, 1e-6)
+
+    nbytes = tb.N * tb.L * tb.PATCH * es  # pred (= imgs, = dpred)
+    return fwd, bwd, 2 * nbytes, 3 * nbytes
+
+
 def split(op, dtype, calls, need_pos=True):
-    if op != "unshuffle_scatter":
-        raise SystemExit("split: unshuffle_scatter only")
     sets = [tb._setup(op, dtype, True, seed=s) for s in range(SETS)]
+    fwd_fn, bwd_fn, fwd_bytes, bwd_bytes = _kernels(op, dtype, need_pos)
     bufs = [(torch.randn(16 * 2**20), torch.empty(16 * 2**20)) for _ in range(2)]
     fwd, bwd, copy = [], [], []
     for i in range(calls):
-        (x, tok, pos), (ids,), _ = sets[i % SETS][:3]
         _flush(bufs, i)
         t0 = time.perf_counter()
-        out = C.unshuffle_scatter_fwd(x.detach(), tok.detach().reshape(-1), ids, pos.detach().reshape(-1, x.shape[-1]))
+        out = fwd_fn(sets[i % SETS])
         t1 = time.perf_counter()
-        _, (ids,), grad = sets[(i + 5) % SETS][:3]
         _flush(bufs, i + 1)
         t2 = time.perf_counter()
-        res = C.unshuffle_scatter_bwd(grad, ids, x.shape[1] - 1, need_pos)
+        res = bwd_fn(sets[(i + 5) % SETS])
         t3 = time.perf_counter()
         _flush(bufs, i)
         t4 = time.perf_counter()
@@ -108,11 +146,9 @@ def split(op, dtype, calls, need_pos=True):
             bwd.append(t3 - t2)
             copy.append(t4 - t3)
         del out, res
-    es = torch.tensor([], dtype=dtype).element_size()
-    nbytes = (tb.N * (tb.K + 1) + tb.N * (tb.L + 1)) * tb.D_DEC * es  # x and out (grad and dx)
     f, b, c = (statistics.median(v) for v in (fwd, bwd, copy))
-    print(f"{op} {dtype}: forward {1e3 * f:.3f} ms ({nbytes / f / 1e9:.1f} GB/s), backward {1e3 * b:.3f} ms "
-          f"({nbytes / b / 1e9:.1f} GB/s), 64 MB copy {2 * 64 * 2**20 / c / 1e9:.1f} GB/s")
+    print(f"{op} {dtype}: forward {1e3 * f:.3f} ms ({fwd_bytes / f / 1e9:.1f} GB/s), backward {1e3 * b:.3f} ms "
+          f"({bwd_bytes / b / 1e9:.1f} GB/s), 64 MB copy {2 * 64 * 2**20 / c / 1e9:.1f} GB/s")
 
 
 def cold(op, dtype, calls):
@@ -147,7 +183,7 @@ def cold(op, dtype, calls):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("layers", "split", "cold"))
-    parser.add_argument("op", choices=("gather_mask", "unshuffle_scatter"))
+    parser.add_argument("op", choices=("gather_mask", "unshuffle_scatter", "norm_mse_loss"))
     parser.add_argument("dtype", choices=("fp32", "bf16"))
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--no-pos", dest="need_pos", action="store_false",
