@@ -574,7 +574,8 @@ def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
     for case in (UNSHUFFLE_CASES[4], UNSHUFFLE_CASES[5], UNSHUFFLE_CASES[6]):  # D = 64, 130 (not streamed), 40
         test_unshuffle_scatter(case, dtype, "pos", "cpp", request)
         test_unshuffle_scatter(case, dtype, "nopos", "cpp", request)
-    for case in (LOSS_CASES[1], LOSS_CASES[3], LOSS_CASES[5], LOSS_CASES[2]):  # the last: p = 14, not streamed
+    # 8- and 16-pixel groups, C = 1 and 3; the last (p = 14) is not streamed
+    for case in (LOSS_CASES[1], LOSS_CASES[3], LOSS_CASES[5], LOSS_CASES[6], LOSS_CASES[2]):
         test_norm_mse_loss(case, dtype, "full", True, "cpp", request)
         test_norm_mse_loss(case, dtype, "ids+weights", False, "cpp", request)
 
