@@ -143,6 +143,50 @@ inline void interleave3_16(v16f a, v16f b, v16f c, float* o) {
   }
 }
 
+// The target patch's pixels (patch = pixel (c=0, i=0, j=0)) into x in (i, j, c) order, V = 8 or
+// 16 pixels of each channel row at a time, and their sum (in an order set by p and V alone).
+template <typename Isa, int CC, int V, typename img_t>
+inline float load_groups(const img_t* patch, int64_t p, int64_t H, int64_t W, float* x) {
+  using vec = std::conditional_t<V == 16, v16f, v8f>;
+  auto load = [](const img_t* s) {
+    if constexpr (V == 16) {
+      return load16(s);
+    } else {
+      return load8(s);
+    }
+  };
+  vec s0 = {}, s1 = {};
+  for (int64_t i = 0; i < p; ++i) {
+    const img_t* r0 = patch + i * W;
+    float* o = x + i * p * CC;
+    for (int64_t j = 0; j < p; j += V, o += V * CC) {
+      const vec a = load(r0 + j);
+      if constexpr (CC == 3) {
+        const vec b = load(r0 + H * W + j), c = load(r0 + 2 * H * W + j);
+        s0 += a + b;
+        s1 += c;
+        if constexpr (V == 16) {
+          interleave3_16<Isa>(a, b, c, o);
+        } else {
+          interleave3_8(a, b, c, o);
+        }
+      } else {
+        s0 += a;
+        if constexpr (V == 16) {
+          store16<Isa>(o, a);
+        } else {
+          store8(o, a);
+        }
+      }
+    }
+  }
+  if constexpr (V == 16) {
+    return hsum16(s0 + s1);
+  } else {
+    return hsum8(s0 + s1);
+  }
+}
+
 // The same for C in {1, 3} and p a multiple of 8 (every ViT patch size but 14), with vectors of
 // 16 pixels (p a multiple of 16) or 8: each group of pixels of the three channel rows is
 // interleaved into consecutive values of x, and the pixel sum is accumulated on the way, so only
@@ -151,48 +195,10 @@ inline void interleave3_16(v16f a, v16f b, v16f c, float* o) {
 // multiply-adds; the baseline variant rounds the products and may differ in the last place).
 template <typename Isa, int CC, typename img_t>
 inline PatchStats load_patch_vec(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
-  const int64_t p = g.p, W = g.W, H = g.H, P = g.P;
-  const img_t* patch = img + (l / g.w) * p * W + (l % g.w) * p;
-  float total;
-  if (p % 16 == 0) {
-    v16f s0 = {}, s1 = {};
-    for (int64_t i = 0; i < p; ++i) {
-      const img_t* r0 = patch + i * W;
-      float* o = x + i * p * CC;
-      for (int64_t j = 0; j < p; j += 16, o += 16 * CC) {
-        const v16f a = load16(r0 + j);
-        if constexpr (CC == 3) {
-          const v16f b = load16(r0 + H * W + j), c = load16(r0 + 2 * H * W + j);
-          s0 += a + b;
-          s1 += c;
-          interleave3_16<Isa>(a, b, c, o);
-        } else {
-          s0 += a;
-          store16<Isa>(o, a);
-        }
-      }
-    }
-    total = hsum16(s0 + s1);
-  } else {
-    v8f s0 = {}, s1 = {};
-    for (int64_t i = 0; i < p; ++i) {
-      const img_t* r0 = patch + i * W;
-      float* o = x + i * p * CC;
-      for (int64_t j = 0; j < p; j += 8, o += 8 * CC) {
-        const v8f a = load8(r0 + j);
-        if constexpr (CC == 3) {
-          const v8f b = load8(r0 + H * W + j), c = load8(r0 + 2 * H * W + j);
-          s0 += a + b;
-          s1 += c;
-          interleave3_8(a, b, c, o);
-        } else {
-          s0 += a;
-          store8(o, a);
-        }
-      }
-    }
-    total = hsum8(s0 + s1);
-  }
+  const int64_t p = g.p, P = g.P;
+  const img_t* patch = img + (l / g.w) * p * g.W + (l % g.w) * p;
+  const float total = p % 16 == 0 ? load_groups<Isa, CC, 16>(patch, p, g.H, g.W, x)
+                                  : load_groups<Isa, CC, 8>(patch, p, g.H, g.W, x);
   if (!norm_pix) return {0.f, 1.f};
   const float mean = total / float(P);
   const v16f vm = mean - v16f{};
