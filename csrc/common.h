@@ -82,12 +82,15 @@ inline v8f load8(const c10::Half* p) {
 }
 
 inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-inline void store8(c10::BFloat16* p, v8f v) {
+inline v8h round8_bf16(v8f v) {  // the bf16 bits of v, as from_f
   v8u u;
   std::memcpy(&u, &v, sizeof(u));
   const v8u rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const v8u nan = reinterpret_cast<v8u>(v != v);  // all ones where v is NaN
-  const v8h h = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), v8h);
+  return __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), v8h);
+}
+inline void store8(c10::BFloat16* p, v8f v) {
+  const v8h h = round8_bf16(v);
   std::memcpy(p, &h, sizeof(h));
 }
 inline void store8(c10::Half* p, v8f v) {
@@ -228,52 +231,64 @@ struct IsaAvx512 {};
     }                                                                                 \
   }
 
-// store8<Isa>(p, v): store8 with the variant's rounding to bf16 (vcvtneps2bf16 in the AVX-512
-// variant; the same results as store8 except that it flushes fp32 subnormals, below 1.2e-38, to
-// zero and keeps a NaN's sign and payload). Other dtypes and variants: store8.
+// bits8<Isa, T>(v) / bits16<Isa, T>(v): the storage bits of 8 / 16 values as a vector in
+// registers, rounded to T with the variant's rounding (bf16: vcvtneps2bf16 in the AVX-512
+// variant, the same results as store8 except that it flushes fp32 subnormals, below 1.2e-38, to
+// zero and keeps a NaN's sign and payload; store8's integer rounding elsewhere). store8<Isa> /
+// store16<Isa> write them; Stream<Isa>::store streams them without a round trip through memory.
 struct Avx512Bf16 {
 #if defined(__x86_64__) || defined(__i386__)
-  FASTMAE_AVX512_TARGET_ONLY static inline __m128i round8(v8f v) {
+  FASTMAE_AVX512_TARGET_ONLY static inline v8h round8(v8f v) {
     __m256 m;
     std::memcpy(&m, &v, sizeof(m));
-    return (__m128i)_mm256_cvtneps_pbh(m);
+    return (v8h)_mm256_cvtneps_pbh(m);
   }
-  FASTMAE_AVX512_TARGET_ONLY static inline __m256i round16(v16f v) {
+  FASTMAE_AVX512_TARGET_ONLY static inline v16h round16(v16f v) {
     __m512 m;
     std::memcpy(&m, &v, sizeof(m));
-    return (__m256i)_mm512_cvtneps_pbh(m);
+    return (v16h)_mm512_cvtneps_pbh(m);
   }
 #endif
 };
 
 template <typename Isa, typename T>
-inline void store8(T* p, v8f v) {
+inline auto bits8(v8f v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #if defined(__x86_64__) || defined(__i386__)
-  if constexpr (std::is_same_v<Isa, IsaAvx512> && std::is_same_v<T, c10::BFloat16>) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), Avx512Bf16::round8(v));
-    return;
-  }
+    if constexpr (std::is_same_v<Isa, IsaAvx512>) return Avx512Bf16::round8(v);
 #endif
-  store8(p, v);
+    return round8_bf16(v);
+  } else {
+    v8h h;
+    for (int i = 0; i < 8; ++i) h[i] = from_f<c10::Half>(v[i]).x;
+    return h;
+  }
 }
 
-// store8<Isa> of 16 values (one vcvtneps2bf16 of a zmm register for bf16 in the AVX-512
-// variant; the same results as two store8<Isa>).
+template <typename Isa, typename T>
+inline auto bits16(v16f v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+#if defined(__x86_64__) || defined(__i386__)
+    if constexpr (std::is_same_v<Isa, IsaAvx512> && std::is_same_v<T, c10::BFloat16>) return Avx512Bf16::round16(v);
+#endif
+    const v8h a = bits8<Isa, T>(lo8(v)), b = bits8<Isa, T>(hi8(v));
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+}
+
+template <typename Isa, typename T>
+inline void store8(T* p, v8f v) {
+  const auto b = bits8<Isa, T>(v);
+  std::memcpy(p, &b, sizeof(b));
+}
 template <typename Isa, typename T>
 inline void store16(T* p, v16f v) {
-#if defined(__x86_64__) || defined(__i386__)
-  if constexpr (std::is_same_v<Isa, IsaAvx512> && std::is_same_v<T, c10::BFloat16>) {
-    const __m256i h = Avx512Bf16::round16(v);
-    std::memcpy(p, &h, sizeof(h));  // (_mm256_storeu_si256 needs the AVX target here)
-    return;
-  }
-#endif
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(p, &v, sizeof(v));
-  } else {
-    store8<Isa>(p, lo8(v));
-    store8<Isa>(p + 8, hi8(v));
-  }
+  const auto b = bits16<Isa, T>(v);
+  std::memcpy(p, &b, sizeof(b));
 }
 
 // ------------------------------------------------------------------ streaming stores
@@ -297,8 +312,12 @@ inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast
 
 // Stream<Isa>::copy(dst, src, bytes): `bytes` (a multiple of 16) from src, or zeros when src is
 // null, to dst (16-byte aligned) with streaming stores; 32 bytes per store in the AVX2 and
-// AVX-512 variants where dst allows. Stream<Isa>::fence() orders them before the task ends
-// (they are weakly ordered). Elsewhere than x86 these are plain copies.
+// AVX-512 variants where dst allows. Stream<Isa>::store(dst, v): the bytes of the vector v (16,
+// 32 or 64) the same way, straight from registers: values computed into a stack buffer and
+// copied from there would be read back with loads wider than the stores that wrote them, which
+// wait for those stores to reach the cache (a failed store-to-load forward; it doubled the time
+// of unshuffle_scatter's streamed bf16 forward, bench/NOTES.md). Stream<Isa>::fence() orders
+// them before the task ends (they are weakly ordered). Elsewhere than x86 these are plain copies.
 template <typename Isa>
 struct Stream;
 
@@ -310,6 +329,15 @@ struct Stream<IsaBase> {
     const auto* s = static_cast<const __m128i*>(src);
     for (int64_t q = 0; q < bytes / 16; ++q) {
       _mm_stream_si128(d + q, s != nullptr ? _mm_loadu_si128(s + q) : _mm_setzero_si128());
+    }
+  }
+  template <typename V>
+  static inline void store(void* dst, V v) {
+    static_assert(sizeof(V) % 16 == 0, "whole 16-byte pieces");
+    for (size_t b = 0; b < sizeof(V); b += 16) {
+      __m128i q;
+      std::memcpy(&q, reinterpret_cast<const char*>(&v) + b, sizeof(q));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(dst) + b), q);
     }
   }
   static inline void fence() { _mm_sfence(); }
@@ -329,6 +357,20 @@ struct Stream<IsaAvx2> {
     }
     Stream<IsaBase>::copy(d + b, s != nullptr ? s + b : nullptr, bytes - b);
   }
+  template <typename V>
+  __attribute__((target("avx2"))) static inline void store(void* dst, V v) {
+    if constexpr (sizeof(V) % 32 == 0) {
+      if (aligned_to(dst, 32)) {
+        for (size_t b = 0; b < sizeof(V); b += 32) {
+          __m256i y;
+          std::memcpy(&y, reinterpret_cast<const char*>(&v) + b, sizeof(y));
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + b), y);
+        }
+        return;
+      }
+    }
+    Stream<IsaBase>::store(dst, v);
+  }
   static inline void fence() { _mm_sfence(); }
 };
 template <>
@@ -343,36 +385,28 @@ struct Stream {
       std::memset(dst, 0, bytes);
     }
   }
+  template <typename V>
+  static inline void store(void* dst, V v) {
+    std::memcpy(dst, &v, sizeof(v));
+  }
   static inline void fence() {}
 };
 #endif
 
-// store8<Isa> through a streaming store (dst 16-byte aligned).
-template <typename Isa, typename T>
-inline void stream8(T* dst, v8f v) {
-  alignas(32) T tmp[8];
-  store8<Isa>(tmp, v);
-  Stream<Isa>::copy(dst, tmp, sizeof(tmp));
-}
-
-// stream8<Isa> when `stream` (dst then 16-byte aligned), else store8<Isa>: one loop serves both
-// (`stream` is the same for a whole task, so the branch is predicted).
+// store8<Isa> / store16<Isa>, or their streaming stores when `stream` (dst then 16-byte
+// aligned): one loop serves both (`stream` is the same for a whole task, so the branch is predicted).
 template <typename Isa, typename T>
 inline void put8(T* dst, v8f v, bool stream) {
   if (stream) {
-    stream8<Isa>(dst, v);
+    Stream<Isa>::store(dst, bits8<Isa, T>(v));
   } else {
     store8<Isa>(dst, v);
   }
 }
-
-// put8 of 16 values.
 template <typename Isa, typename T>
 inline void put16(T* dst, v16f v, bool stream) {
   if (stream) {
-    alignas(64) T tmp[16];
-    store16<Isa>(tmp, v);
-    Stream<Isa>::copy(dst, tmp, sizeof(tmp));
+    Stream<Isa>::store(dst, bits16<Isa, T>(v));
   } else {
     store16<Isa>(dst, v);
   }

@@ -27,53 +27,49 @@ inline void copy_values(const scalar_t* src, scalar_t* dst, int64_t n) {
 
 // 16 bf16 values as two 8-float vectors without lane-crossing permutes: in-lane interleaves with
 // zeros give the values in the order lo = 0-3 8-11, hi = 4-7 12-15 (widen16); narrow16 rounds as
-// from_f and packs in-lane, which undoes that order. (load8 / store8 need a lane permute per 8.)
-typedef uint16_t v16u16 __attribute__((vector_size(32)));
+// bits8<Isa> and packs in-lane, which undoes that order. (load8 / store8 need a lane permute per 8.)
 inline void widen16(const c10::BFloat16* p, v8f& lo, v8f& hi) {
-  v16u16 v;
+  v16h v;
   std::memcpy(&v, p, sizeof(v));
-  const v16u16 z = {};
-  const v16u16 l = __builtin_shufflevector(z, v, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
-  const v16u16 h = __builtin_shufflevector(z, v, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  const v16h z = {};
+  const v16h l = __builtin_shufflevector(z, v, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27);
+  const v16h h = __builtin_shufflevector(z, v, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
   std::memcpy(&lo, &l, sizeof(lo));
   std::memcpy(&hi, &h, sizeof(hi));
 }
-inline v16u16 round_bf16(v8f v) {  // bf16 bits of v in the low half of each 32-bit lane
+inline v16h round_bf16(v8f v) {  // bf16 bits of v in the low half of each 32-bit lane
   v8u u;
   std::memcpy(&u, &v, sizeof(u));
   const v8u rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const v8u nan = reinterpret_cast<v8u>(v != v);
   const v8u r = (rounded & ~nan) | (nan & 0x7FC0u);
-  v16u16 h;
+  v16h h;
   std::memcpy(&h, &r, sizeof(h));
   return h;
 }
 template <typename Isa>
-inline void narrow16(v8f lo, v8f hi, c10::BFloat16* p) {
-#if defined(__x86_64__) || defined(__i386__)
+inline v16h narrow16(v8f lo, v8f hi) {
   if constexpr (std::is_same_v<Isa, IsaAvx512>) {  // rounded 0-3 8-11 and 4-7 12-15: interleave 64-bit halves
-    const __m128i rl = Avx512Bf16::round8(lo), rh = Avx512Bf16::round8(hi);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_unpacklo_epi64(rl, rh));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm_unpackhi_epi64(rl, rh));
-    return;
+    typedef uint64_t v2q __attribute__((vector_size(16)));
+    typedef uint64_t v4q __attribute__((vector_size(32)));
+    const v4q o = __builtin_shufflevector((v2q)bits8<Isa, c10::BFloat16>(lo), (v2q)bits8<Isa, c10::BFloat16>(hi), 0,
+                                          2, 1, 3);
+    return (v16h)o;
   }
-#endif
-  const v16u16 rl = round_bf16(lo), rh = round_bf16(hi);
-  const v16u16 o = __builtin_shufflevector(rl, rh, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
-  std::memcpy(p, &o, sizeof(o));
+  const v16h rl = round_bf16(lo), rh = round_bf16(hi);
+  return __builtin_shufflevector(rl, rh, 0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
 }
 template <typename Isa>
 inline void add16_bf16(const c10::BFloat16* in, const c10::BFloat16* pos, c10::BFloat16* out, bool stream) {
   v8f al, ah, bl, bh;
   widen16(in, al, ah);
   widen16(pos, bl, bh);
-  if (!stream) {
-    narrow16<Isa>(al + bl, ah + bh, out);
-    return;
+  const v16h sum = narrow16<Isa>(al + bl, ah + bh);
+  if (stream) {
+    Stream<Isa>::store(out, sum);
+  } else {
+    std::memcpy(out, &sum, sizeof(sum));
   }
-  alignas(32) c10::BFloat16 sum[16];
-  narrow16<Isa>(al + bl, ah + bh, sum);
-  Stream<Isa>::copy(out, sum, sizeof(sum));
 }
 
 // Output rows [begin, end) of the forward (row = n*(1+L) + j). With `stream` (D a multiple of 8,
@@ -190,7 +186,10 @@ inline void store_perm_sums(const float* acc, scalar_t* out, int64_t D) {
   int64_t d = 0;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (D % 16 == 0) {
-      for (; d < D; d += 16) narrow16<Isa>(load8(acc + d), load8(acc + d + 8), out + d);
+      for (; d < D; d += 16) {
+        const v16h o = narrow16<Isa>(load8(acc + d), load8(acc + d + 8));
+        std::memcpy(out + d, &o, sizeof(o));
+      }
     }
   }
   for (; d < D; ++d) out[d] = from_f<scalar_t>(acc[d]);

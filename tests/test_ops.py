@@ -580,6 +580,43 @@ def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
         test_norm_mse_loss(case, dtype, "ids+weights", False, "cpp", request)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2", "base"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
+    """Streaming stores change where the bits go, never which: every kernel with a streamed path
+    gives bitwise the same output with FASTMAE_CPU_STREAM=always as with never, in every
+    instruction-set variant (16- and 8-value steps and their tails: D = 64, 40 and 56)."""
+    _require_cpp()
+    if isa != "native":
+        monkeypatch.setenv("FASTMAE_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(11)
+    f = torch.ops.fastmae_C
+    runs = []
+    for D in (64, 40, 56):
+        N, K, L = 3, 5, 12
+        x, tok = torch.randn(N, 1 + K, D, generator=gen).to(dtype), torch.randn(D, generator=gen).to(dtype)
+        pos, ids = torch.randn(1 + L, D, generator=gen).to(dtype), torch.argsort(torch.rand(N, L, generator=gen), 1)
+        runs.append((f"unshuffle_scatter D={D}", f.unshuffle_scatter_fwd, (x, tok, ids, pos)))
+        runs.append((f"unshuffle_scatter D={D}, no pos", f.unshuffle_scatter_fwd, (x, tok, ids, None)))
+    imgs = torch.rand(2, 3, 32, 64, generator=gen).to(dtype)
+    for p in (8, 16):
+        L = (32 // p) * (64 // p)
+        keep = torch.argsort(torch.rand(2, L, generator=gen), 1)[:, : L // 2].contiguous()
+        grad = torch.randn(2, L // 2, 3 * p * p, generator=gen).to(dtype)
+        runs.append((f"gather_mask backward p={p}", f.gather_mask_bwd, (grad, keep, p, 32, 64)))
+        pred = torch.randn(2, L, 3 * p * p, generator=gen).to(dtype)
+        mask = (torch.rand(2, L, generator=gen) > 0.25).float()
+        runs.append((f"norm_mse_loss backward p={p}", f.norm_mse_loss_bwd,
+                     (torch.tensor(1.0), pred, imgs, mask, None, p, True, EPS)))
+    for name, fn, args in runs:
+        monkeypatch.setenv("FASTMAE_CPU_STREAM", "never")
+        plain = fn(*args)
+        monkeypatch.setenv("FASTMAE_CPU_STREAM", "always")
+        streamed = fn(*args)
+        bits = torch.int16 if plain.element_size() == 2 else torch.int32
+        assert torch.equal(plain.view(bits), streamed.view(bits)), f"{name}: streamed output differs"
+
+
 @pytest.mark.parametrize("var, value, message", [
     ("FASTMAE_CPU_ISA", "avx9", "FASTMAE_CPU_ISA must be auto, avx512, avx2 or base"),
     ("FASTMAE_CPU_STREAM", "sometimes", "FASTMAE_CPU_STREAM must be auto, always or never"),
