@@ -481,9 +481,6 @@ inline float sum_f32(int64_t n, const F& f) {
   return acc[0];
 }
 
-// Prefetch the C*p pixel rows (p pixels each) of one patch: patches are read in an order the
-// hardware prefetchers cannot guess (random ids, rows far apart), so the next patch's lines are
-// requested while the current one is processed.
 // Every 64-byte line of [p, p + bytes): a contiguous row the hardware prefetchers would not
 // reach in time (rows read in a permuted order, or one stream among many).
 inline void prefetch_bytes(const void* p, int64_t bytes) {
@@ -491,6 +488,9 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
 }
 
+// Prefetch the C*p pixel rows (p pixels each) of one patch: patches are read in an order the
+// hardware prefetchers cannot guess (random ids, rows far apart), so the next patch's lines are
+// requested while the current one is processed.
 template <typename T>
 inline void prefetch_patch(const T* patch, int64_t C, int64_t p, int64_t H, int64_t W) {
   for (int64_t c = 0; c < C; ++c) {
