@@ -267,9 +267,11 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // ascending n into dpos[j] (an L1-resident fp32 row), and each is either added to the dmask sums
 // of its chunk (removed patch) or copied to its dx row. dmask is then the sum of the chunks'
 // partial sums in chunk order. Chunks are fixed by the shape, not by the thread count: bitwise
-// reproducible. Rows are taken G samples at a time (sum_rows16), and prefetched one group ahead
-// (they lie (1+L)*D apart, beyond the hardware prefetchers' reach; without it the backward ran
-// 1.6-1.8x slower).
+// reproducible. Rows are taken G samples at a time (sum_rows16), and the first 1 KB of each is
+// prefetched one group ahead: rows lie (1+L)*D apart, beyond the hardware prefetchers' reach
+// until a row's first lines have been read, after which they follow it (without the prefetch
+// the bf16 backward ran 1.6-1.8x slower; prefetching whole 2 KB fp32 rows made it 6-9% slower
+// than prefetching their first 1 KB, bench/NOTES.md).
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
@@ -278,6 +280,7 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
   thread_local std::vector<float> pos_buf;
   float* ap = dpos != nullptr ? scratch(pos_buf, D) : nullptr;
   const int64_t rs = (L + 1) * D, row_bytes = D * int64_t(sizeof(scalar_t));
+  const int64_t prefetched = std::min<int64_t>(row_bytes, 1024);
   for (int64_t c = cbegin; c < cend; ++c) {
     float* am = mask_part + c * D;
     std::fill(am, am + D, 0.f);
@@ -292,7 +295,7 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
         for (int g = 0; g < count; ++g) {
           const int64_t n = n0 + g;
           rows[g] = grad + n * rs + j * D;
-          if (n + G < N) prefetch_bytes(rows[g] + G * rs, row_bytes);
+          if (n + G < N) prefetch_bytes(rows[g] + G * rs, prefetched);
           r[g] = j == 0 ? -1 : ids[n * L + j - 1];
           const uint32_t bits = r[g] >= K ? ~0u : 0u;
           removed[g] = v8u{bits, bits, bits, bits, bits, bits, bits, bits};
