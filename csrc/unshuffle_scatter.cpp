@@ -27,7 +27,9 @@ inline void copy_values(const scalar_t* src, scalar_t* dst, int64_t n) {
 
 // 16 bf16 values as two 8-float vectors without lane-crossing permutes: in-lane interleaves with
 // zeros give the values in the order lo = 0-3 8-11, hi = 4-7 12-15 (widen16); narrow16 rounds as
-// bits8<Isa> and packs in-lane, which undoes that order. (load8 / store8 need a lane permute per 8.)
+// bits8<Isa> and packs them back into memory order, in-lane in the AVX2 and base variants and with
+// one cross-lane permute of the two rounded halves in the AVX-512 one. (load8 / store8 need a lane
+// permute per 8.)
 inline void widen16(const c10::BFloat16* p, v8f& lo, v8f& hi) {
   v16h v;
   std::memcpy(&v, p, sizeof(v));
@@ -269,9 +271,10 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // partial sums in chunk order. Chunks are fixed by the shape, not by the thread count: bitwise
 // reproducible. Rows are taken G samples at a time (sum_rows16), and the first 1 KB of each is
 // prefetched one group ahead: rows lie (1+L)*D apart, beyond the hardware prefetchers' reach
-// until a row's first lines have been read, after which they follow it (without the prefetch
-// the bf16 backward ran 1.6-1.8x slower; prefetching whole 2 KB fp32 rows made it 6-9% slower
-// than prefetching their first 1 KB, bench/NOTES.md).
+// until a row's first lines have been read, after which they follow it. (Prefetching whole 2 KB
+// fp32 rows made the backward 6-9% slower than their first 1 KB; with the rows grouped, no
+// prefetch at all is within a few percent of the 1 KB one, which was ahead only in the fast copy
+// state in bf16; bench/NOTES.md.)
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,

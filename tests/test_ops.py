@@ -525,7 +525,8 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
     arithmetic: bitwise the same results on normal values, ties (to even) included. Sums of two
     bf16 values, as unshuffle_scatter's forward makes, land on ties often. The loss at p = 16
     also interleaves its target with other instructions (two-source permutes of 16 values against
-    8-wide shuffles), its sums in the same order: the same bits, forward and backward."""
+    8-wide shuffles), its sums in the same order: the same bits, forward and backward. So does
+    unshuffle_scatter's backward, whose fp32 sums are rounded 16 at a time."""
     _require_cpp()
     if not _cpu_has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16: only one bf16 rounding runs here")
@@ -540,8 +541,11 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
     pred16, mask16 = torch.randn(2, 4, 768, generator=gen).bfloat16(), mask[:, :4].contiguous()
     f = torch.ops.fastmae_C
 
+    grad = torch.randn(N, 1 + L, D, generator=gen).bfloat16()
+
     def outputs():
         return (f.unshuffle_scatter_fwd(x, tok, ids, pos),
+                *f.unshuffle_scatter_bwd(grad, ids, K, True),
                 f.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, mask, None, 8, True, EPS),
                 f.norm_mse_loss_bwd(torch.tensor(1.0), pred16, imgs, mask16, None, 16, True, EPS),
                 f.norm_mse_loss_fwd(pred16, imgs, mask16, None, 16, True, EPS).view(1))
@@ -549,7 +553,7 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
     monkeypatch.delenv("FASTMAE_CPU_ISA", raising=False)  # the best variant: AVX-512 here
     native = outputs()
     monkeypatch.setenv("FASTMAE_CPU_ISA", "avx2")
-    names = ("unshuffle_scatter", "norm_mse_loss dpred", "norm_mse_loss dpred, p = 16", "norm_mse_loss, p = 16")
+    names = ("unshuffle_scatter", "unshuffle_scatter dx", "dmask", "dpos", "norm_mse_loss dpred", "norm_mse_loss dpred, p = 16", "norm_mse_loss, p = 16")
     for name, a, b in zip(names, native, outputs(), strict=True):
         bits = torch.int16 if a.element_size() == 2 else torch.int32
         assert torch.equal(a.view(bits), b.view(bits)), f"{name}: AVX-512 and AVX2 differ"
