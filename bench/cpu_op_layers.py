@@ -9,7 +9,10 @@ At ViT-B shapes (bench/test_bench_ops.py's inputs), with a 64 MB copy before eve
   ``layers`` takes gather_mask or unshuffle_scatter, ``cold`` unshuffle_scatter);
 - ``cold``: what the Python in front of the kernels costs when its caches are cold: the eager
   route test (``_backend.eager_cpp``), the public forward and the C++ route op's forward, each
-  timed once after the eager reference's forward + backward and a 64 MB copy, in turn.
+  timed once after the eager reference's forward + backward and a 64 MB copy, in turn;
+- ``entry``: what a ``backward()`` call costs by itself, on a graph of 1 or 5 trivial nodes, cold
+  (after the op's eager reference and a 64 MB copy) and hot: every "full" call of the suite
+  makes one, where a training step makes one for all its ops.
 
 Run::
 
@@ -17,6 +20,7 @@ Run::
         python bench/cpu_op_layers.py layers unshuffle_scatter bf16
     ... python bench/cpu_op_layers.py split unshuffle_scatter|gather_mask|norm_mse_loss bf16 [--no-pos]
     ... python bench/cpu_op_layers.py cold unshuffle_scatter bf16
+    ... python bench/cpu_op_layers.py entry gather_mask|unshuffle_scatter|norm_mse_loss bf16
 
 It prints the extension it loaded: a figure from an installed copy other than the checkout's
 measures other code.
@@ -180,9 +184,38 @@ def cold(op, dtype, calls):
         print(f"{op} {dtype} cold, {name}: median {1e6 * statistics.median(ts[len(ts) // 10:]):.1f} us")
 
 
+def entry(op, dtype, calls):
+    """What one ``backward()`` call costs by itself: a graph of 1 or 5 trivial nodes (``x * 2`` on 8
+    values), timed cold (after the eager reference's forward + backward and a 64 MB copy, as a
+    fused op's backward in the suite) and hot (right after the same call)."""
+    sets = [tb._setup(op, dtype, True, seed=s) for s in range(4)]
+    _, ref_fn = tb._functions(op)
+    bufs = [(torch.randn(16 * 2**20), torch.empty(16 * 2**20)) for _ in range(2)]
+    x, g = torch.randn(8, requires_grad=True), torch.ones(8)
+    times = {(n, state): [] for n in (1, 5) for state in ("cold", "hot")}
+    for i in range(calls):
+        nodes = (1, 5)[(i // 4) % 2]
+        leaves, consts, grad = sets[i % 4][:3]
+        for t in leaves:
+            t.grad = None
+        ref_fn(*leaves, *consts).backward(grad)
+        _flush(bufs, i)
+        for state in ("cold", "hot"):
+            x.grad = None
+            y = x * 2
+            for _ in range(nodes - 1):
+                y = y * 2
+            t0 = time.perf_counter()
+            y.backward(g)
+            if i >= calls // 10:
+                times[(nodes, state)].append(time.perf_counter() - t0)
+    for (nodes, state), ts in times.items():
+        print(f"backward() of {nodes} trivial node(s), {state}: median {1e6 * statistics.median(ts):.1f} us")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("layers", "split", "cold"))
+    parser.add_argument("what", choices=("layers", "split", "cold", "entry"))
     parser.add_argument("op", choices=("gather_mask", "unshuffle_scatter", "norm_mse_loss"))
     parser.add_argument("dtype", choices=("fp32", "bf16"))
     parser.add_argument("--calls", type=int, default=400)
@@ -198,6 +231,8 @@ def main():
         layers(args.op, dtype, args.calls)
     elif args.what == "split":
         split(args.op, dtype, args.calls, args.need_pos)
+    elif args.what == "entry":
+        entry(args.op, dtype, args.calls)
     else:
         cold(args.op, dtype, args.calls)
 
