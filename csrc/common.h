@@ -313,7 +313,8 @@ inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast
 // Stream<Isa>::copy(dst, src, bytes): `bytes` (a multiple of 16) from src, or zeros when src is
 // null, to dst (16-byte aligned) with streaming stores; 32 bytes per store in the AVX2 and
 // AVX-512 variants where dst allows. Stream<Isa>::store(dst, v): the bytes of the vector v (16,
-// 32 or 64) the same way, straight from registers: values computed into a stack buffer and
+// 32 or 64) the same way (a 64-byte vector in one store in the AVX-512 variant where dst allows),
+// straight from registers: values computed into a stack buffer and
 // copied from there would be read back with loads wider than the stores that wrote them, which
 // wait for those stores to reach the cache (a failed store-to-load forward; it doubled the time
 // of unshuffle_scatter's streamed bf16 forward, bench/NOTES.md). Stream<Isa>::fence() orders
@@ -374,7 +375,20 @@ struct Stream<IsaAvx2> {
   static inline void fence() { _mm_sfence(); }
 };
 template <>
-struct Stream<IsaAvx512> : Stream<IsaAvx2> {};
+struct Stream<IsaAvx512> : Stream<IsaAvx2> {
+  template <typename V>
+  FASTMAE_AVX512_TARGET_ONLY static inline void store(void* dst, V v) {
+    if constexpr (sizeof(V) == 64) {
+      if (aligned_to(dst, 64)) {
+        __m512i z;
+        std::memcpy(&z, &v, sizeof(z));
+        _mm512_stream_si512(static_cast<__m512i*>(dst), z);
+        return;
+      }
+    }
+    Stream<IsaAvx2>::store(dst, v);
+  }
+};
 #else
 template <typename Isa>
 struct Stream {

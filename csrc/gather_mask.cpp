@@ -60,6 +60,35 @@ inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* 
 }
 FASTMAE_DEFINE_ISA_VARIANTS(gather_fwd_task, gather_fwd_rows)
 
+// One image row of the gradient with streaming stores: w segments of p values (S bytes each, S =
+// 32 or 64), segment wj copied from seg[wj] + goff, written 64 bytes (one line, two 32-byte
+// segments side by side) per store where the row allows: one store per line instead of one or two
+// per segment, and no branch on whether a patch was kept.
+template <typename Isa, int64_t S, typename B>
+inline void stream_segments(const B* const* seg, int64_t goff, B* orow, int64_t w, int64_t p) {
+  typedef uint8_t v32b __attribute__((vector_size(32)));
+  typedef uint8_t v64b __attribute__((vector_size(64)));
+  int64_t wj = 0;
+  if constexpr (S == 32) {
+    for (; wj + 2 <= w; wj += 2) {
+      v32b a, b;
+      std::memcpy(&a, seg[wj] + goff, sizeof(a));
+      std::memcpy(&b, seg[wj + 1] + goff, sizeof(b));
+      const v64b line = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
+                                                18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34,
+                                                35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51,
+                                                52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+      Stream<Isa>::store(orow + wj * p, line);
+    }
+  }
+  typedef uint8_t vseg __attribute__((vector_size(S)));
+  for (; wj < w; ++wj) {
+    vseg v;
+    std::memcpy(&v, seg[wj] + goff, sizeof(v));
+    Stream<Isa>::store(orow + wj * p, v);
+  }
+}
+
 // Image-gradient grid rows [begin, end) of the backward (t = n*h + hi): C*p whole image rows each.
 // Each image row is written left to right in one pass, zero and copied segments in turn.
 template <typename Isa, typename scalar_t, typename PC>
@@ -74,6 +103,15 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
   thread_local std::vector<int64_t> head_buf, next_buf;
   int64_t* head = scratch(head_buf, w);
   int64_t* next = scratch(next_buf, K);
+  // With streaming stores and 32- or 64-byte segments (p = 16 in 16-bit dtypes, p = 16 or 8 in
+  // fp32), each image row is written a whole line at a time from registers (stream_segments):
+  // seg[wj] is the gradient row of patch (hi, wj), or a row of zeros.
+  constexpr int64_t kSegBytes = PC::value * int64_t(sizeof(B));
+  thread_local std::vector<const B*> seg_buf;
+  thread_local std::vector<B> zero_buf;
+  const B** seg = scratch(seg_buf, w);
+  if (int64_t(zero_buf.size()) < D) zero_buf.assign(D, B(0));
+  const B* zero = zero_buf.data();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n = t / g.h, hi = t % g.h;
     const int64_t* idn = ids + n * K;
@@ -94,6 +132,24 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
       const int64_t* id1 = ids + n1 * K;
       for (int64_t k = 0; k < K; ++k) {
         if (uint64_t(id1[k] - hi1 * w) < uint64_t(w)) prefetch_bytes(gbits + (n1 * K + k) * D, D * int64_t(sizeof(B)));
+      }
+    }
+    if constexpr (kSegBytes == 32 || kSegBytes == 64) {
+      if (stream) {  // whole lines from registers, unless a patch is kept twice on this grid row
+        bool once = true;
+        for (int64_t wj = 0; wj < w; ++wj) {
+          const int64_t k = head[wj];
+          seg[wj] = k < 0 ? zero : gbits + (grow0 + k) * D;
+          once &= k < 0 || next[k] < 0;
+        }
+        if (once) {
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t i = 0; i < p; ++i) {
+              stream_segments<Isa, kSegBytes>(seg, (c * p + i) * p, obits + ((n * C + c) * H + hi * p + i) * W, w, p);
+            }
+          }
+          continue;
+        }
       }
     }
     for (int64_t c = 0; c < C; ++c) {

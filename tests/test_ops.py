@@ -589,7 +589,8 @@ def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
 def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
     """Streaming stores change where the bits go, never which: every kernel with a streamed path
     gives bitwise the same output with FASTMAE_CPU_STREAM=always as with never, in every
-    instruction-set variant (16- and 8-value steps and their tails: D = 64, 40 and 56)."""
+    instruction-set variant (unshuffle_scatter's 16- and 8-value steps and their tails: D = 64, 40
+    and 56)."""
     _require_cpp()
     if isa != "native":
         monkeypatch.setenv("FASTMAE_CPU_ISA", isa)
@@ -603,11 +604,18 @@ def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
         runs.append((f"unshuffle_scatter D={D}", f.unshuffle_scatter_fwd, (x, tok, ids, pos)))
         runs.append((f"unshuffle_scatter D={D}, no pos", f.unshuffle_scatter_fwd, (x, tok, ids, None)))
     imgs = torch.rand(2, 3, 32, 64, generator=gen).to(dtype)
+    # gather_mask: 32- and 64-byte segments paired into lines or not, an odd grid width (W = 48 at
+    # p = 16), and a patch kept twice (its grid row takes the summing path)
+    for p, W, repeat in ((8, 64, False), (16, 64, False), (16, 48, False), (16, 48, True)):
+        L = (32 // p) * (W // p)
+        keep = torch.argsort(torch.rand(2, L, generator=gen), 1)[:, : L // 2].contiguous()
+        if repeat:
+            keep[0, 1] = keep[0, 0]
+        grad = torch.randn(2, L // 2, 3 * p * p, generator=gen).to(dtype)
+        runs.append((f"gather_mask backward p={p} W={W}{' repeat' if repeat else ''}", f.gather_mask_bwd,
+                     (grad, keep, p, 32, W)))
     for p in (8, 16):
         L = (32 // p) * (64 // p)
-        keep = torch.argsort(torch.rand(2, L, generator=gen), 1)[:, : L // 2].contiguous()
-        grad = torch.randn(2, L // 2, 3 * p * p, generator=gen).to(dtype)
-        runs.append((f"gather_mask backward p={p}", f.gather_mask_bwd, (grad, keep, p, 32, 64)))
         pred = torch.randn(2, L, 3 * p * p, generator=gen).to(dtype)
         mask = (torch.rand(2, L, generator=gen) > 0.25).float()
         runs.append((f"norm_mse_loss backward p={p}", f.norm_mse_loss_bwd,
