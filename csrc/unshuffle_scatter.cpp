@@ -103,8 +103,6 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
       int64_t d = 0;
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         for (; d + 16 <= D; d += 16) add16_bf16<Isa>(src + d, pr + d, o + d, stream);
-      } else if constexpr (std::is_same_v<scalar_t, float>) {  // a whole line per streaming store
-        for (; d + 16 <= D; d += 16) put16<Isa>(o + d, load16(src + d) + load16(pr + d), stream);
       }
       for (; d + 8 <= D; d += 8) put8<Isa>(o + d, load8(src + d) + load8(pr + d), stream);
       for (; d < D; ++d) o[d] = from_f<scalar_t>(to_f(src[d]) + to_f(pr[d]));  // not when streaming
