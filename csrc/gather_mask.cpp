@@ -107,11 +107,18 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
   // fp32), each image row is written a whole line at a time from registers (stream_segments):
   // seg[wj] is the gradient row of patch (hi, wj), or a row of zeros.
   constexpr int64_t kSegBytes = PC::value * int64_t(sizeof(B));
-  thread_local std::vector<const B*> seg_buf;
-  thread_local std::vector<B> zero_buf;
-  const B** seg = scratch(seg_buf, w);
-  if (int64_t(zero_buf.size()) < D) zero_buf.assign(D, B(0));
-  const B* zero = zero_buf.data();
+  constexpr bool kLines = kSegBytes == 32 || kSegBytes == 64;
+  const B** seg = nullptr;
+  const B* zero = nullptr;
+  if constexpr (kLines) {
+    if (stream) {
+      thread_local std::vector<const B*> seg_buf;
+      thread_local std::vector<B> zero_buf;
+      seg = scratch(seg_buf, w);
+      if (int64_t(zero_buf.size()) < D) zero_buf.assign(D, B(0));
+      zero = zero_buf.data();
+    }
+  }
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n = t / g.h, hi = t % g.h;
     const int64_t* idn = ids + n * K;
@@ -134,7 +141,7 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
         if (uint64_t(id1[k] - hi1 * w) < uint64_t(w)) prefetch_bytes(gbits + (n1 * K + k) * D, D * int64_t(sizeof(B)));
       }
     }
-    if constexpr (kSegBytes == 32 || kSegBytes == 64) {
+    if constexpr (kLines) {
       if (stream) {  // whole lines from registers, unless a patch is kept twice on this grid row
         bool once = true;
         for (int64_t wj = 0; wj < w; ++wj) {

@@ -604,15 +604,17 @@ def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
         runs.append((f"unshuffle_scatter D={D}", f.unshuffle_scatter_fwd, (x, tok, ids, pos)))
         runs.append((f"unshuffle_scatter D={D}, no pos", f.unshuffle_scatter_fwd, (x, tok, ids, None)))
     imgs = torch.rand(2, 3, 32, 64, generator=gen).to(dtype)
-    # gather_mask: 32- and 64-byte segments paired into lines or not, an odd grid width (W = 48 at
-    # p = 16), and a patch kept twice (its grid row takes the summing path)
-    for p, W, repeat in ((8, 64, False), (16, 64, False), (16, 48, False), (16, 48, True)):
+    # gather_mask: 32- and 64-byte segments paired into lines or not, odd grid widths (W = 40 at
+    # p = 8, 48 at p = 16), a patch kept twice (its grid row takes the summing path), and C = 1
+    # before C = 3 (the row of zeros grows)
+    for C, p, W, repeat in ((1, 16, 64, False), (3, 8, 64, False), (3, 8, 40, False), (3, 16, 64, False),
+                            (3, 16, 48, False), (3, 16, 48, True)):
         L = (32 // p) * (W // p)
         keep = torch.argsort(torch.rand(2, L, generator=gen), 1)[:, : L // 2].contiguous()
         if repeat:
             keep[0, 1] = keep[0, 0]
-        grad = torch.randn(2, L // 2, 3 * p * p, generator=gen).to(dtype)
-        runs.append((f"gather_mask backward p={p} W={W}{' repeat' if repeat else ''}", f.gather_mask_bwd,
+        grad = torch.randn(2, L // 2, C * p * p, generator=gen).to(dtype)
+        runs.append((f"gather_mask backward C={C} p={p} W={W}{' repeat' if repeat else ''}", f.gather_mask_bwd,
                      (grad, keep, p, 32, W)))
     for p in (8, 16):
         L = (32 // p) * (64 // p)
