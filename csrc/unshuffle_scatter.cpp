@@ -265,40 +265,41 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 
 // Backward when every kept token is restored to at most one patch (ids_restore rows are
 // permutations, as masking makes them), rows j in chunks [cbegin, cend) of `chunk` rows. One pass
-// over grad, j-major: for each j the N rows grad[n, j] (each one contiguous) are summed over
-// ascending n into dpos[j] (an L1-resident fp32 row), and each is either added to the dmask sums
-// of its chunk (removed patch) or copied to its dx row. dmask is then the sum of the chunks'
-// partial sums in chunk order. Chunks are fixed by the shape, not by the thread count: bitwise
-// reproducible. Rows are taken G samples at a time (sum_rows16), and the first 1 KB of each is
-// prefetched one group ahead: rows lie (1+L)*D apart, beyond the hardware prefetchers' reach
-// until a row's first lines have been read, after which they follow it. (Prefetching whole 2 KB
-// fp32 rows made the backward 6-9% slower than their first 1 KB; with the rows grouped, no
-// prefetch at all is within a few percent of the 1 KB one, which was ahead only in the fast copy
-// state in bf16; bench/NOTES.md.)
+// over grad. The task's rows are taken in blocks of whole chunks whose fp32 dpos sums stay in L2
+// (kPosBlockBytes); within a block, G samples at a time read their rows of the block front to
+// back: G contiguous runs of the block's length, which the hardware prefetchers follow. Each j's
+// G rows are summed in registers into dpos[j] (ascending n, as one row at a time would), the
+// removed ones into the dmask sums of their chunk, and the kept ones copied to their dx rows.
+// dmask is then the sum of the chunks' partial sums in chunk order. Chunks, and the order of the
+// additions into each chunk's sums (groups of samples, then j), are fixed by the shape, not by the
+// thread count or the blocks: bitwise reproducible. (The previous order, j-major with the N rows
+// of a j 197 KB apart at ViT-B shapes and their first 1 KB prefetched, was 8-17% slower, and a
+// software prefetch slows this one down; bench/NOTES.md.)
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
                                       int64_t cbegin, int64_t cend) {
-  constexpr int G = 8;  // samples per group, and the prefetch distance
-  thread_local std::vector<float> pos_buf;
-  float* ap = dpos != nullptr ? scratch(pos_buf, D) : nullptr;
+  constexpr int G = 8;  // samples per group
+  constexpr int64_t kPosBlockBytes = 256 * 1024;  // fp32 dpos sums of a block: L2-resident
+  const int64_t block_chunks = std::max<int64_t>(1, kPosBlockBytes / (chunk * D * int64_t(sizeof(float))));
   const int64_t rs = (L + 1) * D, row_bytes = D * int64_t(sizeof(scalar_t));
-  const int64_t prefetched = std::min<int64_t>(row_bytes, 1024);
-  for (int64_t c = cbegin; c < cend; ++c) {
-    float* am = mask_part + c * D;
-    std::fill(am, am + D, 0.f);
-    const int64_t j1 = std::min(L + 1, (c + 1) * chunk);
-    for (int64_t j = c * chunk; j < j1; ++j) {
-      if (ap != nullptr) std::fill(ap, ap + D, 0.f);
-      for (int64_t n0 = 0; n0 < N; n0 += G) {
-        const int count = int(std::min<int64_t>(G, N - n0));
+  thread_local std::vector<float> pos_buf;
+  std::fill(mask_part + cbegin * D, mask_part + cend * D, 0.f);
+  for (int64_t cb = cbegin; cb < cend; cb += block_chunks) {
+    const int64_t jb = cb * chunk, je = std::min(L + 1, std::min(cend, cb + block_chunks) * chunk);
+    float* pb = dpos != nullptr ? scratch(pos_buf, (je - jb) * D) : nullptr;
+    if (pb != nullptr) std::fill(pb, pb + (je - jb) * D, 0.f);
+    for (int64_t n0 = 0; n0 < N; n0 += G) {
+      const int count = int(std::min<int64_t>(G, N - n0));
+      for (int64_t j = jb; j < je; ++j) {
+        float* am = mask_part + (j / chunk) * D;
+        float* ap = pb != nullptr ? pb + (j - jb) * D : nullptr;
         const scalar_t* rows[G];
         v8u removed[G];
         int64_t r[G];
         for (int g = 0; g < count; ++g) {
           const int64_t n = n0 + g;
           rows[g] = grad + n * rs + j * D;
-          if (n + G < N) prefetch_bytes(rows[g] + G * rs, prefetched);
           r[g] = j == 0 ? -1 : ids[n * L + j - 1];
           const uint32_t bits = r[g] >= K ? ~0u : 0u;
           removed[g] = v8u{bits, bits, bits, bits, bits, bits, bits, bits};
@@ -332,8 +333,9 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
           if (r[g] < K) std::memcpy(dx + ((n0 + g) * (K + 1) + 1 + r[g]) * D, rows[g], row_bytes);
         }
       }
-      if (ap != nullptr) store_perm_sums<Isa>(ap, dpos + j * D, D);
     }
+    if (pb != nullptr)
+      for (int64_t j = jb; j < je; ++j) store_perm_sums<Isa>(pb + (j - jb) * D, dpos + j * D, D);
   }
 }
 FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_perm_task, unshuffle_bwd_perm_chunks)

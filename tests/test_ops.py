@@ -53,6 +53,8 @@ UNSHUFFLE_CASES = [
     (2, 100, 272, 40),
     (9, 5, 16, 48),  # N past the C++ backward's groups of 8 samples, D % 16 == 0
     (17, 3, 8, 40),  # two full groups and one sample, D % 16 != 0
+    (3, 20, 150, 2064),  # the C++ backward's rows in several L2-sized blocks per task
+    (2, 10, 100, 2050),  # the same, D % 16 != 0
 ]
 # norm_mse_loss: (N, C, H, W, p)
 LOSS_CASES = [
@@ -335,13 +337,15 @@ def test_size_one_last_dimension_with_any_stride(backend):
     torch.testing.assert_close(pred.grad.double(), pred64.grad)
 
 
-def test_unshuffle_scatter_grad_deterministic(backend):
+@pytest.mark.parametrize("D", [96, 2064])
+def test_unshuffle_scatter_grad_deterministic(backend, D):
     """dmask_token and dpos are reductions without atomics: bitwise the same on every run (and,
-    for the C++ kernels, for any thread count)."""
+    for the C++ kernels, for any thread count: at D = 2064 the backward's tasks split their rows
+    into blocks, which start elsewhere with 1 thread than with 2)."""
     if backend == "triton":
         pytest.skip("the Triton interpreter runs programs one at a time, so a race could not show here: "
                     "tests/test_cuda.py checks this on a GPU, test_triton_kernels that no atomics are used")
-    N, K, L, D = 16, 49, 196, 96
+    N, K, L = 16, 49, 196
     x = torch.randn(N, 1 + K, D, requires_grad=True)
     tok = torch.randn(D, requires_grad=True)
     pos = torch.randn(1 + L, D, requires_grad=True)
