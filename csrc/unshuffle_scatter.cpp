@@ -7,9 +7,9 @@
 // Backward: dx[n, 0] = grad[n, 0]; dx[n, 1+r] = grad[n, 1+l] for kept l (fp32 sum if several l
 // share an r; zero if none); dmask = sum of grad[n, 1+l] over removed (n, l); dpos = sum over n.
 // Deterministic with no float atomics, bitwise reproducible whatever the thread count. When every
-// ids_restore row is a permutation (as masking makes it), one j-major pass over grad with dmask
-// summed per fixed chunk of rows (unshuffle_bwd_perm_chunks); otherwise tasks own blocks of
-// columns d, each column summed over (n, l) in a fixed order (unshuffle_bwd_blocks).
+// ids_restore row is a permutation (as masking makes it), one pass over grad, a block of rows j at
+// a time, with dmask summed per fixed chunk of rows (unshuffle_bwd_perm_chunks); otherwise tasks
+// own blocks of columns d, each column summed over (n, l) in a fixed order (unshuffle_bwd_blocks).
 #include "common.h"
 #include "ops.h"
 
