@@ -268,20 +268,20 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // over grad. The task's rows are taken in blocks of whole chunks whose fp32 dpos sums stay in L2
 // (kPosBlockBytes); within a block, G samples at a time read their rows of the block front to
 // back: G contiguous runs of the block's length, which the hardware prefetchers follow. Each j's
-// G rows are summed in registers into dpos[j] (ascending n, as one row at a time would), the
-// removed ones into the dmask sums of their chunk, and the kept ones copied to their dx rows.
-// dmask is then the sum of the chunks' partial sums in chunk order. Chunks, and the order of the
-// additions into each chunk's sums (groups of samples, then j), are fixed by the shape, not by the
-// thread count or the blocks: bitwise reproducible. (The previous order, j-major with the N rows
-// of a j 197 KB apart at ViT-B shapes and their first 1 KB prefetched, was 8-17% slower, and a
-// software prefetch slows this one down; bench/NOTES.md.)
+// G rows are summed into dpos[j] in ascending n (in registers across the G rows when D % 16 == 0,
+// a row at a time otherwise), the removed ones into the dmask sums of their chunk, and the kept
+// ones copied to their dx rows. dmask is then the sum of the chunks' partial sums in chunk order.
+// Chunks, and the order of the additions into each chunk's sums (groups of samples, then j), are
+// fixed by the shape, not by the thread count or the blocks: bitwise reproducible. (The previous order, j-major with the N rows
+// of a j (1+L)*D values apart, 197 KB in bf16 at ViT-B shapes, and their first 1 KB prefetched,
+// was 8-18% slower, and a software prefetch slows this one down; bench/NOTES.md.)
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
                                       int64_t cbegin, int64_t cend) {
   constexpr int G = 8;  // samples per group
   constexpr int64_t kPosBlockBytes = 256 * 1024;  // fp32 dpos sums of a block: L2-resident
-  const int64_t block_chunks = std::max<int64_t>(1, kPosBlockBytes / (chunk * D * int64_t(sizeof(float))));
+  const int64_t block_chunks = std::max<int64_t>(1, kPosBlockBytes / (chunk * std::max<int64_t>(D, 1) * int64_t(sizeof(float))));
   const int64_t rs = (L + 1) * D, row_bytes = D * int64_t(sizeof(scalar_t));
   thread_local std::vector<float> pos_buf;
   std::fill(mask_part + cbegin * D, mask_part + cend * D, 0.f);
@@ -391,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   at::Tensor dpos = need_pos_grad ? at::empty({L + 1, D}, grad.options()) : at::empty({0}, grad.options());
   const CpuIsa isa = cpu_isa();
   // One pass over ids_restore, before any kernel reads through it: the index-range check, and
-  // whether no kept token is restored to two patches (then the j-major kernel applies; tokens
+  // whether no kept token is restored to two patches (then the one-pass kernel applies; tokens
   // restored to none, only in a non-permutation, get zero rows).
   bool unique = true;
   std::vector<std::pair<int64_t, int64_t>> unused;  // (n, r) of kept tokens no patch restores
@@ -414,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   }
   if (unique) {
     FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
-      constexpr int64_t chunk = 8;  // rows j per task (and per dmask partial sum)
+      constexpr int64_t chunk = 8;  // rows j per chunk: tasks take whole chunks; one dmask partial sum each
       const int64_t chunks = (L + 1 + chunk - 1) / chunk;
       std::vector<float> mask_part(chunks * D);
       const scalar_t* g = grad.const_data_ptr<scalar_t>();
