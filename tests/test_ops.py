@@ -159,6 +159,18 @@ def test_gather_mask(case, dtype, backend, request):
     assert_close("gather_mask dimgs", imgs.grad, imgs64.grad, base_imgs.grad, dtype)
 
 
+@pytest.mark.parametrize("N, C", [(2, 0), (0, 3)], ids=["C=0", "N=0"])
+def test_gather_mask_empty(N, C, backend):
+    """Images with no channels or no samples: empty outputs and gradients of the right shapes on
+    every backend, as the torch composition gives (the C++ backward once refused a 0-value row)."""
+    imgs = torch.randn(N, C, 8, 12, requires_grad=True)
+    ids = torch.rand(N, 6).argsort(1)[:, :2]
+    out = ops.gather_mask(imgs, ids, 4)
+    assert out.shape == (N, 2, C * 16)
+    out.backward(torch.randn_like(out))
+    assert imgs.grad.shape == imgs.shape
+
+
 def test_gather_mask_repeated_patch(backend):
     """A patch kept twice in a sample (masking never does it): its rows' gradients sum on the C++
     and torch backends, as autograd of the composition does; the Triton backward, whose inverse
