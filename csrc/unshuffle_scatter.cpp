@@ -274,7 +274,7 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // Chunks, and the order of the additions into each chunk's sums (groups of samples, then j), are
 // fixed by the shape, not by the thread count or the blocks: bitwise reproducible. (The previous order, j-major with the N rows
 // of a j (1+L)*D values apart, 197 KB in bf16 at ViT-B shapes, and their first 1 KB prefetched,
-// was 8-18% slower, and a software prefetch slows this one down; bench/NOTES.md.)
+// took 9-23% longer, and a software prefetch slows this one down; bench/NOTES.md.)
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,

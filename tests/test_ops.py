@@ -42,7 +42,13 @@ GATHER_CASES = [
     (5, 3, 48, 32, 16, 2),  # grid 3 x 2
     (1, 3, 64, 68, 4, 200),  # L = 272
 ]
-# unshuffle_scatter: (N, K, L, D); D = 1, odd, and across the C++ column-block boundary (64/128)
+# unshuffle_scatter: (N, K, L, D); D = 1, odd, and across the C++ column-block boundary (64/128).
+# BLOCK_CASES: rows large enough that the C++ backward takes a task's rows j in several blocks
+# (3 chunks each here) at up to 4 threads (see test_cpp_unshuffle_scatter_blocks for any core count)
+BLOCK_CASES = [
+    (9, 20, 150, 2064),  # a full group of 8 samples and one more
+    (2, 10, 100, 2050),  # D % 16 != 0
+]
 UNSHUFFLE_CASES = [
     (2, 0, 4, 8),  # K = 0: only the cls token kept
     (1, 1, 4, 8),
@@ -53,8 +59,7 @@ UNSHUFFLE_CASES = [
     (2, 100, 272, 40),
     (9, 5, 16, 48),  # N past the C++ backward's groups of 8 samples, D % 16 == 0
     (17, 3, 8, 40),  # two full groups and one sample, D % 16 != 0
-    (9, 20, 150, 2064),  # the C++ backward's rows in several L2-sized blocks per task, a full group
-    (2, 10, 100, 2050),  # the same, D % 16 != 0
+    *BLOCK_CASES,
     (2, 3, 5, 0),  # D = 0: empty rows
 ]
 # norm_mse_loss: (N, C, H, W, p)
@@ -161,14 +166,18 @@ def test_gather_mask(case, dtype, backend, request):
 
 @pytest.mark.parametrize("N, C", [(2, 0), (0, 3)], ids=["C=0", "N=0"])
 def test_gather_mask_empty(N, C, backend):
-    """Images with no channels or no samples: empty outputs and gradients of the right shapes on
-    every backend, as the torch composition gives (the C++ backward once refused a 0-value row)."""
+    """Images with no channels or no samples: empty outputs and gradients of the shapes the torch
+    composition gives, on every backend (the C++ backward once refused a 0-value row)."""
     imgs = torch.randn(N, C, 8, 12, requires_grad=True)
     ids = torch.rand(N, 6).argsort(1)[:, :2]
     out = ops.gather_mask(imgs, ids, 4)
-    assert out.shape == (N, 2, C * 16)
-    out.backward(torch.randn_like(out))
-    assert imgs.grad.shape == imgs.shape
+    base_imgs = imgs.detach().clone().requires_grad_()
+    base = gather_mask_ref(base_imgs, ids, 4)
+    assert out.shape == base.shape == (N, 2, C * 16)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    base.backward(grad)
+    assert imgs.grad.shape == base_imgs.grad.shape == imgs.shape
 
 
 def test_gather_mask_repeated_patch(backend):
@@ -354,7 +363,7 @@ def test_size_one_last_dimension_with_any_stride(backend):
 def test_unshuffle_scatter_grad_deterministic(backend, D):
     """dmask_token and dpos are reductions without atomics: bitwise the same on every run (and,
     for the C++ kernels, for any thread count: at D = 2064 the backward's tasks split their rows
-    into blocks, which start elsewhere with 1 thread than with 2)."""
+    into blocks, which start elsewhere with 1 thread than with 2 or 4)."""
     if backend == "triton":
         pytest.skip("the Triton interpreter runs programs one at a time, so a race could not show here: "
                     "tests/test_cuda.py checks this on a GPU, test_triton_kernels that no atomics are used")
@@ -377,7 +386,9 @@ def test_unshuffle_scatter_grad_deterministic(backend, D):
             torch.set_num_threads(old)
 
     first = grads(1)
-    for threads in (1, 2, 3):
+    # At D = 2064 the tasks of 2 and 4 threads start at chunks 13 and 7, 14, 21: none of them
+    # starts a block at 1 thread (blocks of 3 chunks).
+    for threads in (1, 2, 4):
         again = grads(threads)
         for name, a, b in zip(["dx", "dmask_token", "dpos"], first, again):
             assert torch.equal(a, b), f"{name} differs between runs ({threads} threads)"
@@ -502,6 +513,21 @@ def test_norm_mse_loss_deterministic(backend):
         for threads in (old, 1):
             torch.set_num_threads(threads)
             assert torch.equal(ops.norm_mse_loss(pred, imgs, mask, p), first), f"{threads} threads"
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_unshuffle_scatter_blocks(case, dtype, monkeypatch, request):
+    """The C++ backward over several blocks per task against the truth, at 1 thread: one task
+    holds every row j, so it runs several blocks whatever the machine's core count."""
+    _require_cpp()
+    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        test_unshuffle_scatter(case, dtype, "pos", "cpp", request)
     finally:
         torch.set_num_threads(old)
 
