@@ -300,9 +300,9 @@ inline void store16(T* p, v16f v) {
 // FASTMAE_CPU_STREAM=always|never forces the choice (to test both paths), auto is the default.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
-inline bool stream_output(int64_t bytes) {
+inline bool stream_output(int64_t bytes, int64_t threshold = kStreamBytes) {
   const char* env = std::getenv("FASTMAE_CPU_STREAM");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return bytes >= kStreamBytes;
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return bytes >= threshold;
   if (std::strcmp(env, "always") == 0) return true;
   if (std::strcmp(env, "never") == 0) return false;
   TORCH_CHECK_VALUE(false, "FASTMAE_CPU_STREAM must be auto, always or never, got '", env, "'");

@@ -270,7 +270,8 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // back: G contiguous runs of the block's length, which the hardware prefetchers follow. Each j's
 // G rows are summed into dpos[j] in ascending n (in registers across the G rows when D % 16 == 0,
 // a row at a time otherwise), the removed ones into the dmask sums of their chunk, and the kept
-// ones copied to their dx rows. dmask is then the sum of the chunks' partial sums in chunk order.
+// ones copied to their dx rows (with streaming stores when stream_dx). dmask is then the sum of
+// the chunks' partial sums in chunk order.
 // Chunks, and the order of the additions into each chunk's sums (groups of samples, then j), are
 // fixed by the shape, not by the thread count or the blocks: bitwise reproducible. (The previous order, j-major with the N rows
 // of a j (1+L)*D values apart, 197 KB in bf16 at ViT-B shapes, and their first 1 KB prefetched,
@@ -278,7 +279,7 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
-                                      int64_t cbegin, int64_t cend) {
+                                      bool stream_dx, int64_t cbegin, int64_t cend) {
   constexpr int G = 8;  // samples per group
   constexpr int64_t kPosBlockBytes = 256 * 1024;  // fp32 dpos sums of a block: L2-resident
   const int64_t block_chunks = std::max<int64_t>(1, kPosBlockBytes / (chunk * std::max<int64_t>(D, 1) * int64_t(sizeof(float))));
@@ -330,13 +331,20 @@ inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, 
           }
         }
         for (int g = 0; g < count; ++g) {
-          if (r[g] < K) std::memcpy(dx + ((n0 + g) * (K + 1) + 1 + r[g]) * D, rows[g], row_bytes);
+          if (r[g] >= K) continue;
+          scalar_t* o = dx + ((n0 + g) * (K + 1) + 1 + r[g]) * D;
+          if (stream_dx) {
+            Stream<Isa>::copy(o, rows[g], row_bytes);
+          } else {
+            std::memcpy(o, rows[g], row_bytes);
+          }
         }
       }
     }
     if (pb != nullptr)
       for (int64_t j = jb; j < je; ++j) store_perm_sums<Isa>(pb + (j - jb) * D, dpos + j * D, D);
   }
+  if (stream_dx) Stream<Isa>::fence();
 }
 FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_perm_task, unshuffle_bwd_perm_chunks)
 
@@ -413,6 +421,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
     }
   }
   if (unique) {
+    // dx is written to rows in ids order, so the reads for ownership that ordinary stores make of
+    // its lines miss the prefetchers: at ViT-B shapes they cost about a fifth of the kernel when the
+    // memory is fast. Its consumer is decoder_embed's backward, two matmuls bound by their
+    // arithmetic, which then read dx from memory instead of the cache at little cost: with dx
+    // streamed, the backward and that consumer together came out even or faster (bench/NOTES.md).
+    // Below kStreamDxBytes (an L2 here) dx stays in the cache with ordinary stores.
+    constexpr int64_t kStreamDxBytes = int64_t(1) << 20;
+    const bool stream_dx = stream_output(dx.nbytes(), kStreamDxBytes) &&
+                           (D * grad.element_size()) % 16 == 0 && aligned_to(dx.const_data_ptr(), 16);
     FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
       constexpr int64_t chunk = 8;  // rows j per chunk: tasks take whole chunks; one dmask partial sum each
       const int64_t chunks = (L + 1 + chunk - 1) / chunk;
@@ -422,7 +439,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
       scalar_t* dpp = need_pos_grad ? dpos.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        unshuffle_bwd_perm_task<scalar_t>(isa, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, begin, end);
+        unshuffle_bwd_perm_task<scalar_t>(isa, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, stream_dx, begin,
+                                          end);
       });
       for (const auto& [n, r] : unused) {
         scalar_t* o = dxp + (n * (K + 1) + 1 + r) * D;

@@ -606,7 +606,8 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
     """Outputs of 16 MiB or more (gather_mask's image gradient, norm_mse_loss's dpred,
-    unshuffle_scatter's decoder input) are written with streaming stores. Force them
+    unshuffle_scatter's decoder input), and unshuffle_scatter's dx from 1 MiB, are written with
+    streaming stores. Force them
     (FASTMAE_CPU_STREAM=always) on small shapes whose rows allow them, and on some that do not,
     in every instruction-set variant: the same results as the reference, outputs poisoned first."""
     _require_cpp()
@@ -633,7 +634,7 @@ def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
     """Streaming stores change where the bits go, never which: every kernel with a streamed path
     gives bitwise the same output with FASTMAE_CPU_STREAM=always as with never, in every
     instruction-set variant (unshuffle_scatter's 16- and 8-value steps and their tails: D = 64, 40
-    and 56)."""
+    and 56; its backward's dx rows)."""
     _require_cpp()
     if isa != "native":
         monkeypatch.setenv("FASTMAE_CPU_ISA", isa)
@@ -646,6 +647,8 @@ def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
         pos, ids = torch.randn(1 + L, D, generator=gen).to(dtype), torch.argsort(torch.rand(N, L, generator=gen), 1)
         runs.append((f"unshuffle_scatter D={D}", f.unshuffle_scatter_fwd, (x, tok, ids, pos)))
         runs.append((f"unshuffle_scatter D={D}, no pos", f.unshuffle_scatter_fwd, (x, tok, ids, None)))
+        grad = torch.randn(N, 1 + L, D, generator=gen).to(dtype)
+        runs.append((f"unshuffle_scatter backward D={D}", f.unshuffle_scatter_bwd, (grad, ids, K, True)))
     imgs = torch.rand(2, 3, 32, 64, generator=gen).to(dtype)
     # gather_mask: 32- and 64-byte segments paired into lines or not, odd grid widths (W = 40 at
     # p = 8, 48 at p = 16), a patch kept twice (its grid row takes the summing path), and C = 1
@@ -670,8 +673,9 @@ def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
         plain = fn(*args)
         monkeypatch.setenv("FASTMAE_CPU_STREAM", "always")
         streamed = fn(*args)
-        bits = torch.int16 if plain.element_size() == 2 else torch.int32
-        assert torch.equal(plain.view(bits), streamed.view(bits)), f"{name}: streamed output differs"
+        for i, (a, b) in enumerate(zip(*(o if isinstance(o, tuple) else (o,) for o in (plain, streamed)), strict=True)):
+            bits = torch.int16 if a.element_size() == 2 else torch.int32
+            assert torch.equal(a.view(bits), b.view(bits)), f"{name}: streamed output {i} differs"
 
 
 @pytest.mark.parametrize("var, value, message", [
