@@ -299,6 +299,12 @@ inline void store16(T* p, v16f v) {
 // the size threshold, half this machine's 32 MiB L3 (bench/NOTES.md has the measurements).
 // FASTMAE_CPU_STREAM=always|never forces the choice (to test both paths), auto is the default.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// An output whose consumer is a matmul (unshuffle_scatter's dx, read by decoder_embed's backward;
+// gather_mask's patches, read by the patch embedding) is streamed from this size on: a matmul is
+// bound by its arithmetic and reads its input from memory at little cost, so the read for
+// ownership that streaming saves is a gain for the step, not only for the op (bench/NOTES.md).
+// Below it (an L2 here) ordinary stores leave the output in the cache at little cost.
+constexpr int64_t kStreamMatmulInputBytes = int64_t(1) << 20;
 
 inline bool stream_output(int64_t bytes, int64_t threshold = kStreamBytes) {
   const char* env = std::getenv("FASTMAE_CPU_STREAM");

@@ -2,7 +2,8 @@
 //
 // Forward: out[n, k, (c*p + i)*p + j] = imgs[n, c, hi*p + i, wj*p + j] for patch
 // l = ids_keep[n, k] = hi*w + wj (Conv2d-weight order (c, i, j)). A pure copy: each output row is
-// C*p contiguous segments of p pixels read from image rows; parallel over (n, k).
+// C*p contiguous segments of p pixels read from image rows; parallel over (n, k); with streaming
+// stores from 1 MiB, since a matmul reads it next (common.h, kStreamMatmulInputBytes).
 // Backward: grad [N, K, C*p*p] -> grad_imgs [N, C, H, W], every element written (zero on patches
 // that were not kept; a patch kept more than once gets the fp32 sum of its rows, in k order).
 // Parallel over (n, grid row), so each task writes whole image rows contiguously; with streaming
@@ -37,10 +38,14 @@ inline void copy_segment(B* dst, const B* src, int64_t p) {
 }
 
 // PC::value > 0 fixes the patch size at compile time (the segment loops become a few vector moves).
+// With `stream` (only for segments of 32 or 64 bytes: p = 16 in 16-bit dtypes, 8 or 16 in fp32),
+// each output line is written by one streaming store from registers: two 32-byte segments (image
+// rows i and i + 1 of the patch) side by side, or one 64-byte segment.
 template <typename Isa, typename scalar_t, typename PC>
-inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* out, Grid g, int64_t begin,
-                            int64_t end) {
+inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* out, Grid g, bool stream,
+                            int64_t begin, int64_t end) {
   using B = bits_t<scalar_t>;
+  constexpr int64_t kSegBytes = PC::value * int64_t(sizeof(B));
   const int64_t C = g.C, H = g.H, W = g.W, p = PC::value > 0 ? PC::value : g.p;
   const B* src = reinterpret_cast<const B*>(imgs);
   auto patch_of = [&](int64_t row) {  // pixel (c=0, i=0, j=0) of the patch of output row `row`
@@ -51,12 +56,41 @@ inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* 
     const B* patch = patch_of(row);
     if (row + 1 < g.N * g.K) prefetch_patch(patch_of(row + 1), C, p, H, W);
     B* o = reinterpret_cast<B*>(out) + row * g.D;
+    if constexpr (kSegBytes == 32 || kSegBytes == 64) {
+      if (stream) {
+        typedef uint8_t v32b __attribute__((vector_size(32)));
+        typedef uint8_t v64b __attribute__((vector_size(64)));
+        for (int64_t c = 0; c < C; ++c) {
+          const B* seg = patch + c * H * W;
+          if constexpr (kSegBytes == 32) {  // p is even: rows i and i + 1 make one line
+            for (int64_t i = 0; i < p; i += 2, o += 2 * p) {
+              v32b a, b;
+              std::memcpy(&a, seg + i * W, sizeof(a));
+              std::memcpy(&b, seg + (i + 1) * W, sizeof(b));
+              const v64b line = __builtin_shufflevector(
+                  a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+                  26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50,
+                  51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+              Stream<Isa>::store(o, line);
+            }
+          } else {
+            for (int64_t i = 0; i < p; ++i, o += p) {
+              v64b v;
+              std::memcpy(&v, seg + i * W, sizeof(v));
+              Stream<Isa>::store(o, v);
+            }
+          }
+        }
+        continue;
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t i = 0; i < p; ++i, o += p) {
         copy_segment<PC>(o, patch + (c * H + i) * W, p);
       }
     }
   }
+  if (stream) Stream<Isa>::fence();
 }
 FASTMAE_DEFINE_ISA_VARIANTS(gather_fwd_task, gather_fwd_rows)
 
@@ -219,6 +253,11 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
   at::Tensor out = at::empty({N, K, C * p * p}, imgs.options());
   const Grid g{N, C, H, W, K, p, h, w, C * p * p};
   const CpuIsa isa = cpu_isa();
+  // Its consumer is the patch embedding, a matmul (kStreamMatmulInputBytes). Streamed only where
+  // each patch's segments are whole 32- or 64-byte pieces on 16-byte boundaries.
+  const int64_t seg_bytes = p * imgs.element_size();
+  const bool stream = stream_output(out.nbytes(), kStreamMatmulInputBytes) && (seg_bytes == 32 || seg_bytes == 64) &&
+                      (p == 8 || p == 16) && aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(imgs.scalar_type(), "gather_mask_fwd", [&] {
     const scalar_t* src = imgs.const_data_ptr<scalar_t>();
     const int64_t* idp = ids_keep.const_data_ptr<int64_t>();
@@ -226,7 +265,7 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
     dispatch_patch(p, [&](auto pc) {
       using PC = decltype(pc);
       at::parallel_for(0, N * K, grain_for(2 * g.D * int64_t(sizeof(scalar_t))), [&](int64_t begin, int64_t end) {
-        gather_fwd_task<scalar_t, PC>(isa, src, idp, dst, g, begin, end);
+        gather_fwd_task<scalar_t, PC>(isa, src, idp, dst, g, stream, begin, end);
       });
     });
   });

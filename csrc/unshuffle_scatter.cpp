@@ -423,12 +423,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   if (unique) {
     // dx is written to rows in ids order, so the reads for ownership that ordinary stores make of
     // its lines miss the prefetchers: at ViT-B shapes they cost about a fifth of the kernel when the
-    // memory is fast. Its consumer is decoder_embed's backward, two matmuls bound by their
-    // arithmetic, which then read dx from memory instead of the cache at little cost: with dx
-    // streamed, the backward and that consumer together came out even or faster (bench/NOTES.md).
-    // Below kStreamDxBytes (an L2 here) dx stays in the cache with ordinary stores.
-    constexpr int64_t kStreamDxBytes = int64_t(1) << 20;
-    const bool stream_dx = stream_output(dx.nbytes(), kStreamDxBytes) &&
+    // memory is fast. Its consumer is decoder_embed's backward, two matmuls: with dx streamed, the
+    // backward and that consumer together came out even or faster (kStreamMatmulInputBytes).
+    const bool stream_dx = stream_output(dx.nbytes(), kStreamMatmulInputBytes) &&
                            (D * grad.element_size()) % 16 == 0 && aligned_to(dx.const_data_ptr(), 16);
     FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
       constexpr int64_t chunk = 8;  // rows j per chunk: tasks take whole chunks; one dmask partial sum each

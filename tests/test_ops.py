@@ -606,8 +606,8 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpp_streaming_stores(dtype, isa, monkeypatch, request):
     """Outputs of 16 MiB or more (gather_mask's image gradient, norm_mse_loss's dpred,
-    unshuffle_scatter's decoder input), and unshuffle_scatter's dx from 1 MiB, are written with
-    streaming stores. Force them
+    unshuffle_scatter's decoder input), and from 1 MiB those a matmul reads next (gather_mask's
+    patches, unshuffle_scatter's dx), are written with streaming stores. Force them
     (FASTMAE_CPU_STREAM=always) on small shapes whose rows allow them, and on some that do not,
     in every instruction-set variant: the same results as the reference, outputs poisoned first."""
     _require_cpp()
@@ -662,6 +662,9 @@ def test_cpp_streamed_outputs_are_bitwise_equal(dtype, isa, monkeypatch):
         grad = torch.randn(2, L // 2, C * p * p, generator=gen).to(dtype)
         runs.append((f"gather_mask backward C={C} p={p} W={W}{' repeat' if repeat else ''}", f.gather_mask_bwd,
                      (grad, keep, p, 32, W)))
+        image = torch.rand(2, C, 32, W, generator=gen).to(dtype)
+        runs.append((f"gather_mask forward C={C} p={p} W={W}{' repeat' if repeat else ''}", f.gather_mask_fwd,
+                     (image, keep, p)))
     for p in (8, 16):
         L = (32 // p) * (64 // p)
         pred = torch.randn(2, L, 3 * p * p, generator=gen).to(dtype)
