@@ -271,18 +271,19 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // G rows are summed into dpos[j] in ascending n (in registers across the G rows when D % 16 == 0,
 // a row at a time otherwise), the removed ones into the dmask sums of their chunk, and the kept
 // ones copied to their dx rows (with streaming stores when stream_dx). dmask is then the sum of
-// the chunks' partial sums in chunk order.
-// Chunks, and the order of the additions into each chunk's sums (groups of samples, then j), are
-// fixed by the shape, not by the thread count or the blocks: bitwise reproducible. (The previous order, j-major with the N rows
-// of a j (1+L)*D values apart, 197 KB in bf16 at ViT-B shapes, and their first 1 KB prefetched,
-// took 9-23% longer, and a software prefetch slows this one down; bench/NOTES.md.)
+// the chunks' partial sums in chunk order. Chunks, and the order of the additions into each
+// chunk's sums (groups of samples, then j), are fixed by the shape, not by the thread count or the
+// blocks: bitwise reproducible. (The previous order, j-major with the N rows of a j (1+L)*D values
+// apart, 197 KB in bf16 at ViT-B shapes, and their first 1 KB prefetched, took 9-23% longer, and a
+// software prefetch slows this one down; bench/NOTES.md.)
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
                                       bool stream_dx, int64_t cbegin, int64_t cend) {
   constexpr int G = 8;  // samples per group
   constexpr int64_t kPosBlockBytes = 256 * 1024;  // fp32 dpos sums of a block: L2-resident
-  const int64_t block_chunks = std::max<int64_t>(1, kPosBlockBytes / (chunk * std::max<int64_t>(D, 1) * int64_t(sizeof(float))));
+  const int64_t chunk_bytes = chunk * std::max<int64_t>(D, 1) * int64_t(sizeof(float));  // D = 0 is allowed
+  const int64_t block_chunks = std::max<int64_t>(1, kPosBlockBytes / chunk_bytes);
   const int64_t rs = (L + 1) * D, row_bytes = D * int64_t(sizeof(scalar_t));
   thread_local std::vector<float> pos_buf;
   std::fill(mask_part + cbegin * D, mask_part + cend * D, 0.f);
@@ -422,8 +423,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   }
   if (unique) {
     // dx is written to rows in ids order, so the reads for ownership that ordinary stores make of
-    // its lines miss the prefetchers: at ViT-B shapes they cost about a fifth of the kernel when the
-    // memory is fast. Its consumer is decoder_embed's backward, two matmuls: with dx streamed, the
+    // its lines miss the prefetchers: at ViT-B shapes they cost more than a quarter of the kernel
+    // when the memory is fast. Its consumer is decoder_embed's backward, two matmuls: with dx streamed, the
     // backward and that consumer together came out even or faster (kStreamMatmulInputBytes).
     const bool stream_dx = stream_output(dx.nbytes(), kStreamMatmulInputBytes) &&
                            (D * grad.element_size()) % 16 == 0 && aligned_to(dx.const_data_ptr(), 16);
