@@ -37,6 +37,19 @@ inline void copy_segment(B* dst, const B* src, int64_t p) {
   }
 }
 
+typedef uint8_t v32b __attribute__((vector_size(32)));
+typedef uint8_t v64b __attribute__((vector_size(64)));
+
+// The 32 bytes at a and the 32 bytes at b side by side: one 64-byte line for one streaming store.
+inline v64b line_of(const void* a, const void* b) {
+  v32b x, y;
+  std::memcpy(&x, a, sizeof(x));
+  std::memcpy(&y, b, sizeof(y));
+  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42,
+                                 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+}
+
 // PC::value > 0 fixes the patch size at compile time (the segment loops become a few vector moves).
 // With `stream` (only for segments of 32 or 64 bytes: p = 16 in 16-bit dtypes, 8 or 16 in fp32),
 // each output line is written by one streaming store from registers: two 32-byte segments (image
@@ -58,20 +71,11 @@ inline void gather_fwd_rows(const scalar_t* imgs, const int64_t* ids, scalar_t* 
     B* o = reinterpret_cast<B*>(out) + row * g.D;
     if constexpr (kSegBytes == 32 || kSegBytes == 64) {
       if (stream) {
-        typedef uint8_t v32b __attribute__((vector_size(32)));
-        typedef uint8_t v64b __attribute__((vector_size(64)));
         for (int64_t c = 0; c < C; ++c) {
           const B* seg = patch + c * H * W;
           if constexpr (kSegBytes == 32) {  // p is even: rows i and i + 1 make one line
             for (int64_t i = 0; i < p; i += 2, o += 2 * p) {
-              v32b a, b;
-              std::memcpy(&a, seg + i * W, sizeof(a));
-              std::memcpy(&b, seg + (i + 1) * W, sizeof(b));
-              const v64b line = __builtin_shufflevector(
-                  a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-                  26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50,
-                  51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
-              Stream<Isa>::store(o, line);
+              Stream<Isa>::store(o, line_of(seg + i * W, seg + (i + 1) * W));
             }
           } else {
             for (int64_t i = 0; i < p; ++i, o += p) {
@@ -100,20 +104,9 @@ FASTMAE_DEFINE_ISA_VARIANTS(gather_fwd_task, gather_fwd_rows)
 // per segment, and no branch on whether a patch was kept.
 template <typename Isa, int64_t S, typename B>
 inline void stream_segments(const B* const* seg, int64_t goff, B* orow, int64_t w, int64_t p) {
-  typedef uint8_t v32b __attribute__((vector_size(32)));
-  typedef uint8_t v64b __attribute__((vector_size(64)));
   int64_t wj = 0;
   if constexpr (S == 32) {
-    for (; wj + 2 <= w; wj += 2) {
-      v32b a, b;
-      std::memcpy(&a, seg[wj] + goff, sizeof(a));
-      std::memcpy(&b, seg[wj + 1] + goff, sizeof(b));
-      const v64b line = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17,
-                                                18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34,
-                                                35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51,
-                                                52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
-      Stream<Isa>::store(orow + wj * p, line);
-    }
+    for (; wj + 2 <= w; wj += 2) Stream<Isa>::store(orow + wj * p, line_of(seg[wj] + goff, seg[wj + 1] + goff));
   }
   typedef uint8_t vseg __attribute__((vector_size(S)));
   for (; wj < w; ++wj) {

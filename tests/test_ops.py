@@ -596,7 +596,8 @@ def test_cpp_avx512_bf16_rounding_matches_avx2(monkeypatch):
     monkeypatch.delenv("FASTMAE_CPU_ISA", raising=False)  # the best variant: AVX-512 here
     native = outputs()
     monkeypatch.setenv("FASTMAE_CPU_ISA", "avx2")
-    names = ("unshuffle_scatter", "unshuffle_scatter dx", "dmask", "dpos", "norm_mse_loss dpred", "norm_mse_loss dpred, p = 16", "norm_mse_loss, p = 16")
+    names = ("unshuffle_scatter", "unshuffle_scatter dx", "dmask", "dpos", "norm_mse_loss dpred",
+             "norm_mse_loss dpred, p = 16", "norm_mse_loss, p = 16")
     for name, a, b in zip(names, native, outputs(), strict=True):
         bits = torch.int16 if a.element_size() == 2 else torch.int32
         assert torch.equal(a.view(bits), b.view(bits)), f"{name}: AVX-512 and AVX2 differ"
