@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -169,27 +170,27 @@ static_assert(sizeof(bits_t<c10::BFloat16>) == 2 && sizeof(bits_t<float>) == 4, 
 // name_avx2<Ts...>(args...) and name_base<Ts...>(args...), which run `body<Isa, Ts...>(args...)`
 // with Isa = IsaAvx512, IsaAvx2 or IsaBase and everything the body calls inlined into it (flatten),
 // so that the whole loop nest is compiled for that instruction set; and name<Ts...>(isa, args...),
-// which calls the variant `isa` names. FASTMAE_CPU_ISA=avx2|base caps the variant (to test the
-// others on a machine that has more).
-enum class CpuIsa { kBase, kAvx2, kAvx512 };
+// which calls the variant `isa` names. The caller caps the variant (fastmae.config's
+// FASTMAE_CPU_ISA, passed to every op as an argument) to test the others on a machine that has more.
+enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
 
-inline CpuIsa cpu_isa() {
+// The best variant this CPU runs.
+inline CpuIsa best_cpu_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  CpuIsa best = avx512 ? CpuIsa::kAvx512 : avx2 ? CpuIsa::kAvx2 : CpuIsa::kBase;
+  return avx512 ? CpuIsa::kAvx512 : avx2 ? CpuIsa::kAvx2 : CpuIsa::kBase;
 #else
-  CpuIsa best = CpuIsa::kBase;
+  return CpuIsa::kBase;
 #endif
-  const char* cap = std::getenv("FASTMAE_CPU_ISA");
-  if (cap == nullptr || cap[0] == '\0' || std::strcmp(cap, "auto") == 0 || std::strcmp(cap, "avx512") == 0) {
-    return best;
-  }
-  if (std::strcmp(cap, "avx2") == 0) return best == CpuIsa::kAvx512 ? CpuIsa::kAvx2 : best;
-  if (std::strcmp(cap, "base") == 0) return CpuIsa::kBase;
-  TORCH_CHECK_VALUE(false, "FASTMAE_CPU_ISA must be auto, avx512, avx2 or base, got '", cap, "'");
+}
+
+// The variant an op runs: the best one, capped at `cap` (0 base, 1 AVX2, 2 AVX-512).
+inline CpuIsa cpu_isa(int64_t cap) {
+  TORCH_CHECK_VALUE(0 <= cap && cap <= 2, "isa cap must be 0 (base), 1 (avx2) or 2 (avx512), got ", cap);
+  return static_cast<CpuIsa>(std::min<int64_t>(cap, static_cast<int64_t>(best_cpu_isa())));
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -296,22 +297,26 @@ inline void store16(T* p, v16f v) {
 // ordinary store first reads every line it writes (read for ownership), so a write-only output
 // costs twice its bytes of memory traffic. Streaming stores skip that read and bypass the cache,
 // which only pays when the output would not stay in the cache for its consumer anyway; hence
-// the size threshold, half this machine's 32 MiB L3 (bench/NOTES.md has the measurements).
-// FASTMAE_CPU_STREAM=always|never forces the choice (to test both paths), auto is the default.
+// the size threshold, half the development machine's 32 MiB L3 (bench/README.md).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 // An output whose consumer is a matmul (unshuffle_scatter's dx, read by decoder_embed's backward;
 // gather_mask's patches, read by the patch embedding) is streamed from this size on: a matmul is
 // bound by its arithmetic and reads its input from memory at little cost, so the read for
-// ownership that streaming saves is a gain for the step, not only for the op (bench/NOTES.md).
+// ownership that streaming saves is a gain for the step, not only for the op.
 // Below it (an L2 here) ordinary stores leave the output in the cache at little cost.
 constexpr int64_t kStreamMatmulInputBytes = int64_t(1) << 20;
 
-inline bool stream_output(int64_t bytes, int64_t threshold = kStreamBytes) {
-  const char* env = std::getenv("FASTMAE_CPU_STREAM");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return bytes >= threshold;
-  if (std::strcmp(env, "always") == 0) return true;
-  if (std::strcmp(env, "never") == 0) return false;
-  TORCH_CHECK_VALUE(false, "FASTMAE_CPU_STREAM must be auto, always or never, got '", env, "'");
+// How an op chooses streaming stores: fastmae.config's FASTMAE_CPU_STREAM, passed to every op
+// as an argument (to test both paths).
+enum class StreamMode : int64_t { kNever = 0, kAlways = 1, kAuto = 2 };
+
+inline bool stream_output(int64_t bytes, int64_t mode, int64_t threshold = kStreamBytes) {
+  TORCH_CHECK_VALUE(0 <= mode && mode <= 2, "stream mode must be 0 (never), 1 (always) or 2 (auto), got ", mode);
+  switch (static_cast<StreamMode>(mode)) {
+    case StreamMode::kNever: return false;
+    case StreamMode::kAlways: return true;
+    default: return bytes >= threshold;
+  }
 }
 
 inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -323,7 +328,7 @@ inline bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast
 // straight from registers: values computed into a stack buffer and
 // copied from there would be read back with loads wider than the stores that wrote them, which
 // wait for those stores to reach the cache (a failed store-to-load forward; it doubled the time
-// of unshuffle_scatter's streamed bf16 forward, bench/NOTES.md). Stream<Isa>::fence() orders
+// of unshuffle_scatter's streamed bf16 forward). Stream<Isa>::fence() orders
 // them before the task ends (they are weakly ordered). Elsewhere than x86 these are plain copies.
 template <typename Isa>
 struct Stream;
@@ -480,6 +485,25 @@ inline void check_index_range(const at::Tensor& ids, int64_t upper, const char* 
   if (lo < 0 || hi >= upper) {
     const int64_t bad = lo < 0 ? lo : hi;
     TORCH_CHECK_INDEX(false, name, " holds index ", bad, ", outside [0, ", upper, ")");
+  }
+}
+
+// Every index in [0, upper) and no index twice in a row of ids [N, M] (M <= upper), checked in one
+// pass before any kernel reads through them. The same contract and messages as the Python
+// checks in fastmae/_checks.py, which guard the other backends.
+inline void check_distinct(const at::Tensor& ids, int64_t upper, const char* name) {
+  check_index_range(ids, upper, name);
+  const int64_t N = ids.size(0), M = ids.size(1);
+  const int64_t* v = ids.const_data_ptr<int64_t>();
+  std::vector<uint8_t> seen(upper);
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(seen.begin(), seen.end(), uint8_t(0));
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t r = v[n * M + m];
+      TORCH_CHECK_VALUE(!seen[r], name, " repeats index ", r, " in sample ", n,
+                        ": the indices of a sample must be distinct, as random masking makes them");
+      seen[r] = 1;
+    }
   }
 }
 

@@ -5,11 +5,11 @@
 // C*p contiguous segments of p pixels read from image rows; parallel over (n, k); with streaming
 // stores from 1 MiB, since a matmul reads it next (common.h, kStreamMatmulInputBytes).
 // Backward: grad [N, K, C*p*p] -> grad_imgs [N, C, H, W], every element written (zero on patches
-// that were not kept; a patch kept more than once gets the fp32 sum of its rows, in k order).
+// that were not kept). The ids_keep of a sample are distinct (as masking makes them; checked), so
+// each image element is a copy of at most one gradient element.
 // Parallel over (n, grid row), so each task writes whole image rows contiguously; with streaming
 // stores when the gradient is 16 MiB or more (common.h, stream_output).
 #include "common.h"
-#include "ops.h"
 
 #include <type_traits>
 
@@ -125,11 +125,10 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
   const int64_t C = g.C, H = g.H, W = g.W, K = g.K, p = PC::value > 0 ? PC::value : g.p, w = g.w, D = g.D;
   const B* gbits = reinterpret_cast<const B*>(grad);
   B* obits = reinterpret_cast<B*>(out);
-  // head[wj]: first row k of ids_keep[n] holding patch (hi, wj), or -1; next[k]: the following
-  // row holding the same patch. Built per grid row from the K indices of sample n.
-  thread_local std::vector<int64_t> head_buf, next_buf;
-  int64_t* head = scratch(head_buf, w);
-  int64_t* next = scratch(next_buf, K);
+  // row[wj]: the row k of ids_keep[n] holding patch (hi, wj), or -1. Built per grid row from the
+  // K indices of sample n.
+  thread_local std::vector<int64_t> row_buf;
+  int64_t* row = scratch(row_buf, w);
   // With streaming stores and 32- or 64-byte segments (p = 16 in 16-bit dtypes, p = 16 or 8 in
   // fp32), each image row is written a whole line at a time from registers (stream_segments):
   // seg[wj] is the gradient row of patch (hi, wj), or a row of zeros.
@@ -149,18 +148,14 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n = t / g.h, hi = t % g.h;
     const int64_t* idn = ids + n * K;
-    std::fill(head, head + w, int64_t(-1));
-    for (int64_t k = K - 1; k >= 0; --k) {
+    std::fill(row, row + w, int64_t(-1));
+    for (int64_t k = 0; k < K; ++k) {
       const uint64_t wj = uint64_t(idn[k] - hi * w);  // in [0, w) iff patch idn[k] is on grid row hi
-      if (wj < uint64_t(w)) {
-        next[k] = head[wj];
-        head[wj] = k;
-      }
+      if (wj < uint64_t(w)) row[wj] = k;
     }
     const int64_t grow0 = n * K;
     // The gradient rows of the next grid row's kept patches, prefetched: this grid row reads its
-    // own in p-value pieces, one per image row, which the hardware prefetchers do not run ahead
-    // of (the backward 1.3x faster in bf16, 1.05x in fp32; bench/NOTES.md).
+    // own in p-value pieces, one per image row, which the hardware prefetchers do not run ahead of.
     if (t + 1 < end) {
       const int64_t n1 = (t + 1) / g.h, hi1 = (t + 1) % g.h;
       const int64_t* id1 = ids + n1 * K;
@@ -169,21 +164,14 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
       }
     }
     if constexpr (kLines) {
-      if (stream) {  // whole lines from registers, unless a patch is kept twice on this grid row
-        bool once = true;
-        for (int64_t wj = 0; wj < w; ++wj) {
-          const int64_t k = head[wj];
-          seg[wj] = k < 0 ? zero : gbits + (grow0 + k) * D;
-          once &= k < 0 || next[k] < 0;
-        }
-        if (once) {
-          for (int64_t c = 0; c < C; ++c) {
-            for (int64_t i = 0; i < p; ++i) {
-              stream_segments<Isa, kSegBytes>(seg, (c * p + i) * p, obits + ((n * C + c) * H + hi * p + i) * W, w, p);
-            }
+      if (stream) {  // whole lines from registers
+        for (int64_t wj = 0; wj < w; ++wj) seg[wj] = row[wj] < 0 ? zero : gbits + (grow0 + row[wj]) * D;
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t i = 0; i < p; ++i) {
+            stream_segments<Isa, kSegBytes>(seg, (c * p + i) * p, obits + ((n * C + c) * H + hi * p + i) * W, w, p);
           }
-          continue;
         }
+        continue;
       }
     }
     for (int64_t c = 0; c < C; ++c) {
@@ -192,21 +180,11 @@ inline void gather_bwd_rows(const scalar_t* grad, const int64_t* ids, scalar_t* 
         const int64_t goff = (c * p + i) * p;  // this pixel row's offset inside a patch row
         for (int64_t wj = 0; wj < w; ++wj) {
           B* o = orow + wj * p;
-          const int64_t k = head[wj];
-          if (k < 0 || next[k] < 0) {  // zeros, or the one row holding the patch
-            const B* src = k < 0 ? nullptr : gbits + (grow0 + k) * D + goff;
-            if (stream) {
-              Stream<Isa>::copy(o, src, p * int64_t(sizeof(B)));
-            } else {
-              copy_segment<PC>(o, src, p);
-            }
-          } else {  // a patch kept twice: fp32 sum in k order, rounded once
-            scalar_t* os = reinterpret_cast<scalar_t*>(o);
-            for (int64_t j = 0; j < p; ++j) {
-              float acc = 0.f;
-              for (int64_t kk = k; kk >= 0; kk = next[kk]) acc += to_f(grad[(grow0 + kk) * D + goff + j]);
-              os[j] = from_f<scalar_t>(acc);
-            }
+          const B* src = row[wj] < 0 ? nullptr : gbits + (grow0 + row[wj]) * D + goff;  // zeros if not kept
+          if (stream) {
+            Stream<Isa>::copy(o, src, p * int64_t(sizeof(B)));
+          } else {
+            copy_segment<PC>(o, src, p);
           }
         }
       }
@@ -231,12 +209,13 @@ void check_gather_ids(const at::Tensor& ids_keep, int64_t N, int64_t L) {
   check_ids(ids_keep, "ids_keep", N);
   const int64_t K = ids_keep.size(1);
   TORCH_CHECK_VALUE(0 < K && K < L, "ids_keep must keep K patches with 0 < K < L = ", L, ", got K = ", K);
-  check_index_range(ids_keep, L, "ids_keep");
+  check_distinct(ids_keep, L, "ids_keep");
 }
 
 }  // namespace
 
-at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, int64_t patch_size) {
+at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, int64_t patch_size, int64_t isa_cap,
+                           int64_t stream_mode) {
   check_float_input(imgs, "imgs");
   TORCH_CHECK_VALUE(imgs.dim() == 4, "imgs must be [N, C, H, W], got shape ", imgs.sizes());
   const int64_t N = imgs.size(0), C = imgs.size(1), H = imgs.size(2), W = imgs.size(3), p = patch_size;
@@ -245,11 +224,11 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
   const int64_t K = ids_keep.size(1);
   at::Tensor out = at::empty({N, K, C * p * p}, imgs.options());
   const Grid g{N, C, H, W, K, p, h, w, C * p * p};
-  const CpuIsa isa = cpu_isa();
+  const CpuIsa isa = cpu_isa(isa_cap);
   // Its consumer is the patch embedding, a matmul (kStreamMatmulInputBytes). Streamed only where
   // each patch's segments are whole 32- or 64-byte pieces on 16-byte boundaries.
   const int64_t seg_bytes = p * imgs.element_size();
-  const bool stream = stream_output(out.nbytes(), kStreamMatmulInputBytes) && (seg_bytes == 32 || seg_bytes == 64) &&
+  const bool stream = stream_output(out.nbytes(), stream_mode, kStreamMatmulInputBytes) && (seg_bytes == 32 || seg_bytes == 64) &&
                       (p == 8 || p == 16) && aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(imgs.scalar_type(), "gather_mask_fwd", [&] {
     const scalar_t* src = imgs.const_data_ptr<scalar_t>();
@@ -266,7 +245,7 @@ at::Tensor gather_mask_fwd(const at::Tensor& imgs, const at::Tensor& ids_keep, i
 }
 
 at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, int64_t patch_size, int64_t H,
-                           int64_t W) {
+                           int64_t W, int64_t isa_cap, int64_t stream_mode) {
   check_float_input(grad, "grad");
   TORCH_CHECK_VALUE(grad.dim() == 3, "grad must be [N, K, C*p*p], got shape ", grad.sizes());
   const int64_t N = grad.size(0), K = grad.size(1), D = grad.size(2), p = patch_size;
@@ -279,10 +258,10 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
   at::Tensor out = at::empty({N, C, H, W}, grad.options());
   if (out.numel() == 0) return out;  // C = 0 (or N = 0): nothing to write
   const Grid g{N, C, H, W, K, p, h, w, D};
-  const CpuIsa isa = cpu_isa();
+  const CpuIsa isa = cpu_isa(isa_cap);
   // Streaming stores write whole 16-byte pieces: every segment of p values must start on one.
   const int64_t esize = grad.element_size();
-  const bool stream = stream_output(out.nbytes()) && (p * esize) % 16 == 0 && (W * esize) % 16 == 0 &&
+  const bool stream = stream_output(out.nbytes(), stream_mode) && (p * esize) % 16 == 0 && (W * esize) % 16 == 0 &&
                       aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "gather_mask_bwd", [&] {
     const scalar_t* src = grad.const_data_ptr<scalar_t>();
@@ -301,8 +280,9 @@ at::Tensor gather_mask_bwd(const at::Tensor& grad, const at::Tensor& ids_keep, i
 }  // namespace fastmae
 
 TORCH_LIBRARY_FRAGMENT(fastmae_C, m) {
-  m.def("gather_mask_fwd(Tensor imgs, Tensor ids_keep, int patch_size) -> Tensor");
-  m.def("gather_mask_bwd(Tensor grad, Tensor ids_keep, int patch_size, int H, int W) -> Tensor");
+  m.def("gather_mask_fwd(Tensor imgs, Tensor ids_keep, int patch_size, int isa_cap, int stream_mode) -> Tensor");
+  m.def("gather_mask_bwd(Tensor grad, Tensor ids_keep, int patch_size, int H, int W, int isa_cap, int stream_mode) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {

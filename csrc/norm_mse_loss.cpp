@@ -11,7 +11,6 @@
 // Backward: dpred = grad * w * 2 (pred - t) / (P * sum(w)), one pass; dpred written with streaming
 // stores when it is 16 MiB or more (common.h, stream_output).
 #include "common.h"
-#include "ops.h"
 
 #include <cmath>
 
@@ -19,9 +18,8 @@ namespace fastmae {
 namespace {
 
 // 16-bit prediction rows are prefetched two rows ahead: the hardware prefetchers do not keep up
-// with that row stream among the target patches' 3 * p scattered segments (bf16: forward 1.2x,
-// backward 1.1-1.15x faster, the op 1.1x in the suite). fp32 rows are not: there the op ran 1.1x
-// slower with it (bench/NOTES.md).
+// with that row stream among the target patches' 3 * p scattered segments. fp32 rows are not
+// (measured slower with it; bench/README.md).
 template <typename pred_t>
 inline void prefetch_pred_row(const pred_t* pred, int64_t row, int64_t rows, int64_t P) {
   constexpr int64_t ahead = 2;
@@ -226,7 +224,7 @@ inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t 
                                  bool norm_pix, float eps, float* x) {
   // The target patch two rows ahead: one row is too little lead (and at p = 16 in 16 bits, with
   // the rows in patch order, neighbouring patches share their lines, so row + 1's are often the
-  // ones being read); bf16 forward 1.2-1.3x faster, fp32 unchanged (bench/NOTES.md).
+  // ones being read).
   constexpr int64_t ahead = 2;
   if (row + ahead < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + ahead, g), g.C, g.p, g.H, g.W);
   const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
@@ -308,11 +306,10 @@ FASTMAE_DEFINE_ISA_VARIANTS(grad_task, grad_rows)
 
 template <typename pred_t, typename img_t>
 double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids, const Geometry& g,
-                bool norm_pix, float eps) {
+                bool norm_pix, float eps, CpuIsa isa) {
   const int64_t nchunks = (g.N * g.M + kRowsPerChunk - 1) / kRowsPerChunk;
   thread_local std::vector<double> partial_buf;
   double* partial = scratch(partial_buf, nchunks);
-  const CpuIsa isa = cpu_isa();
   at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
     loss_task<pred_t, img_t>(isa, pred, imgs, weight, ids, g, norm_pix, eps, partial, cbegin, cend);
   });
@@ -323,10 +320,9 @@ double loss_sum(const pred_t* pred, const img_t* imgs, const float* weight, cons
 
 template <typename pred_t, typename img_t>
 void loss_grad(float scale, const pred_t* pred, const img_t* imgs, const float* weight, const int64_t* ids,
-               pred_t* dpred, const Geometry& g, bool norm_pix, float eps) {
-  const CpuIsa isa = cpu_isa();
+               pred_t* dpred, const Geometry& g, bool norm_pix, float eps, CpuIsa isa, int64_t stream_mode) {
   // Streamed 16 values at a time on the vector path (rows of P = a multiple of 64 values).
-  const bool stream = vector_path(g) && stream_output(g.N * g.M * g.P * int64_t(sizeof(pred_t))) &&
+  const bool stream = vector_path(g) && stream_output(g.N * g.M * g.P * int64_t(sizeof(pred_t)), stream_mode) &&
                       aligned_to(dpred, 16);
   at::parallel_for(0, g.N * g.M, grain_for(3 * g.P * int64_t(sizeof(pred_t))), [&](int64_t begin, int64_t end) {
     grad_task<pred_t, img_t>(isa, scale, pred, imgs, weight, ids, dpred, g, norm_pix, eps, stream, begin, end);
@@ -386,7 +382,9 @@ void dispatch_pred_img(const at::Tensor& pred, const at::Tensor& imgs, const Fn&
 }  // namespace
 
 at::Tensor norm_mse_loss_fwd(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& ids, int64_t patch_size, bool norm_pix, double eps) {
+                             const std::optional<at::Tensor>& ids, int64_t patch_size, bool norm_pix, double eps,
+                             int64_t isa_cap, int64_t stream_mode) {
+  (void)stream_mode;  // the forward writes a scalar; the argument keeps every op's signature alike
   const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size);
   const int64_t* idp = ids.has_value() ? ids->const_data_ptr<int64_t>() : nullptr;
   double total = 0.0;
@@ -394,14 +392,14 @@ at::Tensor norm_mse_loss_fwd(const at::Tensor& pred, const at::Tensor& imgs, con
     using pred_t = decltype(p0);
     using img_t = decltype(i0);
     total = loss_sum<pred_t, img_t>(pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(),
-                                    weight.const_data_ptr<float>(), idp, g, norm_pix, float(eps));
+                                    weight.const_data_ptr<float>(), idp, g, norm_pix, float(eps), cpu_isa(isa_cap));
   });
   return at::scalar_tensor(total / weight_sum(weight), pred.options().dtype(at::kFloat));
 }
 
 at::Tensor norm_mse_loss_bwd(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
                              const at::Tensor& weight, const std::optional<at::Tensor>& ids, int64_t patch_size,
-                             bool norm_pix, double eps) {
+                             bool norm_pix, double eps, int64_t isa_cap, int64_t stream_mode) {
   const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size);
   TORCH_CHECK_VALUE(grad.numel() == 1 && grad.device().is_cpu(), "grad must be a scalar CPU tensor, got shape ",
                     grad.sizes());
@@ -413,7 +411,7 @@ at::Tensor norm_mse_loss_bwd(const at::Tensor& grad, const at::Tensor& pred, con
     using img_t = decltype(i0);
     loss_grad<pred_t, img_t>(scale, pred.const_data_ptr<pred_t>(), imgs.const_data_ptr<img_t>(),
                              weight.const_data_ptr<float>(), idp, dpred.mutable_data_ptr<pred_t>(), g, norm_pix,
-                             float(eps));
+                             float(eps), cpu_isa(isa_cap), stream_mode);
   });
   return dpred;
 }
@@ -422,9 +420,9 @@ at::Tensor norm_mse_loss_bwd(const at::Tensor& grad, const at::Tensor& pred, con
 
 TORCH_LIBRARY_FRAGMENT(fastmae_C, m) {
   m.def("norm_mse_loss_fwd(Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, bool norm_pix, "
-        "float eps) -> Tensor");
+        "float eps, int isa_cap, int stream_mode) -> Tensor");
   m.def("norm_mse_loss_bwd(Tensor grad, Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, "
-        "bool norm_pix, float eps) -> Tensor");
+        "bool norm_pix, float eps, int isa_cap, int stream_mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {

@@ -4,14 +4,13 @@
 // Forward: out[n, 0] = x[n, 0] + pos[0]; out[n, 1+l] = (x[n, 1+r] if r < K else mask_token) + pos[1+l]
 // with r = ids_restore[n, l]; added in fp32 and rounded once. Parallel over output rows; written
 // with streaming stores when the output is 16 MiB or more (common.h, stream_output).
-// Backward: dx[n, 0] = grad[n, 0]; dx[n, 1+r] = grad[n, 1+l] for kept l (fp32 sum if several l
-// share an r; zero if none); dmask = sum of grad[n, 1+l] over removed (n, l); dpos = sum over n.
-// Deterministic with no float atomics, bitwise reproducible whatever the thread count. When every
-// ids_restore row is a permutation (as masking makes it), one pass over grad, a block of rows j at
-// a time, with dmask summed per fixed chunk of rows (unshuffle_bwd_perm_chunks); otherwise tasks
-// own blocks of columns d, each column summed over (n, l) in a fixed order (unshuffle_bwd_blocks).
+// Backward: dx[n, 0] = grad[n, 0]; dx[n, 1+r] = grad[n, 1+l] for the kept l with r = ids_restore[n, l];
+// dmask = sum of grad[n, 1+l] over removed (n, l); dpos = sum over n. Every ids_restore row is a
+// permutation of [0, L) (as masking makes it; checked), so each dx row is a copy of one grad row:
+// one pass over grad, a block of rows j at a time, with dmask summed per fixed chunk of rows
+// (unshuffle_bwd_perm_chunks). Deterministic with no float atomics, bitwise reproducible whatever
+// the thread count.
 #include "common.h"
-#include "ops.h"
 
 namespace fastmae {
 namespace {
@@ -90,8 +89,8 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
     return src;
   };
   // Kept tokens are read in ids_restore's order, a permutation the hardware prefetchers cannot
-  // follow: the source row 8 output rows ahead is prefetched (measured: bf16 forward about 1.6x,
-  // fp32 1.1x faster; 8 rows beat 1, 2 and 4 and matched 12).
+  // follow: the source row a few output rows ahead is prefetched (the distance is measured in
+  // bench/README.md).
   constexpr int64_t ahead = 8;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t j = row % (L + 1);
@@ -115,71 +114,6 @@ inline void unshuffle_fwd_rows(const scalar_t* x, const scalar_t* mask, const in
   if (stream) Stream<Isa>::fence();
 }
 FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_fwd_task, unshuffle_fwd_rows)
-
-// Column blocks [bbegin, bend) of the backward: columns [b*block, (b+1)*block) of dx, dmask, dpos.
-template <typename Isa, typename scalar_t>
-inline void unshuffle_bwd_blocks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, scalar_t* dmask,
-                                 scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t block,
-                                 int64_t bbegin, int64_t bend) {
-  // acc_pos [(1+L), width] and acc_mask [width]: fp32 sums of this block's columns;
-  // head[r] / next[l]: the patches l (ascending) whose kept token is x row 1+r.
-  thread_local std::vector<float> pos_buf, mask_buf;
-  thread_local std::vector<int64_t> head_buf, next_buf;
-  float* acc_pos = dpos != nullptr ? scratch(pos_buf, (L + 1) * block) : nullptr;
-  float* acc_mask = scratch(mask_buf, block);
-  int64_t* head = scratch(head_buf, K);
-  int64_t* next = scratch(next_buf, L);
-  for (int64_t b = bbegin; b < bend; ++b) {
-    const int64_t d0 = b * block, width = std::min(block, D - d0);
-    if (acc_pos != nullptr) std::fill(acc_pos, acc_pos + (L + 1) * width, 0.f);
-    std::fill(acc_mask, acc_mask + width, 0.f);
-    for (int64_t n = 0; n < N; ++n) {
-      const scalar_t* g = grad + n * (L + 1) * D + d0;  // row 0 of sample n, column d0
-      scalar_t* dxn = dx + n * (K + 1) * D + d0;
-      const int64_t* idn = ids + n * L;
-      copy_values(g, dxn, width);
-      if (acc_pos != nullptr) {
-        for (int64_t j = 0; j <= L; ++j) {
-          const scalar_t* gr = g + j * D;
-          float* ap = acc_pos + j * width;
-          for (int64_t d = 0; d < width; ++d) ap[d] += to_f(gr[d]);
-        }
-      }
-      std::fill(head, head + K, int64_t(-1));
-      for (int64_t l = L - 1; l >= 0; --l) {
-        const int64_t r = idn[l];
-        if (r >= K) {
-          const scalar_t* gr = g + (1 + l) * D;
-          for (int64_t d = 0; d < width; ++d) acc_mask[d] += to_f(gr[d]);
-        } else {
-          next[l] = head[r];
-          head[r] = l;
-        }
-      }
-      for (int64_t r = 0; r < K; ++r) {
-        scalar_t* o = dxn + (1 + r) * D;
-        const int64_t l = head[r];
-        if (l < 0) {
-          for (int64_t d = 0; d < width; ++d) o[d] = from_f<scalar_t>(0.f);
-        } else if (next[l] < 0) {
-          copy_values(g + (1 + l) * D, o, width);
-        } else {  // several patches restored from one token: fp32 sum in l order
-          for (int64_t d = 0; d < width; ++d) {
-            float acc = 0.f;
-            for (int64_t ll = l; ll >= 0; ll = next[ll]) acc += to_f(g[(1 + ll) * D + d]);
-            o[d] = from_f<scalar_t>(acc);
-          }
-        }
-      }
-    }
-    for (int64_t d = 0; d < width; ++d) dmask[d0 + d] = from_f<scalar_t>(acc_mask[d]);
-    if (acc_pos != nullptr) {
-      for (int64_t j = 0; j <= L; ++j)
-        for (int64_t d = 0; d < width; ++d) dpos[j * D + d0 + d] = from_f<scalar_t>(acc_pos[j * width + d]);
-    }
-  }
-}
-FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_task, unshuffle_bwd_blocks)
 
 // out[0, D) = the fp32 sums acc rounded, where bf16 sums with D % 16 == 0 are held in widen16's
 // order (see unshuffle_bwd_perm_chunks).
@@ -275,7 +209,7 @@ inline void add_row(const scalar_t* row, float* a, float* b, int64_t D) {
 // chunk's sums (groups of samples, then j), are fixed by the shape, not by the thread count or the
 // blocks: bitwise reproducible. (The previous order, j-major with the N rows of a j (1+L)*D values
 // apart, 197 KB in bf16 at ViT-B shapes, and their first 1 KB prefetched, took 9-23% longer, and a
-// software prefetch slows this one down; bench/NOTES.md.)
+// software prefetch slows this one down; bench/README.md.)
 template <typename Isa, typename scalar_t>
 inline void unshuffle_bwd_perm_chunks(const scalar_t* grad, const int64_t* ids, scalar_t* dx, float* mask_part,
                                       scalar_t* dpos, int64_t N, int64_t K, int64_t L, int64_t D, int64_t chunk,
@@ -352,7 +286,7 @@ FASTMAE_DEFINE_ISA_VARIANTS(unshuffle_bwd_perm_task, unshuffle_bwd_perm_chunks)
 }  // namespace
 
 at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_token, const at::Tensor& ids_restore,
-                                 const std::optional<at::Tensor>& pos_embed) {
+                                 const std::optional<at::Tensor>& pos_embed, int64_t isa_cap, int64_t stream_mode) {
   check_float_input(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 3 && x.size(1) >= 1, "x must be [N, 1+K, D] with the cls token first, got shape ",
                     x.sizes());
@@ -370,10 +304,10 @@ at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_tok
                       "pos_embed must be [1+L, D] = [", L + 1, ", ", D, "] of x's dtype ", x.scalar_type(),
                       ", got shape ", pos_embed->sizes(), " and dtype ", pos_embed->scalar_type());
   }
-  check_index_range(ids_restore, L, "ids_restore");
+  check_distinct(ids_restore, L, "ids_restore");  // a permutation of [0, L) per sample
   at::Tensor out = at::empty({N, L + 1, D}, x.options());
-  const CpuIsa isa = cpu_isa();
-  const bool stream = stream_output(out.nbytes()) && D % 8 == 0 && aligned_to(out.const_data_ptr(), 16);
+  const CpuIsa isa = cpu_isa(isa_cap);
+  const bool stream = stream_output(out.nbytes(), stream_mode) && D % 8 == 0 && aligned_to(out.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(x.scalar_type(), "unshuffle_scatter_fwd", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tok = mask_token.const_data_ptr<scalar_t>();
@@ -389,7 +323,8 @@ at::Tensor unshuffle_scatter_fwd(const at::Tensor& x, const at::Tensor& mask_tok
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::Tensor& grad,
                                                                      const at::Tensor& ids_restore, int64_t K,
-                                                                     bool need_pos_grad) {
+                                                                     bool need_pos_grad, int64_t isa_cap,
+                                                                     int64_t stream_mode) {
   check_float_input(grad, "grad");
   TORCH_CHECK_VALUE(grad.dim() == 3 && grad.size(1) >= 1, "grad must be [N, 1+L, D], got shape ", grad.sizes());
   const int64_t N = grad.size(0), L = grad.size(1) - 1, D = grad.size(2);
@@ -398,81 +333,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
   at::Tensor dx = at::empty({N, K + 1, D}, grad.options());
   at::Tensor dmask = at::empty({D}, grad.options());
   at::Tensor dpos = need_pos_grad ? at::empty({L + 1, D}, grad.options()) : at::empty({0}, grad.options());
-  const CpuIsa isa = cpu_isa();
-  // One pass over ids_restore, before any kernel reads through it: the index-range check, and
-  // whether no kept token is restored to two patches (then the one-pass kernel applies; tokens
-  // restored to none, only in a non-permutation, get zero rows). Each row's indices are counted,
-  // out-of-range ones into a last slot picked by a select; a row that is a permutation of [0, L),
-  // as masking makes, settles both at once. (The pass it replaced branched on r < K for every
-  // index, a branch random masks take a quarter of the time in no pattern: at ViT-B shapes, cold,
-  // the bf16 backward's call without its kernel took 0.051 ms with it, 0.033 with this one;
-  // bench/NOTES.md.)
-  bool unique = true;
-  std::vector<std::pair<int64_t, int64_t>> unused;  // (n, r) of kept tokens no patch restores
-  {
-    const int64_t* idp = ids_restore.const_data_ptr<int64_t>();
-    std::vector<int64_t> count(L + 1);  // count[L]: indices outside [0, L)
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t* row = idp + n * L;
-      std::fill(count.begin(), count.end(), 0);
-      for (int64_t l = 0; l < L; ++l) {
-        const uint64_t r = static_cast<uint64_t>(row[l]);
-        count[r < uint64_t(L) ? r : L] += 1;
-      }
-      if (count[L] != 0) {
-        for (int64_t l = 0; l < L; ++l)
-          TORCH_CHECK_INDEX(0 <= row[l] && row[l] < L, "ids_restore holds index ", row[l], ", outside [0, ", L, ")");
-      }
-      bool permutation = true;
-      for (int64_t r = 0; r < L; ++r) permutation &= count[r] == 1;
-      if (permutation) continue;
-      for (int64_t r = 0; r < K; ++r) unique &= count[r] <= 1;
-      for (int64_t r = 0; r < K && unique; ++r)
-        if (count[r] == 0) unused.emplace_back(n, r);
-    }
-  }
-  if (unique) {
-    // dx is written to rows in ids order, so the reads for ownership that ordinary stores make of
-    // its lines miss the prefetchers: at ViT-B shapes they cost more than a quarter of the kernel
-    // when the memory is fast. Its consumer is decoder_embed's backward, two matmuls: with dx streamed, the
-    // backward and that consumer together came out even or faster (kStreamMatmulInputBytes).
-    const bool stream_dx = stream_output(dx.nbytes(), kStreamMatmulInputBytes) &&
-                           (D * grad.element_size()) % 16 == 0 && aligned_to(dx.const_data_ptr(), 16);
-    FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
-      constexpr int64_t chunk = 8;  // rows j per chunk: tasks take whole chunks; one dmask partial sum each
-      const int64_t chunks = (L + 1 + chunk - 1) / chunk;
-      std::vector<float> mask_part(chunks * D);
-      const scalar_t* g = grad.const_data_ptr<scalar_t>();
-      const int64_t* idp = ids_restore.const_data_ptr<int64_t>();
-      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-      scalar_t* dpp = need_pos_grad ? dpos.mutable_data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        unshuffle_bwd_perm_task<scalar_t>(isa, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, stream_dx, begin,
-                                          end);
-      });
-      for (const auto& [n, r] : unused) {
-        scalar_t* o = dxp + (n * (K + 1) + 1 + r) * D;
-        std::fill(o, o + D, from_f<scalar_t>(0.f));
-      }
-      std::vector<float> acc(D, 0.f);
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t d = 0; d < D; ++d) acc[d] += mask_part[c * D + d];
-      scalar_t* dmp = dmask.mutable_data_ptr<scalar_t>();
-      store_perm_sums<IsaBase>(acc.data(), dmp, D);  // one row: not worth a variant
-    });
-    return {dx, dmask, dpos};
-  }
+  check_distinct(ids_restore, L, "ids_restore");  // a permutation of [0, L) per sample
+  const CpuIsa isa = cpu_isa(isa_cap);
+  // dx is written to rows in ids order, so the reads for ownership that ordinary stores make of its
+  // lines miss the prefetchers. Its consumer is decoder_embed's backward, two matmuls, which read it
+  // from memory at little cost: dx is streamed from kStreamMatmulInputBytes on.
+  const bool stream_dx = stream_output(dx.nbytes(), stream_mode, kStreamMatmulInputBytes) &&
+                         (D * grad.element_size()) % 16 == 0 && aligned_to(dx.const_data_ptr(), 16);
   FASTMAE_DISPATCH_FLOAT(grad.scalar_type(), "unshuffle_scatter_bwd", [&] {
-    // Column blocks of >= 256 bytes, so every row segment a task reads is a few whole cache lines.
-    const int64_t block = 256 / int64_t(sizeof(scalar_t));
+    constexpr int64_t chunk = 8;  // rows j per chunk: tasks take whole chunks; one dmask partial sum each
+    const int64_t chunks = (L + 1 + chunk - 1) / chunk;
+    std::vector<float> mask_part(chunks * D);
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const int64_t* idp = ids_restore.const_data_ptr<int64_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    scalar_t* dmp = dmask.mutable_data_ptr<scalar_t>();
     scalar_t* dpp = need_pos_grad ? dpos.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, (D + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
-      unshuffle_bwd_task<scalar_t>(isa, g, idp, dxp, dmp, dpp, N, K, L, D, block, begin, end);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      unshuffle_bwd_perm_task<scalar_t>(isa, g, idp, dxp, mask_part.data(), dpp, N, K, L, D, chunk, stream_dx, begin,
+                                        end);
     });
+    std::vector<float> acc(D, 0.f);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t d = 0; d < D; ++d) acc[d] += mask_part[c * D + d];
+    store_perm_sums<IsaBase>(acc.data(), dmask.mutable_data_ptr<scalar_t>(), D);  // one row: not worth a variant
   });
   return {dx, dmask, dpos};
 }
@@ -480,8 +363,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unshuffle_scatter_bwd(const at::T
 }  // namespace fastmae
 
 TORCH_LIBRARY_FRAGMENT(fastmae_C, m) {
-  m.def("unshuffle_scatter_fwd(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed) -> Tensor");
-  m.def("unshuffle_scatter_bwd(Tensor grad, Tensor ids_restore, int K, bool need_pos_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("unshuffle_scatter_fwd(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, int isa_cap, "
+        "int stream_mode) -> Tensor");
+  m.def("unshuffle_scatter_bwd(Tensor grad, Tensor ids_restore, int K, bool need_pos_grad, int isa_cap, "
+        "int stream_mode) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {

@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fastmae import config  # noqa: E402
 from fastmae.ops import _backend  # noqa: E402
 
 from helpers import available_backends  # noqa: E402
@@ -65,16 +66,16 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(params=["torch", "cpp", "triton"])
-def backend(request, monkeypatch):
-    """Run the test once per op backend, forcing it with FASTMAE_BACKEND."""
+def backend(request):
+    """Run the test once per op backend, forced with fastmae.config.override (FASTMAE_BACKEND)."""
     name = request.param
     if name not in available_backends():
-        if name == "cpp" and os.environ.get("FASTMAE_REQUIRE_EXTENSION") == "1":
+        if name == "cpp" and config.settings().require_extension:
             pytest.fail(f"FASTMAE_REQUIRE_EXTENSION=1 but the C++ extension is unavailable: "
                         f"{_backend.extension_error()}")
         pytest.skip(f"backend {name} unavailable here")
-    monkeypatch.setenv("FASTMAE_BACKEND", name)
-    return name
+    with config.override(backend=name):
+        yield name
 
 
 @pytest.fixture

@@ -6,17 +6,17 @@ import torch
 
 from fastmae.ops import _backend
 
-# Outputs of the official facebookresearch/mae code (shared/golden/README.md gives the format);
-# FASTMAE_GOLDEN overrides where the file lies.
-GOLDEN = os.environ.get("FASTMAE_GOLDEN") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "golden", "official_mae_small.pt")
+# Outputs of the official code (MAE, its fine-tuning ViT, VideoMAE, MaskAlign), kept in the
+# repository; tests/data/README.md gives each file's layout.
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
-def load_golden():
-    """The golden file, or a failure that says where it was looked for (never a silent skip)."""
-    if not os.path.exists(GOLDEN):
-        pytest.fail(f"golden outputs not found at {os.path.abspath(GOLDEN)}; set FASTMAE_GOLDEN")
-    return torch.load(GOLDEN, weights_only=True)
+def load_golden(name: str = "official_mae_small.pt"):
+    """A golden file from tests/data, or a failure that says where it was looked for (never a skip)."""
+    path = os.path.join(DATA, name)
+    if not os.path.exists(path):
+        pytest.fail(f"golden outputs not found at {path}")
+    return torch.load(path, weights_only=True)
 
 
 def available_backends():

@@ -88,16 +88,17 @@ def test_zero_graph_breaks_and_masking_in_graph(compile_backend):
             assert sync not in code
 
 
-def test_compiled_model_with_several_mask_ratios(compile_backend, monkeypatch):
+def test_compiled_model_with_several_mask_ratios(compile_backend):
     """A second mask_ratio makes Dynamo treat the ratio as a symbolic float (PyTorch's
     ``specialize_float=False``), which the fast model's custom autograd functions cannot lift
     (README, "Use"); with ``specialize_float=True`` each ratio gets its own graph and matches eager."""
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True)
     model = _model().eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     imgs, noise = _batch(0)
     for ratio in (0.75, 0.5, 0.6):
-        got, want = compiled(imgs, mask_ratio=ratio, noise=noise), model(imgs, mask_ratio=ratio, noise=noise)
+        with torch._dynamo.config.patch(specialize_float=True):  # restores the setting, never deletes it
+            got = compiled(imgs, mask_ratio=ratio, noise=noise)
+        want = model(imgs, mask_ratio=ratio, noise=noise)
         assert got[2].sum().item() == want[2].sum().item() == BATCH * (16 - int(16 * (1 - ratio)))
         torch.testing.assert_close(got[0], want[0])
 

@@ -1,12 +1,9 @@
 """fastmae's ops. The three fused ops (``gather_mask``, ``unshuffle_scatter``, ``norm_mse_loss``)
 are each a ``torch.library`` custom op in the ``fastmae`` namespace with a fake implementation and
-registered autograd, dispatched to Triton (CUDA), C++ (CPU) or torch math (see
-``fastmae.ops._backend``); in eager mode, plain CPU tensors on the C++ backend reach the same
-kernels through a twin registered in C++ with C++ autograd (``_backend.eager_cpp``), which
-checks and converts the arguments itself; the public functions' Python checks then run only when
-it refuses an argument, to raise the error that names it.
-``attention`` picks an attention backend; ``gelu_mlp`` is the transformer MLP with its GELU
-recomputed in backward. Each has a ``*_ref`` twin."""
+registered autograd, whose kernels are registered per device: C++ on CPU, Triton on CUDA, torch
+math elsewhere (``fastmae.ops._backend``; ``FASTMAE_BACKEND`` forces one). ``attention`` picks an
+attention backend; ``gelu_mlp`` is the transformer MLP with its GELU recomputed in backward. Each
+has a ``*_ref`` twin."""
 from ._backend import has_extension, select_backend
 from .attention import attention, attention_ref
 from .gather_mask import gather_mask, gather_mask_ref

@@ -1,28 +1,27 @@
-"""Backend choice for the fused ops, and the loader of the compiled CPU extension.
+"""Which implementation of a fused op runs, and the loader of the compiled CPU extension.
 
-One place decides which implementation runs:
+Each fused op is one ``torch.library`` custom op in the ``fastmae`` namespace. Its body is the
+torch math (the fallback for any device without a kernel of its own); :func:`register_kernels`
+registers a kernel per device with the dispatcher:
 
-- ``triton``: the Triton kernels in ``fastmae.kernels`` (CUDA tensors, or CPU tensors under
-  ``TRITON_INTERPRET=1``, which is how they are tested without a GPU);
-- ``cpp``: the C++ kernels of ``fastmae._C`` (CPU tensors);
-- ``torch``: the plain PyTorch reference math (any device).
+- ``cpu``: the C++ kernel of ``fastmae._C`` (torch math, with one warning, if the extension is
+  not built; Triton under ``TRITON_INTERPRET=1`` when ``FASTMAE_BACKEND=triton``, which is how the
+  Triton kernels are tested without a GPU);
+- ``cuda``: the Triton kernel (torch math when triton is missing or ``FASTMAE_BACKEND=torch``).
 
-By default CUDA tensors go to Triton and CPU tensors to C++ (torch math, with one warning, if
-the extension is missing). ``FASTMAE_BACKEND=torch|cpp|triton`` forces one for every op.
-
-On the ``cpp`` backend an eager call on plain CPU tensors skips the ``fastmae::`` custom op and
-calls its twin registered in C++ with a C++ autograd function (``eager_cpp``): the same kernels,
-without Python between them and the public function, which checks its arguments in Python only
-when that twin refuses them (to name the problem).
+``FASTMAE_BACKEND`` (``fastmae.config``) forces one implementation for every device.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-import sys
 import warnings
+from typing import Callable
 
 import torch
+
+from .. import config
 
 BACKENDS = ("torch", "cpp", "triton")
 _BUILD_HINT = (
@@ -35,7 +34,7 @@ REQUIRED_CPP_OPS = (
     "gather_mask_fwd", "gather_mask_bwd",
     "unshuffle_scatter_fwd", "unshuffle_scatter_bwd",
     "norm_mse_loss_fwd", "norm_mse_loss_bwd",
-    "gather_mask", "unshuffle_scatter", "norm_mse_loss",  # the eager route (eager_cpp)
+    "cpu_isa",
 )
 _ext_state: dict = {}
 
@@ -46,10 +45,12 @@ def _load_extension() -> str | None:
     except (ImportError, OSError, RuntimeError) as e:  # missing, or built for another torch
         return f"{type(e).__name__}: {e}"
     missing = [op for op in REQUIRED_CPP_OPS if not hasattr(torch.ops.fastmae_C, op)]
-    if not hasattr(sys.modules["fastmae._C"], "_eager_route"):
-        missing.append("_eager_route")
     if missing:
         return f"the built extension lacks {', '.join(missing)} (built from older sources)"
+    try:  # a stale build has the names but the old signatures
+        torch.ops.fastmae_C.gather_mask_fwd.default._schema.arguments[4]  # noqa: B018
+    except IndexError:
+        return "the built extension's ops take the old arguments (built from older sources)"
     return None
 
 
@@ -64,17 +65,24 @@ def has_extension() -> bool:
     return extension_error() is None
 
 
-def _warn_no_extension_once() -> None:
+def _no_extension() -> str:
+    """The CPU fallback when the extension is missing: torch math with one warning, or an error
+    under FASTMAE_REQUIRE_EXTENSION=1."""
+    if config.settings().require_extension:
+        raise RuntimeError(f"FASTMAE_REQUIRE_EXTENSION=1 but fastmae's C++ extension is unavailable "
+                           f"({extension_error()}); {_BUILD_HINT}")
     if not _ext_state.get("warned"):
         _ext_state["warned"] = True
         warnings.warn(
             f"fastmae's C++ extension is not available ({extension_error()}); CPU tensors use the "
             f"slower torch math instead. To use the fused CPU kernels, {_BUILD_HINT}.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+    return "torch"
 
 
+@functools.cache
 def has_triton() -> bool:
     try:
         importlib.import_module("triton")
@@ -84,65 +92,65 @@ def has_triton() -> bool:
 
 
 def triton_interpret() -> bool:
+    """Triton's own switch (not a fastmae setting): its interpreter runs kernels on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def forced_backend() -> str | None:
-    name = os.environ.get("FASTMAE_BACKEND", "").strip().lower()
-    if not name or name == "auto":
-        return None
-    if name not in BACKENDS:
-        raise ValueError(f"unknown FASTMAE_BACKEND={name!r}; choose one of {', '.join(BACKENDS)} or auto")
-    return name
-
-
-def select_backend(device: torch.device) -> str:
-    """The backend that runs an op whose inputs live on ``device``."""
-    forced = forced_backend()
+def select_backend(device: torch.device | str) -> str:
+    """The implementation (``torch``, ``cpp`` or ``triton``) that runs an op on ``device``."""
+    kind = torch.device(device).type
+    forced = config.settings().backend
     if forced == "triton":
         if not has_triton():
             raise RuntimeError("FASTMAE_BACKEND=triton but triton is not installed")
-        if device.type != "cuda" and not triton_interpret():
+        if kind != "cuda" and not (kind == "cpu" and triton_interpret()):
             raise RuntimeError(
-                f"FASTMAE_BACKEND=triton needs CUDA tensors (got {device.type}); to run the Triton "
+                f"FASTMAE_BACKEND=triton needs CUDA tensors (got {kind}); to run the Triton "
                 "kernels on CPU tensors set TRITON_INTERPRET=1 before importing fastmae"
             )
         return "triton"
     if forced == "cpp":
-        if device.type != "cpu":
-            raise RuntimeError(f"FASTMAE_BACKEND=cpp runs on CPU tensors only, got {device.type}")
+        if kind != "cpu":
+            raise RuntimeError(f"FASTMAE_BACKEND=cpp runs on CPU tensors only, got {kind}")
         if not has_extension():
             raise RuntimeError(f"FASTMAE_BACKEND=cpp but the extension is unavailable "
                                f"({extension_error()}); {_BUILD_HINT}")
         return "cpp"
     if forced == "torch":
         return "torch"
-    if device.type == "cuda":
+    if kind == "cuda":
         return "triton" if has_triton() else "torch"
-    if device.type == "cpu":
-        if has_extension():
-            return "cpp"
-        _warn_no_extension_once()
+    if kind == "cpu":
+        return "cpp" if has_extension() else _no_extension()
     return "torch"
 
 
-def eager_cpp(*tensors: torch.Tensor | None) -> bool:
-    """Whether an op on ``tensors`` (None for an absent optional) takes the eager C++ route.
+def register_kernels(op, *, check: Callable, torch_impl: Callable, cpp: str,
+                     triton: tuple[str, str]) -> None:
+    """Registers the CPU and CUDA kernels of the custom op ``op``.
 
-    That route, ``torch.ops.fastmae_C.<op>`` (csrc/autograd.cpp), runs the kernels the custom op
-    runs on the ``cpp`` backend, with a C++ autograd function instead of the custom op's Python
-    layers. It is taken only for plain CPU tensors in eager mode: torch.compile, ``torch.jit.trace``,
-    dispatch and function modes (fake tensors, FLOP counters, ``torch.set_default_device``),
-    torch.func transforms and tensor subclasses get the custom op, which has the fake
-    implementation and registrations they need. The tests after torch.compile's are one C++ call
-    (``fastmae._C._eager_route``, csrc/module.cpp): each Python step costs microseconds when the
-    caches are cold, as they are between the ops of a training step (bench/NOTES.md).
+    ``torch_impl(*args)``: the torch math (also ``op``'s own body, for other devices);
+    ``check(*args)``: the value checks (index ranges, permutations) that the torch and Triton
+    paths run first (the C++ kernels run the same checks themselves); ``cpp``: the name of the
+    ``torch.ops.fastmae_C`` kernel, which takes ``op``'s arguments followed by the CPU settings
+    (instruction-set cap, streaming mode); ``triton``: ``(module, function)`` of the launcher in
+    ``fastmae.kernels``, imported on first use (Triton is optional).
     """
-    if torch.compiler.is_compiling():
-        return False
-    route = _ext_state.get("route")
-    if route is None:
-        if not has_extension():
-            return False
-        route = _ext_state["route"] = importlib.import_module("fastmae._C")._eager_route
-    return route(*tensors)
+
+    def run(backend: str, args):
+        if backend == "cpp":
+            return getattr(torch.ops.fastmae_C, cpp)(*args, *config.settings().cpp_args)
+        check(*args)
+        if backend == "triton":
+            module, name = triton
+            return getattr(importlib.import_module(f"fastmae.kernels.{module}"), name)(*args)
+        return torch_impl(*args)
+
+    def cpu_kernel(*args):
+        return run(select_backend("cpu"), args)
+
+    def cuda_kernel(*args):
+        return run(select_backend("cuda"), args)
+
+    op.register_kernel("cpu", cpu_kernel)
+    op.register_kernel("cuda", cuda_kernel)

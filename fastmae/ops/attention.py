@@ -22,16 +22,13 @@ Backends:
   [16, 16, 197, 32] (the ViT-B decoder) sdpa 140-165 ms against math 165-225 ms, and in fp32 sdpa
   is as fast or faster everywhere. The probability matrix that math stores is small at these
   lengths (12 x 50 x 50 per image and block in the encoder). With the softmax kept in bf16
-  (rather than an fp32 copy of the scores, same error against fp64: 5.6e-3 relative), math also
-  wins at the ViT-B decoder's length: [16, 16, 197, 32] bf16, two threads, forward + backward,
-  math 38 ms, sdpa 54 ms, math with an fp32 softmax copy 69 ms; hence the limit of 256 keys,
-  which covers the MAE decoders at 224 px with patch 16 (197) and 96 px with patch 8 (145).
-  ``bench/test_bench_model.py`` (``test_attention_backends``) re-measures the choice at the
-  model's shapes. On CUDA in float32 SDPA's memory-efficient kernel computes on CUDA cores, while
-  math's two products use tf32 tensor cores where they are allowed: on an H100, ViT-B MAE at batch
-  64, a compiled step's attention took 13.7 ms with sdpa against 10.5 ms with math, which peaked
-  1.16 GiB higher (bench/NOTES.md). ``auto`` keeps sdpa there; pass ``math`` for speed where the
-  memory allows.
+  (rather than an fp32 copy of the scores, with the same error against fp64), math is faster at
+  the MAE decoders' lengths; hence the limit of 256 keys, which covers the MAE decoders at 224 px
+  with patch 16 (197) and 96 px with patch 8 (145). ``bench/test_bench_model.py``
+  (``test_attention_backends``) re-measures the choice at the model's shapes. On CUDA in float32
+  SDPA's memory-efficient kernel computes on CUDA cores, while math's two products use tf32
+  tensor cores where they are allowed: math is faster there and needs more memory
+  (bench/README.md). ``auto`` keeps sdpa there; pass ``math`` for speed where the memory allows.
 
 A backend that cannot run on the given tensors raises a ValueError that says why and which
 backend to use instead; ``xformers`` requested but not importable raises a RuntimeError with the

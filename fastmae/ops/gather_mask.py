@@ -4,17 +4,15 @@
 sample ``n`` is patch ``ids_keep[n, k]`` flattened in Conv2d-weight order ``(c, i, j)``, so that
 ``out @ conv.weight.flatten(1).T + conv.bias`` equals the Conv2d patch embedding of the kept
 patches. No ``[N, L, ...]`` tensor is formed. Backward scatters into an image-shaped gradient
-(zero on patches that were not kept). A patch kept twice in one sample (masking never does it)
-gets the sum of its rows' gradients on the C++ and torch backends; the Triton backward refuses it
-(a device-side assert on CUDA).
+(zero on patches that were not kept). The patches kept in a sample must be distinct, as masking
+makes them: every backend refuses a repeated one (a ValueError, a device-side assert on CUDA).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _backend
-from .._checks import check_grid
-from ._validate import check_float, check_index, check_index_range, check_no_tangent
+from .._checks import check_distinct, check_float, check_grid, check_index, check_no_tangent
+from ._backend import register_kernels
 
 
 def gather_mask_ref(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -33,21 +31,19 @@ def gather_mask_backward_ref(grad: torch.Tensor, ids_keep: torch.Tensor, patch_s
     p = patch_size
     C, h, w = D // (p * p), H // p, W // p
     patches = grad.new_zeros(N, h * w, D)
-    patches.scatter_add_(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), grad)  # a repeated patch sums
+    patches.scatter_(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), grad)
     return patches.reshape(N, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
 
 
 # ---------------------------------------------------------------------------- registered ops
+def _check(imgs_or_grad, ids_keep, patch_size, H=None, W=None):
+    H, W = imgs_or_grad.shape[-2:] if H is None else (H, W)
+    check_distinct(ids_keep, (H // patch_size) * (W // patch_size), "ids_keep")
+
+
 @torch.library.custom_op("fastmae::gather_mask", mutates_args=())
 def _gather_mask_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
-    backend = _backend.select_backend(imgs.device)
-    if backend == "cpp":
-        return torch.ops.fastmae_C.gather_mask_fwd(imgs, ids_keep, patch_size)
-    H, W = imgs.shape[-2:]
-    check_index_range(ids_keep, (H // patch_size) * (W // patch_size), "ids_keep")
-    if backend == "triton":
-        from fastmae.kernels.gather_mask import gather_mask_forward
-        return gather_mask_forward(imgs, ids_keep, patch_size)
+    _check(imgs, ids_keep, patch_size)
     return gather_mask_ref(imgs, ids_keep, patch_size).contiguous()
 
 
@@ -60,13 +56,7 @@ def _(imgs, ids_keep, patch_size):
 @torch.library.custom_op("fastmae::gather_mask_backward", mutates_args=())
 def _gather_mask_backward_op(grad: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
                              H: int, W: int) -> torch.Tensor:
-    backend = _backend.select_backend(grad.device)
-    if backend == "cpp":
-        return torch.ops.fastmae_C.gather_mask_bwd(grad, ids_keep, patch_size, H, W)
-    check_index_range(ids_keep, (H // patch_size) * (W // patch_size), "ids_keep")
-    if backend == "triton":
-        from fastmae.kernels.gather_mask import gather_mask_backward
-        return gather_mask_backward(grad, ids_keep, patch_size, H, W)
+    _check(grad, ids_keep, patch_size, H, W)
     return gather_mask_backward_ref(grad, ids_keep, patch_size, H, W).contiguous()
 
 
@@ -76,13 +66,20 @@ def _(grad, ids_keep, patch_size, H, W):
     return grad.new_empty(N, D // (patch_size * patch_size), H, W)
 
 
+register_kernels(_gather_mask_op, check=_check, torch_impl=lambda *a: gather_mask_ref(*a).contiguous(),
+                 cpp="gather_mask_fwd", triton=("gather_mask", "gather_mask_forward"))
+register_kernels(_gather_mask_backward_op, check=_check,
+                 torch_impl=lambda *a: gather_mask_backward_ref(*a).contiguous(),
+                 cpp="gather_mask_bwd", triton=("gather_mask", "gather_mask_backward"))
+
+
 def _setup_context(ctx, inputs, output):
     imgs, ids_keep, patch_size = inputs
     ctx.save_for_backward(ids_keep)
     ctx.patch_size, ctx.hw = patch_size, tuple(imgs.shape[-2:])
 
 
-def _backward(ctx, grad):  # mirrored by the eager C++ route's backward (csrc/autograd.cpp)
+def _backward(ctx, grad):
     (ids_keep,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None
@@ -96,11 +93,6 @@ _gather_mask_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------- public API
 def gather_mask(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Visible patches ``[N, K, C*p*p]`` in (c, i, j) order, straight from NCHW pixels."""
-    if type(patch_size) is int and _backend.eager_cpp(imgs, ids_keep):
-        try:  # the C++ route checks and converts the arguments itself
-            return torch.ops.fastmae_C.gather_mask(imgs, ids_keep, patch_size)
-        except (TypeError, ValueError, IndexError, RuntimeError):
-            pass  # refused: the checks below name the problem (or the custom op raises it again)
     check_float(imgs, "imgs")
     if imgs.dim() != 4:
         raise ValueError(f"imgs must be [N, C, H, W], got shape {tuple(imgs.shape)}")

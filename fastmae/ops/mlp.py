@@ -19,13 +19,12 @@ composition's in the last bits. In bf16/fp16 each per-chunk sum would be rounded
 precision, so there the whole tensor is one chunk (two hidden-sized tensors alive); so it is on
 GPUs, where the chunks' small GEMMs and many launches cost more time than the memory is worth.
 
-ViT-B MAE at batch 16 in fp32 keeps 0.32 GB less between forward and backward; with activation
-checkpointing, the peak inside a recomputed decoder block falls by about two 26 MB hidden tensors.
+With activation checkpointing, the peak inside a recomputed decoder block falls by about two
+hidden tensors.
 
 Under ``torch.compile`` the function is traced as it is, in one chunk (inductor plans the
-buffers): the compiled graphs keep ``h`` and not the activation, as in eager. Measured on the CPU
-(bench/NOTES.md): ViT-B batch 16 compiled peak 0.88x -> 0.76x of the compiled reference in fp32,
-0.99x -> 0.91x under bf16 autocast; step time unchanged (0.99-1.01x).
+buffers): the compiled graphs keep ``h`` and not the activation, as in eager. The memory it saves
+and its (unchanged) step time are in bench/README.md.
 
 Under autocast the inputs and parameters are cast to the autocast dtype, as autocast casts them for
 ``F.linear``; the math then runs in that dtype, and the gradients come back in each input's dtype.
@@ -33,7 +32,7 @@ The weights are kept as given (parameters: alive anyway) and cast again in backw
 composition keeps their autocast copies (ViT-B: 0.15 GB of bf16 MLP weights). Under
 ``torch.compile`` inductor's partitioner keeps the copies all the same: recomputing a cast whose
 result a backward matmul reads is banned by ``torch._functorch.config.ban_recompute_materialized_backward``
-(a global setting, left to the user; bench/NOTES.md has its effect).
+(a global setting, left to the user; bench/README.md has its effect).
 """
 from __future__ import annotations
 

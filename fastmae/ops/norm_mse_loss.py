@@ -19,9 +19,8 @@ from typing import Optional
 
 import torch
 
-from . import _backend
-from .._checks import check_grid
-from ._validate import check_float, check_index, check_index_range, check_no_tangent, check_same_device
+from .._checks import check_float, check_grid, check_index, check_index_range, check_no_tangent, check_same_device
+from ._backend import register_kernels
 
 
 def patch_targets_ref(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
@@ -61,21 +60,15 @@ def norm_mse_loss_backward_ref(grad, pred, imgs, weight, ids, patch_size, norm_p
 
 
 # ---------------------------------------------------------------------------- registered ops
-def _num_patches(imgs, patch_size):
-    return (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size)
+def _check(pred, imgs, weight, ids, patch_size, *rest):
+    if ids is not None:
+        check_index_range(ids, (imgs.shape[-2] // patch_size) * (imgs.shape[-1] // patch_size), "ids")
 
 
 @torch.library.custom_op("fastmae::norm_mse_loss", mutates_args=())
 def _norm_mse_loss_op(pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor, ids: Optional[torch.Tensor],
                       patch_size: int, norm_pix_loss: bool, eps: float) -> torch.Tensor:
-    backend = _backend.select_backend(pred.device)
-    if backend == "cpp":
-        return torch.ops.fastmae_C.norm_mse_loss_fwd(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
-    if ids is not None:
-        check_index_range(ids, _num_patches(imgs, patch_size), "ids")
-    if backend == "triton":
-        from fastmae.kernels.norm_mse_loss import norm_mse_loss_forward
-        return norm_mse_loss_forward(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+    _check(pred, imgs, weight, ids, patch_size)
     return norm_mse_loss_ref(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
 
 
@@ -88,14 +81,7 @@ def _(pred, imgs, weight, ids, patch_size, norm_pix_loss, eps):
 def _norm_mse_loss_backward_op(grad: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, weight: torch.Tensor,
                                ids: Optional[torch.Tensor], patch_size: int, norm_pix_loss: bool,
                                eps: float) -> torch.Tensor:
-    backend = _backend.select_backend(pred.device)
-    if backend == "cpp":
-        return torch.ops.fastmae_C.norm_mse_loss_bwd(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
-    if ids is not None:
-        check_index_range(ids, _num_patches(imgs, patch_size), "ids")
-    if backend == "triton":
-        from fastmae.kernels.norm_mse_loss import norm_mse_loss_backward
-        return norm_mse_loss_backward(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
+    _check(pred, imgs, weight, ids, patch_size)
     return norm_mse_loss_backward_ref(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps)
 
 
@@ -104,13 +90,19 @@ def _(grad, pred, imgs, weight, ids, patch_size, norm_pix_loss, eps):
     return torch.empty_like(pred)
 
 
+register_kernels(_norm_mse_loss_op, check=_check, torch_impl=norm_mse_loss_ref,
+                 cpp="norm_mse_loss_fwd", triton=("norm_mse_loss", "norm_mse_loss_forward"))
+register_kernels(_norm_mse_loss_backward_op, check=lambda grad, *a: _check(*a), torch_impl=norm_mse_loss_backward_ref,
+                 cpp="norm_mse_loss_bwd", triton=("norm_mse_loss", "norm_mse_loss_backward"))
+
+
 def _setup_context(ctx, inputs, output):
     pred, imgs, weight, ids, patch_size, norm_pix_loss, eps = inputs
     ctx.save_for_backward(pred, imgs, weight, ids)
     ctx.args = (patch_size, norm_pix_loss, eps)
 
 
-def _backward(ctx, grad):  # mirrored by the eager C++ route's backward (csrc/autograd.cpp)
+def _backward(ctx, grad):
     pred, imgs, weight, ids = ctx.saved_tensors
     dpred = None
     if ctx.needs_input_grad[0]:
@@ -125,11 +117,6 @@ _norm_mse_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def norm_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: Optional[torch.Tensor], patch_size: int,
                   norm_pix_loss: bool = True, eps: float = 1e-6, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The MAE loss (see the module doc). ``mask`` may be None only when ``ids`` is given."""
-    if type(patch_size) is int and _backend.eager_cpp(pred, imgs, mask, ids):
-        try:  # the C++ route checks and converts the arguments itself
-            return torch.ops.fastmae_C.norm_mse_loss(pred, imgs, mask, ids, patch_size, bool(norm_pix_loss), float(eps))
-        except (TypeError, ValueError, IndexError, RuntimeError):
-            pass  # refused: the checks below name the problem (or the custom op raises it again)
     check_float(pred, "pred")
     check_float(imgs, "imgs")
     if imgs.dim() != 4:

@@ -7,11 +7,9 @@ int64, pos_embed [1+L, D] or [1, 1+L, D] or None) -> [N, 1+L, D]``:
 - row ``1+l`` is ``x[:, 1 + ids_restore[:, l]]`` when ``ids_restore[:, l] < K`` (patch ``l`` was
   kept; kept tokens are in noise order), else ``mask_token``; plus ``pos_embed[1+l]``.
 
-``ids_restore`` must be a permutation of ``[0, L)`` per sample (as masking makes it): every
-backend checks the range. Of a non-permutation, the C++ and torch backwards give autograd's
-answer (repeated rows summed, unreferenced tokens a zero gradient); the Triton backward, which
-writes each ``dx`` row from the one output row that reads it, refuses it (a device-side assert on
-CUDA).
+``ids_restore`` must be a permutation of ``[0, L)`` per sample, as masking makes it: every
+backend checks it (a ValueError, or an IndexError for an index out of range; a device-side assert
+on CUDA).
 
 This is the official ``cat + gather + cat + pos add``. Backward: ``dx`` is a gather of ``dout``;
 ``d mask_token`` a deterministic sum of ``dout`` over removed rows; ``d pos_embed`` a sum over N.
@@ -27,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from . import _backend
-from ._validate import check_float, check_index, check_index_range, check_no_tangent, check_same_device
+from .._checks import check_distinct, check_float, check_index, check_no_tangent, check_same_device
+from ._backend import register_kernels
 
 
 def unshuffle_scatter_ref(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
@@ -62,16 +60,14 @@ def unshuffle_scatter_backward_ref(grad: torch.Tensor, ids_restore: torch.Tensor
 
 
 # ---------------------------------------------------------------------------- registered ops
+def _check(x_or_grad, ids_restore, *rest):
+    check_distinct(ids_restore, ids_restore.shape[1], "ids_restore")  # a permutation of [0, L)
+
+
 @torch.library.custom_op("fastmae::unshuffle_scatter", mutates_args=())
 def _unshuffle_scatter_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                           pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
-    backend = _backend.select_backend(x.device)
-    if backend == "cpp":
-        return torch.ops.fastmae_C.unshuffle_scatter_fwd(x, mask_token, ids_restore, pos_embed)
-    check_index_range(ids_restore, ids_restore.shape[1], "ids_restore")
-    if backend == "triton":
-        from fastmae.kernels.unshuffle_scatter import unshuffle_scatter_forward
-        return unshuffle_scatter_forward(x, mask_token, ids_restore, pos_embed)
+    _check(x, ids_restore)
     return unshuffle_scatter_ref(x, mask_token, ids_restore, pos_embed).contiguous()
 
 
@@ -83,13 +79,7 @@ def _(x, mask_token, ids_restore, pos_embed):
 @torch.library.custom_op("fastmae::unshuffle_scatter_backward", mutates_args=())
 def _unshuffle_scatter_backward_op(grad: torch.Tensor, ids_restore: torch.Tensor, K: int,
                                    need_pos_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend.select_backend(grad.device)
-    if backend == "cpp":
-        return torch.ops.fastmae_C.unshuffle_scatter_bwd(grad, ids_restore, K, need_pos_grad)
-    check_index_range(ids_restore, ids_restore.shape[1], "ids_restore")
-    if backend == "triton":
-        from fastmae.kernels.unshuffle_scatter import unshuffle_scatter_backward
-        return unshuffle_scatter_backward(grad, ids_restore, K, need_pos_grad)
+    _check(grad, ids_restore)
     return unshuffle_scatter_backward_ref(grad, ids_restore, K, need_pos_grad)
 
 
@@ -100,6 +90,13 @@ def _(grad, ids_restore, K, need_pos_grad):
     return grad.new_empty(N, 1 + K, D), grad.new_empty(D), dpos
 
 
+register_kernels(_unshuffle_scatter_op, check=lambda x, m, ids, pos: _check(x, ids),
+                 torch_impl=lambda *a: unshuffle_scatter_ref(*a).contiguous(),
+                 cpp="unshuffle_scatter_fwd", triton=("unshuffle_scatter", "unshuffle_scatter_forward"))
+register_kernels(_unshuffle_scatter_backward_op, check=_check, torch_impl=unshuffle_scatter_backward_ref,
+                 cpp="unshuffle_scatter_bwd", triton=("unshuffle_scatter", "unshuffle_scatter_backward"))
+
+
 def _setup_context(ctx, inputs, output):
     x, mask_token, ids_restore, pos_embed = inputs
     ctx.save_for_backward(ids_restore)
@@ -108,7 +105,7 @@ def _setup_context(ctx, inputs, output):
     ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
 
 
-def _backward(ctx, grad):  # mirrored by the eager C++ route's backward (csrc/autograd.cpp)
+def _backward(ctx, grad):
     (ids_restore,) = ctx.saved_tensors
     need_pos = ctx.pos_meta is not None and ctx.needs_input_grad[3]
     dx, dmask, dpos = _unshuffle_scatter_backward_op(grad.contiguous(), ids_restore, ctx.K, need_pos)
@@ -125,11 +122,6 @@ _unshuffle_scatter_op.register_autograd(_backward, setup_context=_setup_context)
 def unshuffle_scatter(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
                       pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decoder input ``[N, 1+L, D]`` from ``x [N, 1+K, D]`` (cls first), see the module doc."""
-    if _backend.eager_cpp(x, mask_token, ids_restore, pos_embed):
-        try:  # the C++ route checks and converts the arguments itself
-            return torch.ops.fastmae_C.unshuffle_scatter(x, mask_token, ids_restore, pos_embed)
-        except (TypeError, ValueError, IndexError, RuntimeError):
-            pass  # refused: the checks below name the problem (or the custom op raises it again)
     check_float(x, "x")
     if x.dim() != 3 or x.shape[1] < 1:
         raise ValueError(f"x must be [N, 1+K, D] with the cls token first, got shape {tuple(x.shape)}")
