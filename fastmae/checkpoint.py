@@ -8,9 +8,13 @@ A checkpoint is one ``torch.save`` file (loadable with ``weights_only=True``) ho
 - ``optimizer``, ``scaler`` (fp16 GradScaler state or None), ``epoch`` (the epoch in progress),
   ``epoch_iter`` (data batches of that epoch already consumed), ``step`` (optimizer steps so far),
   ``meters`` (running sums for the epoch's log line), ``nonfinite`` (consecutive skipped steps);
+- ``dataset_len`` and ``position_settings`` (batch size, accumulation, seed, process count): what
+  fixes a mid-epoch position, checked by :func:`check_resume`;
 - ``args``: the command-line arguments as a dict; ``rng``: the torch, CUDA, numpy and python
   RNG states;
 - ``format`` / ``version``: what this file is.
+
+The training engine (:mod:`fastmae.engine`) writes them; this module reads, checks and rebuilds.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
 target: a crash leaves either the old or the new checkpoint, never half of one. Reads verify the
@@ -280,6 +284,46 @@ def check_state_dict(model, state: dict, path: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"checkpoint {path!r} holds non-finite weights in {bad[:5]}")
+
+
+def check_resume(ckpt: dict, path: str, *, model, model_config: dict, model_flags: str, optimizer,
+                 dataset_len: int, position_settings: dict) -> None:
+    """Everything that must match before a run resumes from ``ckpt`` (checked before anything is
+    loaded, so a refused resume never leaves a half-loaded model or optimizer): the model's
+    configuration (``model_flags`` name the flags that fix it), its state_dict, the optimizer's
+    parameter groups and, for a checkpoint taken mid-epoch, the ``position_settings`` and the
+    number of samples that fix the position within the epoch."""
+    have = ckpt["model_config"]
+    diff = [f"{k}: checkpoint {have.get(k)!r} vs this run {model_config[k]!r}"
+            for k in model_config if have.get(k) != model_config[k]]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path!r} was trained with a different model ({'; '.join(diff)}); pass the "
+            f"same {model_flags}, or a new --output_dir to start afresh")
+    check_state_dict(model, ckpt["model"], path)
+    sizes = [len(g["params"]) for g in ckpt["optimizer"].get("param_groups", [])]
+    own = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != own:
+        raise CheckpointError(
+            f"checkpoint {path!r}: optimizer parameter groups of sizes {sizes} do not match this "
+            f"model's {own}")
+    if not ckpt["epoch_iter"]:
+        return  # at an epoch's start any batch size, seed or process count can go on
+    stored = ckpt.get("position_settings")
+    if stored is None:  # written before they were stored: from its arguments and global batch
+        a = ckpt.get("args") or {}
+        per_process = (a.get("batch_size") or 0) * (a.get("accum_iter") or 0)
+        stored = {"--batch_size": a.get("batch_size"), "--accum_iter": a.get("accum_iter"), "--seed": a.get("seed"),
+                  "process count": (ckpt.get("global_batch") or 0) // per_process if per_process else None}
+    stored = dict(stored, samples=ckpt.get("dataset_len"))
+    diff = [f"{k}: checkpoint {stored.get(k)!r} vs this run {v!r}"
+            for k, v in dict(position_settings, samples=dataset_len).items() if stored.get(k) != v]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path!r} stopped mid-epoch (batch {ckpt['epoch_iter']} of epoch {ckpt['epoch']}) "
+            f"with other settings ({'; '.join(diff)}): resuming there needs the same data, --batch_size, "
+            f"--accum_iter, --seed and process count, or the batches of that epoch would be skipped or "
+            f"seen twice")
 
 
 def load_model(path: str, device="cpu", reference_impl: bool = False, **kwargs):

@@ -12,8 +12,10 @@ import os
 
 import torch
 
+from . import checkpoint as ckpt_io
 from . import data
 from ._checks import num_kept
+from .distributed import parse_device
 
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 GRAY = 0.5  # colour of removed patches in the "masked" column (in [0, 1] display space)
@@ -169,9 +171,6 @@ def save_grid(model, images, path: str, mask_ratio: float = 0.75, seed: int = 0,
 def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ratio: float | None = None,
               seed: int = 0, device: str = "cpu") -> str:
     """``fastmae visualize``: the picture for a checkpoint; returns the PNG path."""
-    from . import checkpoint as ckpt_io
-    from .train import parse_device
-
     device = parse_device(device)  # a clear error for a bad or unavailable --device
     model, ckpt = ckpt_io.load_model(checkpoint, device=device)
     if mask_ratio is None:

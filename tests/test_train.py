@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastmae import checkpoint as ckpt_io
-from fastmae import data, train
+from fastmae import data, engine, train
 from helpers import load_golden
 from trainkit import TINY, assert_states_equal, assert_trained_close, make_image_folder, pretrain_args
 
@@ -27,6 +27,48 @@ def folder(tmp_path_factory):
 
 def run(out, folder, *extra, **kw):
     return train.pretrain(pretrain_args(out, "--data_path", folder, *extra), **kw)
+
+
+# ---------------------------------------------------------------------------- module structure
+def _fastmae_imports() -> dict:
+    """{module: the fastmae/*.py modules it imports, at the top or inside functions}."""
+    import ast
+
+    root = pathlib.Path(train.__file__).parent
+    names = {p.stem for p in root.glob("*.py")} - {"__init__"}
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if not node.level and not module.startswith("fastmae"):
+                    continue
+                module = module if node.level else module.removeprefix("fastmae").lstrip(".")
+                deps |= {module.split(".")[0]} if module else {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("fastmae.")}
+        graph[path.stem] = (deps & names) - {path.stem}
+    return graph
+
+
+def test_fastmae_modules_import_each_other_without_cycles():
+    graph = _fastmae_imports()
+    done, path = set(), []
+
+    def visit(module):
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + [module])}"
+        if module not in done:
+            path.append(module)
+            for dep in sorted(graph[module]):
+                visit(dep)
+            path.pop()
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    # the engine is shared by every training command: it knows no model, recipe or picture
+    assert not graph["engine"] & {"model", "reference", "train", "visualize"}, graph["engine"]
 
 
 # ---------------------------------------------------------------------------- recipe
@@ -269,7 +311,7 @@ def test_tensorboard_scalars(tmp_path, folder, monkeypatch):
         def close(self):
             scalars.append(("closed", None, None))
 
-    monkeypatch.setattr(train, "_tensorboard", lambda log_dir: Writer())
+    monkeypatch.setattr(engine, "_tensorboard", lambda log_dir: Writer())
     run(tmp_path, folder, "--epochs", "1")
     assert [t for t, _, _ in scalars].count("train_loss") == 4 and [t for t, _, _ in scalars].count("lr") == 4
     assert [s for t, _, s in scalars if t == "lr"] == [250, 500, 750, 1000]  # epoch_1000x, as official
@@ -287,8 +329,8 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    assert train._tensorboard(str(tmp_path)) is None
-    assert train._tensorboard(None) is None
+    assert engine._tensorboard(str(tmp_path)) is None
+    assert engine._tensorboard(None) is None
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -661,7 +703,7 @@ def test_too_many_nonfinite_losses_stop_the_run(tmp_path, monkeypatch):
         def close(self):
             closed.append(True)
 
-    monkeypatch.setattr(train, "_tensorboard", lambda log_dir: Writer())
+    monkeypatch.setattr(engine, "_tensorboard", lambda log_dir: Writer())
     args = pretrain_args(tmp_path, "--max-nonfinite", "3")
     with pytest.raises(train.NonFiniteLossError, match="non-finite for 3 consecutive steps"):
         train.pretrain(args, dataset=Poisoned(16, poisoned=range(16)))
