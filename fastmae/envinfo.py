@@ -102,3 +102,12 @@ def report() -> str:
 def main() -> int:
     print(report())
     return 0
+
+
+def settings_table() -> str:
+    """The README's table of every FASTMAE_* setting, made from ``fastmae.config.VARIABLES``."""
+    lines = ["| variable | values | default | what for |", "|---|---|---|---|"]
+    for v in config.VARIABLES:
+        values = " \\| ".join(f"`{x}`" for x in v.values)
+        lines.append(f"| `{v.name}` | {values} | `{v.default}` | {v.doc} |")
+    return "\n".join(lines)

@@ -10,7 +10,7 @@ Backward: one program per patch ``(n, l)`` of the image gradient, for every patc
 copy their gradient row back (the inverse of ``ids_keep``, a tiny ``[N, L]`` int32 map built
 first, says which row), the others are written with zeros. The image gradient is written once
 and the patch gradient read once; no memset pass and no atomics. The map holds one row per patch,
-so ``ids_keep`` must not repeat a patch within a sample: the launcher refuses it.
+so ``ids_keep`` must not repeat a patch within a sample (``fastmae.ops.gather_mask`` checks it).
 """
 from __future__ import annotations
 
@@ -141,8 +141,7 @@ def gather_mask_backward(grad: torch.Tensor, ids_keep: torch.Tensor, patch_size:
     if dimg.numel() == 0:
         return dimg
     # inverse of ids_keep: inv[n, l] = k when ids_keep[n, k] = l, else -1 (N*L int32, tiny)
-    inv = inverse_map(ids_keep, L, "ids_keep repeats a patch within a sample; the Triton backward needs "
-                                   "distinct patches (as masking draws them)")
+    inv = inverse_map(ids_keep, L)
     vec = vec_width(grad.dtype, [p, *grad.stride()[:2], *dimg.stride()[:3]], [grad, dimg])
     launch(_gather_mask_bwd_kernel, (N * L,),
            grad, inv, dimg, L, C, w, p // vec,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelConfig, dtype_name, inverse_map, launch, signature_of, unit_last, vec_choices, vec_width
+from ._common import KernelConfig, dtype_name, launch, signature_of, unit_last, vec_choices, vec_width
 
 NUM_WARPS = 4
 NUM_WARPS_POS = 2  # the position-gradient schedule has small tiles: 2 warps keep 16-byte accesses
@@ -224,10 +224,8 @@ def unshuffle_scatter_backward(grad: torch.Tensor, ids_restore: torch.Tensor, K:
                          f"{tuple(ids_restore.shape)} strides {ids_restore.stride()}")
     if not 0 <= K <= L:
         raise ValueError(f"K = {K} kept tokens must be within [0, L = {L}]")
-    # each dx row is written by the one output row that reads it: a repeat would race, a gap
-    # would leave a row unwritten
-    inverse_map(ids_restore, L, "ids_restore is not a permutation of [0, L) in every sample (as masking "
-                                "makes it); the Triton backward needs one")
+    # each dx row is written by the one output row that reads it: ids_restore must be a permutation
+    # (a repeat would race, a gap would leave a row unwritten), which fastmae.ops checks first
     dev, dtype = grad.device, grad.dtype
     dx = torch.empty(N, K + 1, D, dtype=dtype, device=dev)
     dmask = torch.empty(D, dtype=dtype, device=dev)
