@@ -7,6 +7,12 @@ of two), and rebuild the length as ``count * VEC``: the compiler then knows the 
 offset derived from it, is a multiple of ``VEC``, whatever its value. The launcher picks the
 widest ``VEC`` (at most 16 bytes) that divides those lengths and the tensors' start addresses.
 
+Launch. Every kernel is launched through ``torch.library.wrap_triton``: in eager mode the fused
+ops' kernels switch it off (a direct launch), and when ``torch.compile`` traces a fused op on CUDA
+tensors (``fastmae.ops._backend``), it records the kernel in the graph, where inductor calls it.
+The launchers are therefore traceable with fake tensors: they read shapes, strides and storage
+offsets, never data or addresses.
+
 Launch configurations. Every module lists the configurations its launchers can choose
 (``launch_configs()``, a list of :class:`KernelConfig`), built from the same constants and
 choice functions the launchers use; ``bench/triton_aot.py`` compiles each one ahead of time.
@@ -37,10 +43,13 @@ def vec_choices(dtype: torch.dtype) -> tuple[int, ...]:
 
 def vec_width(dtype: torch.dtype, lengths: Sequence[int], tensors: Sequence[torch.Tensor] = ()) -> int:
     """Widest vector width (elements, power of two, at most 16 bytes) dividing every length in
-    ``lengths`` and every start address in ``tensors`` (in elements of ``dtype``)."""
+    ``lengths`` and every start offset in ``tensors`` (in elements of ``dtype``). A tensor's start
+    is its storage offset: storages start on 16-byte boundaries (PyTorch's allocators, and
+    inductor's buffers, align them further), so this holds for fake tensors too."""
     size = dtype.itemsize
     for vec in reversed(vec_choices(dtype)):
-        if all(n % vec == 0 for n in lengths) and all(t.data_ptr() % (vec * size) == 0 for t in tensors):
+        if (all(n % vec == 0 for n in lengths)
+                and all(t.storage_offset() * t.element_size() % (vec * size) == 0 for t in tensors)):
             return vec
     return 1
 
@@ -58,13 +67,8 @@ def full_vec(dtype: torch.dtype) -> int:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch a ``@triton.jit`` kernel directly.
-
-    The launchers run only inside the real implementations of the ``fastmae::`` custom ops, which
-    ``torch.compile`` never traces (it uses their fake implementations and calls the real ones at
-    run time). ``torch.library.wrap_triton`` would buy nothing there and costs a trip through
-    the Triton higher-order op on every eager call."""
-    kernel[grid](*args, **kwargs)
+    """Launch a ``@triton.jit`` kernel through ``torch.library.wrap_triton`` (see the module doc)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def inverse_map(ids: torch.Tensor, length: int) -> torch.Tensor:

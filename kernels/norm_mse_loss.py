@@ -219,7 +219,10 @@ def _on_device(table_fn, device: torch.device, *key: int) -> torch.Tensor:
     per call, never a cached CUDA tensor. One first made while ``torch.compile(mode=
     "reduce-overhead")`` warms up or records a CUDA graph would live in that graph's private
     memory pool, which the graph then refuses ("tensors in the cudagraph pool not tracked as
-    outputs")."""
+    outputs"). While torch.compile traces the op (fake tensors), the table is made afresh, not
+    cached: the graph computes it."""
+    if torch._guards.detect_fake_mode() is not None:
+        return table_fn.__wrapped__(*key, False).to(device)
     if device.type == "cpu":
         return table_fn(*key, False)
     return table_fn(*key, True).to(device, non_blocking=True)

@@ -9,7 +9,12 @@ registers a kernel per device with the dispatcher:
   Triton kernels are tested without a GPU);
 - ``cuda``: the Triton kernel (torch math when triton is missing or ``FASTMAE_BACKEND=torch``).
 
-``FASTMAE_BACKEND`` (``fastmae.config``) forces one implementation for every device.
+Under ``torch.compile`` a fused op on CUDA tensors is decomposed, while AOTAutograd traces it, into
+its value checks and Triton launches (``torch.library.wrap_triton``), as ``torch.library.triton_op``
+does for a CUDA-only op: inductor then places the kernels in its compiled graph. (``triton_op``
+itself decomposes on every device, which would send CPU tensors to Triton; here the C++ kernel
+stays an opaque call on CPU.) ``FASTMAE_BACKEND`` (``fastmae.config``) forces one implementation
+for every device.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 from .. import config
 
@@ -137,13 +143,17 @@ def register_kernels(op, *, check: Callable, torch_impl: Callable, cpp: str,
     ``fastmae.kernels``, imported on first use (Triton is optional).
     """
 
+    def launcher():
+        module, name = triton
+        return getattr(importlib.import_module(f"fastmae.kernels.{module}"), name)
+
     def run(backend: str, args):
         if backend == "cpp":
             return getattr(torch.ops.fastmae_C, cpp)(*args, *config.settings().cpp_args)
         check(*args)
         if backend == "triton":
-            module, name = triton
-            return getattr(importlib.import_module(f"fastmae.kernels.{module}"), name)(*args)
+            with torch._library.triton.set_wrap_triton_enabled(False):  # eager: launch directly
+                return launcher()(*args)
         return torch_impl(*args)
 
     def cpu_kernel(*args):
@@ -152,5 +162,14 @@ def register_kernels(op, *, check: Callable, torch_impl: Callable, cpp: str,
     def cuda_kernel(*args):
         return run(select_backend("cuda"), args)
 
+    def traced(mode, op_, types, args, kwargs):
+        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        if on_cuda and select_backend("cuda") == "triton":
+            with mode:
+                check(*args)
+                return launcher()(*args, **kwargs)
+        return mode.__torch_dispatch__(op_, types, args, kwargs)
+
     op.register_kernel("cpu", cpu_kernel)
     op.register_kernel("cuda", cuda_kernel)
+    op.register_torch_dispatch(FunctionalTensorMode, traced)
