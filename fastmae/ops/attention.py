@@ -16,14 +16,11 @@ Backends:
 - ``auto``: ``xformers`` for CUDA tensors when xformers imports, else ``sdpa``; except on CPU
   for bfloat16/float16 inputs with short key sequences (``Sk <= CPU_LOWP_MATH_MAX_SEQ``), where
   ``math`` runs. PyTorch's CPU flash kernel is slow in reduced precision at such lengths, in its
-  backward above all: measured on the 2-core AMD EPYC (Zen 5, no AMX) development machine, one
-  thread, forward + backward in bf16: [16, 12, 50, 64] (the MAE ViT-B encoder) sdpa 60 ms against
-  math 7 ms (compiled math 10 ms); [2, 8, 145, 32] sdpa 11 ms against math 2 ms; while at
-  [16, 16, 197, 32] (the ViT-B decoder) sdpa 140-165 ms against math 165-225 ms, and in fp32 sdpa
-  is as fast or faster everywhere. The probability matrix that math stores is small at these
-  lengths (12 x 50 x 50 per image and block in the encoder). With the softmax kept in bf16
-  (rather than an fp32 copy of the scores, with the same error against fp64), math is faster at
-  the MAE decoders' lengths; hence the limit of 256 keys, which covers the MAE decoders at 224 px
+  backward above all, while in fp32 sdpa is as fast or faster everywhere (bench/README.md has
+  the figures). The probability matrix that math stores is small at these lengths (12 x 50 x 50
+  per image and block in the encoder). With the softmax kept in bf16 (rather than an fp32 copy
+  of the scores, with the same error against fp64), math is faster at the MAE decoders' lengths;
+  hence the limit of 256 keys, which covers the MAE decoders at 224 px
   with patch 16 (197) and 96 px with patch 8 (145). ``bench/test_bench_model.py``
   (``test_attention_backends``) re-measures the choice at the model's shapes. On CUDA in float32
   SDPA's memory-efficient kernel computes on CUDA cores, while math's two products use tf32

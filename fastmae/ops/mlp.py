@@ -132,8 +132,7 @@ def _chunk_rows(h2: torch.Tensor) -> int:
     (thinner GEMMs run slower), for fp32/fp64 CPU tensors. One chunk in bf16/fp16, where chunked
     sums of the weight gradients would each be rounded to that precision; under torch.compile,
     where inductor plans the buffers; and on GPUs, where ~500-row GEMMs and the launches of many
-    chunks cost far more than the memory saves (H100, ViT-B batch 64, tf32: with chunks an eager
-    step took 1.7-2.1x the composition's time in two runs, for 0.13 GiB less peak)."""
+    chunks cost far more time than the memory is worth (measured on an H100: bench/README.md)."""
     rows, width = h2.shape
     if (h2.dtype not in (torch.float32, torch.float64) or h2.device.type != "cpu" or rows == 0
             or torch.compiler.is_compiling()):
