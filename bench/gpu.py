@@ -1,10 +1,12 @@
 """GPU measurements: the Triton kernels against the torch reference compositions, and the MAE
 training step, fast against reference, on one CUDA device.
 
-    python bench/gpu.py ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
-    python bench/gpu.py model [--json out.json]   # training step, compiled and eager, bf16 and fp32
-    python bench/gpu.py overhead                  # host time of one op call, by layer
-    python bench/gpu.py profile [--json out.json] # a step's GPU time by kernel category, and GPU idle
+    python -m fastmae.bench.gpu ops   [--json out.json]   # fused ops, ViT-B shapes, N = 64 and 256
+    python -m fastmae.bench.gpu model [--json out.json]   # training step, compiled and eager, bf16 and fp32
+    python -m fastmae.bench.gpu overhead                  # host time of one op call, by layer
+    python -m fastmae.bench.gpu profile [--json out.json] # a step's GPU time by kernel category, and GPU idle
+
+``fastmae bench --device cuda`` runs ``ops`` and ``model`` and renders them with the CPU results.
 
 ``ops``: each op at ViT-B MAE shapes (L=196, K=49, p=16, C=3, decoder width 512), forward and
 forward+backward ("full"), fp32 and bf16, through three providers: ``triton`` (the public
@@ -41,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -230,8 +230,7 @@ OVERHEAD_HEADER = "| call | host us | device us |\n|---|---:|---:|"
 
 # ---------------------------------------------------------------------------- training step
 def _model_step_module():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import model_step as ms
+    from fastmae.bench import model_step as ms
 
     torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs in "fp32"
     torch.backends.cudnn.allow_tf32 = True
@@ -419,7 +418,7 @@ def main(argv=None):
         p.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA device")
+        raise SystemExit("fastmae.bench.gpu needs a CUDA device (no CUDA device here)")
     if args.what == "ops":
         print(OPS_HEADER, flush=True)
         rows = run_ops(args)
@@ -433,9 +432,12 @@ def main(argv=None):
         print(PROFILE_HEADER, flush=True)
         rows = run_profile(args)
     if args.json:
+        from fastmae.bench.environment import describe
+
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           triton=triton.__version__, rows=rows), f, indent=1)
+            json.dump(dict(suite=f"gpu-{args.what}", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, environment=describe(), args=vars(args), rows=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Peak memory of one training step, measured in a fresh process.
 
-    python bench/memory.py --config vitb --impl fast --compiled --precision fp32 --batch 16 [--grad-checkpointing]
-        [--optimizer-in-backward]
+    python -m fastmae.bench.memory --config vitb --impl fast --compiled --precision fp32 --batch 16
+        [--grad-checkpointing] [--optimizer-in-backward]
 
 prints one JSON object. The process builds the model and its fused AdamW (bench/model_step.py), runs
 warm-up steps (compilation, optimizer state creation, first-touch of every buffer), then measures
@@ -32,12 +32,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-import model_step as S  # noqa: E402
+from fastmae.bench import model_step as S
 
 
 def _vm_kib(field: str) -> int | None:
@@ -77,7 +75,12 @@ def resting_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
 
 
 def step_tensor_peak(fn) -> int:
-    """Peak bytes allocated (and still live) during ``fn``, from the profiler's memory events."""
+    """Peak bytes allocated (and still live) during ``fn``, from the profiler's memory events.
+
+    An event's "Total Allocated" is a running total kept for the whole process: frees made while
+    no profiler runs are not subtracted from it, so after an earlier profiled call it starts
+    above zero. The peak is taken from the total before the first event of this call, which
+    makes the figure the same in a fresh process and after other profiled steps."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as d:
@@ -85,9 +88,12 @@ def step_tensor_peak(fn) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
-    return max(totals, default=0)
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in mem) - start)
 
 
 def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,

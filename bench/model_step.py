@@ -34,11 +34,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmae
 from fastmae import reference
+from fastmae.config import bench_setting
 
 CONFIGS = {
-    "vitb": dict(name="mae_vit_base_patch16", kwargs=dict(norm_pix_loss=True), img=224,
+    "vitb": dict(title="ViT-B/16 MAE at 224x224 (encoder 768-d x 12, decoder 512-d x 8)",
+                 name="mae_vit_base_patch16", kwargs=dict(norm_pix_loss=True), img=224,
                  batch_env="FASTMAE_BENCH_BATCH", default_batch=16, nominal_gflop_per_image=59.0),
-    "small": dict(name="mae_vit_base_patch16",
+    "small": dict(title="ViT-Tiny-width MAE at 96x96, patch 8 (encoder 192-d x 12, decoder 256-d x 4)",
+                  name="mae_vit_base_patch16",
                   kwargs=dict(img_size=96, patch_size=8, embed_dim=192, depth=12, num_heads=3,
                               decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8, mlp_ratio=4,
                               norm_pix_loss=True),
@@ -50,9 +53,12 @@ MASK_RATIO = 0.75
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
 
+SMOKE = bench_setting("FASTMAE_BENCH_SMOKE", "0") == "1"
+
+
 def batch_size(config: str) -> int:
     cfg = CONFIGS[config]
-    return int(os.environ.get(cfg["batch_env"], cfg["default_batch"]))
+    return int(bench_setting(cfg["batch_env"], "2" if SMOKE else str(cfg["default_batch"])))
 
 
 def build_model(config: str, impl: str, grad_checkpointing: bool = False, seed: int = 0,

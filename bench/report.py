@@ -1,106 +1,763 @@
-"""Render the op benchmarks (pytest-benchmark JSON from bench/test_bench_ops.py) as a markdown table.
+"""Render fastmae's benchmark results as ``report.md`` and PNG plots.
 
-    python bench/report.py bench/ops.json [more.json ...]
+    python -m fastmae.bench.report RESULTS [RESULTS ...] --out DIR
 
-Per op, mode and dtype, from the side-by-side cycles of one test (each provider's median ms over
-the same rounds): fastmae (C++ backend), the eager reference and the compiled reference;
-fastmae's speed-up over both; the op's minimal bytes moved at fastmae's median, as GB/s and as a
-share of the copy bandwidth: the copy sampled in the same cycles ("copy GB/s", "% of copy") and
-the median of those copy rates over every test of the file ("% of run copy"; the copy rate moves
-with where its fresh buffers land, 25-65 GB/s between tests of one run here, while it is steady
-within a test, so the pooled rate is the steadier yardstick); the median page faults per call of fastmae
-and of the eager reference (first touches of fresh memory: the allocator's doing, paid inside
-the timing); and the byte floor projected for an H100 (3.35 TB/s datasheet bandwidth): a
-projection, not a measurement.
+``RESULTS`` are JSON files, or folders whose ``*.json`` are read: pytest-benchmark JSON of
+``test_bench_model.py`` and ``test_bench_ops.py`` (``--benchmark-json``), the JSON of ``gpu.py ops``
+and ``gpu.py model`` (``--json``), and the ``run.json`` that ``fastmae bench`` writes (the command,
+its tier, its duration, whether CUDA was asked for and present). ``fastmae bench`` calls
+``render()`` on its output folder.
+
+What ``report.md`` holds:
+
+- what the results were measured on (``environment.describe()``, recorded in every JSON): machine,
+  date, versions, allocator settings, fused-op backend; and what the run measured (configurations,
+  batches, rounds), read from the results themselves;
+- the training step per configuration, precision and provider (fast/reference, eager/compiled):
+  median step time, images/s, speed-ups, the share of the matmul ceiling (the step's FLOPs at the
+  rate of a large ``torch.mm`` in the same precision, sampled in the same cycles), compile time and
+  the step's peak memory;
+- the fused ops against their eager and compiled references: median times, speed-ups, the op's
+  minimal bytes per second against the copy bandwidth measured in the same test, page faults per
+  call, and the byte floor projected for an H100 (3.35 TB/s datasheet: a projection, never a
+  measurement);
+- where present (the full tier): the step's GEMMs alone, attention per backend, the optimizer
+  alone, and peak memory in a fresh process per variant;
+- CUDA: the same tables from ``gpu.py``, or "no CUDA device".
+
+Plots (``train_step_<device>.png``, ``peak_memory_<device>.png``, ``ops_<device>.png``) need
+matplotlib (``pip install "fastmae[bench]"``); without it the report says so and keeps its tables.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import json
 import os
+import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _table import markdown_table  # noqa: E402
+from fastmae.bench.environment import NO_CUDA, allocator_label
 
 H100_BYTES_PER_S = 3.35e12
+STEP_PROVIDERS = ("fast-compiled", "ref-compiled", "fast-eager", "ref-eager")
+OP_NAMES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss")
+OP_PROVIDERS = ("fastmae", "eager", "compiled")
+NO_MATPLOTLIB = "matplotlib is not installed (pip install \"fastmae[bench]\"): no plots"
 
 
-def load(paths):
-    """[(path, extra_info)] of every op benchmark, and machine notes."""
-    rows, notes = [], []
+# ---------------------------------------------------------------------------- loading
+@dataclasses.dataclass
+class Results:
+    """Every result of the given files, in rows of one shape per kind whatever the device."""
+
+    envs: list = dataclasses.field(default_factory=list)  # environment.describe() per file, with "file"
+    runs: list = dataclasses.field(default_factory=list)  # run.json records
+    steps: list = dataclasses.field(default_factory=list)  # one row per (step test, provider)
+    ops: list = dataclasses.field(default_factory=list)  # one row per op test
+    memory: list = dataclasses.field(default_factory=list)  # fresh-process peak memory (memory.py)
+    gemm_bound: list = dataclasses.field(default_factory=list)
+    attention: list = dataclasses.field(default_factory=list)
+    optimizer: list = dataclasses.field(default_factory=list)
+    files: list = dataclasses.field(default_factory=list)
+
+    def devices(self, kind: str) -> list[str]:
+        return sorted({r["device"] for r in getattr(self, kind)})
+
+
+def _json_files(paths) -> list[str]:
+    files = []
     for path in paths:
+        if os.path.isdir(path):
+            files += sorted(glob.glob(os.path.join(path, "*.json")))
+        else:
+            files.append(path)
+    return files
+
+
+def load(paths) -> Results:
+    res = Results()
+    for path in _json_files(paths):
         with open(path) as f:
             data = json.load(f)
-        mi = data.get("machine_info", {})
-        notes.append(f"{path}: {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))}, "
-                     f"{data.get('datetime', '?')}")
-        for b in data["benchmarks"]:
-            info = b.get("extra_info", {})
-            if "op" in info and "providers" in info:
-                rows.append((path, info))
-    return rows, notes
+        if not isinstance(data, dict):
+            continue
+        if data.get("kind") == "fastmae-bench-run":
+            res.runs.append(data)
+        elif "benchmarks" in data:
+            res.files.append(path)
+            _load_pytest_benchmark(res, path, data)
+        elif isinstance(data.get("rows"), list):
+            res.files.append(path)
+            _load_gpu(res, path, data)
+    for run in res.runs:  # the command's own view, after the results' (which say what each suite ran on)
+        if run.get("environment"):
+            res.envs.append(dict(run["environment"], file=os.path.basename(path), device="cpu"))
+    return res
 
 
-def _fmt(x, spec):
+def _load_pytest_benchmark(res: Results, path: str, data: dict) -> None:
+    mi = data.get("machine_info", {})
+    env = dict(mi.get("fastmae") or {})
+    if not env:  # a JSON written without bench/conftest.py: what pytest-benchmark itself recorded
+        env = dict(cpu=mi.get("cpu", {}).get("brand_raw", mi.get("processor", "?")),
+                   cores=mi.get("cpu", {}).get("count"), date=data.get("datetime"))
+    env.update(file=os.path.basename(path), device="cpu")
+    res.envs.append(env)
+    for b in data["benchmarks"]:
+        info = b.get("extra_info", {})
+        kind = info.get("kind")
+        if kind == "train_step":
+            _add_cpu_steps(res, info)
+        elif kind == "memory":
+            res.memory.append(dict(info, allocator=allocator_label(info.get("env", {}))))
+        elif kind in ("gemm_bound", "attention", "optimizer"):
+            getattr(res, kind).append(dict(info, allocator=allocator_label(info.get("env", {}))))
+        elif "op" in info and "providers" in info:
+            _add_cpu_op(res, info)
+
+
+def _add_cpu_steps(res: Results, info: dict) -> None:
+    alloc = allocator_label(info.get("env", {}))
+    for provider, s in info["providers"].items():
+        res.steps.append(dict(
+            device="cpu", allocator=alloc, config=info["config"], config_title=info.get("config_title"),
+            batch=info["batch"], precision=info["precision"], provider=provider, step_s=s["median_s"],
+            images_per_s=s["images_per_s"], pct_ceiling=s.get("pct_of_ceiling"), compile_s=s.get("compile_s"),
+            peak_bytes=s.get("tensor_peak_bytes"), peak_method="live tensors at the step's high-water mark",
+            mm_rate=info.get("mm_rate"), mm_desc=f"{info['precision']} torch.mm {info.get('mm_n')}^3",
+            mm_samples=len(info.get("mm_rates", [])), flops_per_image=info.get("flops_per_image"),
+            rounds=info.get("rounds"), warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def _add_cpu_op(res: Results, info: dict) -> None:
+    prov = info["providers"]
+    copy = prov.get("copy")
+    shape = info.get("shape", {})
+    res.ops.append(dict(
+        device="cpu", allocator=allocator_label(info.get("allocator", {})), op=info["op"], mode=info["mode"],
+        dtype=info["dtype"], fastmae_label=f"fastmae ({info.get('backend', 'cpp')})",
+        N=shape.get("N"), shape=shape,
+        **{f"{p}_s": prov[p]["median_ms"] / 1e3 if p in prov else None for p in OP_PROVIDERS},
+        faults={p: prov[p].get("faults_per_call") for p in prov},
+        bytes=info["bytes"], copy_Bps=info["copy_bytes"] / (copy["median_ms"] / 1e3) if copy else None,
+        copy_desc=f"dst.copy_(src) of {info['copy_bytes'] / 2 / 2**20:.0f} MiB in every cycle of the same test",
+        input_sets=info.get("input_sets"), llc_bytes=info.get("llc_bytes"),
+        rounds=info.get("rounds") or min((p.get("rounds", 0) for p in prov.values()), default=None),
+        warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def _load_gpu(res: Results, path: str, data: dict) -> None:
+    rows = data["rows"]
+    env = dict(data.get("environment") or {})
+    env.setdefault("torch", data.get("torch"))
+    env.setdefault("triton", data.get("triton"))
+    env.update(file=os.path.basename(path), device="cuda", cuda_device=data.get("device"))
+    res.envs.append(env)
+    alloc = "CUDA caching allocator"
+    for r in rows:
+        if "provider" in r and "step_ms" in r:  # gpu.py model
+            flops = None
+            if r.get("pct_ceiling") and r.get("mm_tflops"):  # pct = 100 flops*batch / step / mm rate
+                flops = r["pct_ceiling"] / 100 * r["mm_tflops"] * 1e12 * (r["step_ms"] / 1e3) / r["batch"]
+            res.steps.append(dict(
+                device="cuda", allocator=alloc, config=r["config"], config_title=None, batch=r["batch"],
+                precision=r["precision"], provider=r["provider"], step_s=r["step_ms"] / 1e3,
+                images_per_s=r["img_per_s"], pct_ceiling=r.get("pct_ceiling"),
+                compile_s=r.get("compile_s") if "compiled" in r["provider"] else None,
+                peak_bytes=r["peak_gib"] * 2**30 if r.get("peak_gib") is not None else None,
+                peak_method="torch.cuda.max_memory_allocated over one step",
+                mm_rate=r["mm_tflops"] * 1e12 if r.get("mm_tflops") else None,
+                mm_desc=f"{r['precision']} 8192^3 matmul", mm_samples=None, flops_per_image=flops,
+                rounds=(data.get("args") or {}).get("rounds"), warmup=3, tier=None))
+        elif "op" in r and "triton_ms" in r:  # gpu.py ops
+            res.ops.append(dict(
+                device="cuda", allocator=alloc, op=r["op"], mode=r["mode"], dtype=r["dtype"],
+                fastmae_label="fastmae (triton)", N=r.get("N"), shape=dict(N=r.get("N")),
+                fastmae_s=r["triton_ms"] / 1e3, eager_s=r.get("eager_ms", 0) / 1e3 or None,
+                compiled_s=r.get("compiled_ms", 0) / 1e3 or None, faults={}, bytes=r["bytes"],
+                copy_Bps=r.get("copy_bytes_per_s"), copy_desc="1 GiB device-to-device copy in the same run",
+                host_s=r.get("triton_host_ms", 0) / 1e3 or None, input_sets=None, llc_bytes=None,
+                rounds=None, warmup=None, tier=None))
+
+
+# ---------------------------------------------------------------------------- formatting
+def markdown_table(headers, rows, numeric_from: int) -> list[str]:
+    """Lines of a markdown table. Columns from ``numeric_from`` on are right-aligned (the numbers);
+    cells are rendered with ``str``, so format numbers before passing them."""
+    def line(cells):
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    align = ["---" if k < numeric_from else "---:" for k in range(len(headers))]
+    return [line(headers), "|" + "|".join(align) + "|"] + [line(r) for r in rows]
+
+
+def _f(x, spec=".2f"):
     return "n/a" if x is None else format(x, spec)
 
 
-def _copy_rate(info):
-    copy = info["providers"].get("copy")
-    return info["copy_bytes"] / (copy["median_ms"] / 1e3) if copy else None
+def _ratio(a, b):
+    return a / b if a and b else None
 
 
-def render(rows, notes) -> str:
-    out = ["# fastmae op benchmarks (CPU)", ""]
-    rates = sorted(r for r in (_copy_rate(info) for _, info in rows) if r)
-    run_copy = rates[len(rates) // 2] if rates else None
-    out += [f"- {n}" for n in notes]
-    allocators = sorted({json.dumps(info.get("allocator", {}), sort_keys=True) for _, info in rows})
-    out.append(f"- allocator environment: {'; '.join(allocators) or 'n/a'}")
-    sets = [info.get("input_sets") or 0 for _, info in rows]
-    llc = {info.get("llc_bytes") for _, info in rows}
-    out.append(f"- input sets rotated per call: {min(sets)} to {max(sets)} per test (together > 2x the "
-               f"LLC of {', '.join(_fmt(x and x / 2**20, '.0f') for x in llc)} MiB)")
-    out.append("- copy: dst.copy_(src) of 64 MB (read + write; 4 pairs in turn), sampled in every cycle of the same test; "
-               f"median over the tests (run copy): {_fmt(run_copy and run_copy / 1e9, '.1f')} GB/s, "
-               f"range {_fmt(rates and rates[0] / 1e9, '.1f')}-{_fmt(rates and rates[-1] / 1e9, '.1f')}")
-    out.append("- H100 floor: minimal bytes / 3.35 TB/s (datasheet), a projection, never a measurement")
-    out.append("")
-    headers = ["op", "mode", "dtype", "fastmae ms", "eager ms", "compiled ms", "x eager", "x compiled", "MB moved",
-               "GB/s", "copy GB/s", "% of copy", "% of run copy", "faults/call fastmae / eager", "H100 floor us"]
+def _sig(x: float) -> str:
+    """3 significant figures, no exponent for the magnitudes of these reports."""
+    if x is None:
+        return "n/a"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def _env_for(res: Results, device: str) -> dict:
+    for e in res.envs:
+        if e.get("device") == device:
+            return e
+    return res.envs[0] if res.envs else {}
+
+
+def machine_line(env: dict, device: str = "cpu") -> str:
+    """``AMD EPYC, 2 cores, 2026-12-05`` (the CPU) or the CUDA device's name, and the date."""
+    date = (env.get("date") or "")[:10] or "date not recorded"
+    if device == "cuda":
+        return f"{env.get('cuda_device') or 'CUDA device'}, {date}"
+    cores = env.get("usable_cores") or env.get("cores")
+    return f"{env.get('cpu') or 'CPU not recorded'}, {cores if cores is not None else '?'} cores, {date}"
+
+
+# ---------------------------------------------------------------------------- report sections
+def _header(res: Results, plots_note: str | None) -> list[str]:
+    run = res.runs[-1] if res.runs else {}
+    cpu_env = _env_for(res, "cpu")
+    rows = [("date", cpu_env.get("date") or "?")]
+    cores = cpu_env.get("cores")
+    usable = cpu_env.get("usable_cores")
+    rows.append(("machine", f"{cpu_env.get('cpu', '?')}; {cores if cores is not None else '?'} logical cores"
+                 + (f" ({usable} usable)" if usable and usable != cores else "")
+                 + (f"; torch threads {cpu_env['torch_threads']}" if cpu_env.get("torch_threads") else "")))
+    cuda_envs = [e for e in res.envs if e.get("device") == "cuda"]
+    if cuda_envs:
+        gpu = ", ".join(sorted({e.get("cuda_device") or "?" for e in cuda_envs}))
+    elif run.get("cuda", {}).get("requested") and not run["cuda"].get("available"):
+        gpu = NO_CUDA
+    else:
+        gpu = cpu_env.get("cuda_device") or (NO_CUDA if "cuda_device" in cpu_env else "not recorded")
+    rows.append(("GPU", gpu))
+    versions = sorted({(e.get("fastmae"), e.get("torch"), e.get("triton"), e.get("python")) for e in res.envs
+                       if e.get("torch")})
+    rows.append(("versions", "; ".join(f"fastmae {v[0] or '?'}, torch {v[1] or '?'}, triton {v[2] or 'not installed'}"
+                                        + (f", python {v[3]}" if v[3] else "") for v in versions) or "not recorded"))
+    paths = sorted({e["fastmae_path"] for e in res.envs if e.get("fastmae_path")})
+    if paths:
+        rows.append(("fastmae from", ", ".join(paths)))
+    allocs = sorted({r["allocator"] for r in res.steps + res.ops + res.memory if r["device"] == "cpu"})
+    rows.append(("allocator (CPU)", "; ".join(_allocator_text(a) for a in allocs) or "n/a"))
+    backends = []
+    if any(r["device"] == "cpu" for r in res.steps):
+        forced = cpu_env.get("forced_backend")
+        backends.append(f"training step on CPU: {cpu_env.get('cpu_backend', '?')} (fastmae's choice for CPU "
+                        f"tensors{'; FASTMAE_BACKEND=' + forced if forced else ''})")
+    if any(r["device"] == "cpu" for r in res.ops):
+        backends.append("ops suite on CPU: cpp (forced), against plain-torch references")
+    if cuda_envs:
+        backends.append("CUDA: triton")
+    rows.append(("fused-op backend", "; ".join(backends) or "n/a"))
+    if cpu_env.get("cpp_extension_error"):
+        rows.append(("C++ extension", f"unavailable: {cpu_env['cpp_extension_error']}"))
+    if run:
+        rows.append(("command", f"`{run.get('command', '?')}`"))
+        if run.get("duration_s") is not None:
+            rows.append(("duration", f"{run['duration_s'] / 60:.1f} min" + (
+                " (" + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run.get("suite_durations_s", {}).items()) + ")"
+                if run.get("suite_durations_s") else "")))
+        loads = {k: v for k, v in run.get("suite_loadavg", {}).items() if v is not None}
+        if loads:
+            rows.append(("load average", "1-minute load average as each suite started (the suite itself not yet "
+                         "running: well above 0 means other work shared the machine): "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in loads.items())))
+        failed = [f"{k}: {v if isinstance(v, str) else f'exit code {v}'}"
+                  for k, v in run.get("suite_returncodes", {}).items() if v not in (0, None)]
+        if failed:
+            rows.append(("failed suites", "; ".join(failed) + " (each suite's log is beside this report, as "
+                                                              "<suite>.log; the tables hold what was recorded)"))
+    if plots_note:
+        rows.append(("plots", plots_note))
+    title = "# fastmae benchmarks" + (f" ({run['tier']} tier)" if run.get("tier") else "")
+    lines = [title, ""] + markdown_table(["", ""], rows, numeric_from=2) + [""]
+    lines += ["What this run measured:", ""] + [f"- {t}" for t in _measured(res, run)] + [""]
+    if any(r["device"] == "cpu" for r in res.steps + res.ops):
+        lines += ["Every CPU figure is a median over rounds in which the compared providers ran side by side, in "
+                  "an order rotated every round; compare ratios within one table, not across runs (PERF.md).", ""]
+    return lines
+
+
+def _allocator_text(label: str) -> str:
+    if label == "default":
+        return "default (glibc malloc, no MALLOC_* settings)"
+    if label.startswith("tuned"):
+        return label.replace("tuned", "tuned (MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4294967296)", 1)
+    return label
+
+
+def _measured(res: Results, run: dict) -> list[str]:
+    """What the results cover, read from the results themselves."""
+    out = []
+    if run.get("description"):
+        out.append(run["description"])
+    steps = [r for r in res.steps if r["device"] == "cpu"]
+    for config, batch in sorted({(r["config"], r["batch"]) for r in steps}):
+        rs = [r for r in steps if r["config"] == config and r["batch"] == batch]
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
+        out.append(f"training step (CPU): {config} = {title}, batch {batch}, {' and '.join(precisions)}; providers "
+                   f"{', '.join(_ordered({r['provider'] for r in rs}, STEP_PROVIDERS))}; "
+                   f"timed rounds: {_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
+                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round "
+                   f"({rs[0]['mm_desc'].split(' ', 1)[1]}); peak memory: one more step per provider under the "
+                   f"profiler, in the same process")
+    if res.memory:
+        variants = sorted({m["variant"] for m in res.memory})
+        out.append(f"peak memory in a fresh process (memory.py): {len(variants)} variants ({', '.join(variants)})")
+    ops = [r for r in res.ops if r["device"] == "cpu"]
+    if ops:
+        shape = ops[0]["shape"]
+        shape_text = ", ".join(f"{k}={v}" for k, v in shape.items())
+        vitb = (" (ViT-B/16 MAE at 224, batch 64)" if (shape.get("N"), shape.get("H"), shape.get("D")) == (64, 224, 512)
+                else "")
+        out.append(f"fused ops (CPU): {', '.join(_ordered({r['op'] for r in ops}, OP_NAMES))} at {shape_text}{vitb}; "
+                   f"modes {', '.join(sorted({r['mode'] for r in ops}))} "
+                   f"(full = forward + backward); {', '.join(sorted({r['dtype'] for r in ops}, key=_precision_rank))}; "
+                   f"timed rounds: {_span(r['rounds'] for r in ops)}, after {_span(r['warmup'] for r in ops)} warm-up "
+                   f"cycle(s); copy bandwidth: {ops[0]['copy_desc']}; {_span(r['input_sets'] for r in ops)} input sets "
+                   f"in turn per test (cold caches)")
+    for dev in ("cuda",):
+        if any(r["device"] == dev for r in res.steps + res.ops):
+            cfgs = sorted({(r["config"], r["batch"]) for r in res.steps if r["device"] == dev})
+            out.append("CUDA: " + "; ".join(
+                [f"training step {c} batch {b}" for c, b in cfgs]
+                + [f"fused ops at N={n}" for n in sorted({r['N'] for r in res.ops if r['device'] == dev})]))
+    return out or ["nothing (no results in the given files)"]
+
+
+def _precision_rank(name: str) -> int:
+    return ("fp32", "bf16").index(name) if name in ("fp32", "bf16") else 9
+
+
+def _span(values) -> str:
+    vals = sorted({v for v in values if v is not None})
+    if not vals:
+        return "?"
+    return str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}"
+
+
+def _ordered(names, order) -> list[str]:
+    return [n for n in order if n in names] + sorted(n for n in names if n not in order)
+
+
+def _multi_alloc(rows) -> bool:
+    return len({r["allocator"] for r in rows}) > 1
+
+
+def _step_section(res: Results, device: str, plots: dict) -> list[str]:
+    rows = [r for r in res.steps if r["device"] == device]
+    lines = [f"## Training step ({device.upper()})", ""]
+    if not rows:
+        return lines + ["No training-step results (the suite's log is beside this report).", ""]
+    multi = _multi_alloc(rows)
+    lines += ["Forward + backward + fused AdamW, fast against reference (same weights, images and mask ratio "
+              "0.75). \"x ref-eager\" and \"x ref-compiled\" are speed-ups over the reference in the same "
+              "precision; \"% of ceiling\" is the step's matmul FLOPs per second as a share of the matmul "
+              "rate measured in the same run; peak memory is bytes of live tensors at the step's high-water "
+              "mark" + (" (CPU: resting state plus the step's own peak from the profiler)" if device == "cpu"
+                        else " (torch.cuda.max_memory_allocated)") + "; \"peak x ref\" compares with the "
+              "reference in the same mode (eager or compiled).", ""]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
     table = []
-    for _, info in sorted(rows, key=lambda r: (r[1]["op"], r[1]["mode"], r[1]["dtype"], r[0])):
-        prov = info["providers"]
-        med = {p: prov[p]["median_ms"] / 1e3 if p in prov else None for p in ("fastmae", "eager", "compiled", "copy")}
-        nbytes = info["bytes"]
-        fast = med["fastmae"]
-        copy_bw = _copy_rate(info)
-        gbs = nbytes / fast / 1e9 if fast else None
-        pct = 100 * nbytes / fast / copy_bw if fast and copy_bw else None
-        pct_run = 100 * nbytes / fast / run_copy if fast and run_copy else None
-        speedup = {p: med[p] / fast if fast and med[p] else None for p in ("eager", "compiled")}
-        flt = "/".join(_fmt(prov.get(p, {}).get("faults_per_call"), ".0f") for p in ("fastmae", "eager"))
-        table.append([
-            info["op"], info["mode"], info["dtype"], _fmt(fast and fast * 1e3, ".2f"),
-            _fmt(med["eager"] and med["eager"] * 1e3, ".2f"), _fmt(med["compiled"] and med["compiled"] * 1e3, ".2f"),
-            _fmt(speedup["eager"], ".1f"), _fmt(speedup["compiled"], ".1f"), f"{nbytes / 1e6:.1f}", _fmt(gbs, ".1f"),
-            _fmt(copy_bw and copy_bw / 1e9, ".1f"), _fmt(pct, ".0f"), _fmt(pct_run, ".0f"), flt,
-            f"{nbytes / H100_BYTES_PER_S * 1e6:.1f}"])
-    out += markdown_table(headers, table, numeric_from=3)
-    return "\n".join(out) + "\n"
+    for (config, batch, precision, alloc), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3])):
+        by = {r["provider"]: r for r in rs}
+        for name in _ordered(set(by), STEP_PROVIDERS):
+            r = by[name]
+            ref_e, ref_c = by.get("ref-eager"), by.get("ref-compiled")
+            mode_ref = by.get("ref-compiled" if "compiled" in name else "ref-eager")
+            table.append([config, batch, precision] + ([alloc] if multi else []) + [
+                name, _sig(r["step_s"] * 1e3), _sig(r["images_per_s"]),
+                _f(_ratio(ref_e and ref_e["step_s"], r["step_s"])), _f(_ratio(ref_c and ref_c["step_s"], r["step_s"])),
+                _f(r["pct_ceiling"], ".0f"), _f(r["compile_s"], ".1f"),
+                _f(r["peak_bytes"] and r["peak_bytes"] / 2**20, ".0f"),
+                _f(_ratio(r["peak_bytes"], mode_ref and mode_ref["peak_bytes"]))])
+    headers = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+        "provider", "step ms", "images/s", "x ref-eager", "x ref-compiled", "% of ceiling", "compile s",
+        "peak MiB", "peak x ref"]
+    lines += markdown_table(headers, table, numeric_from=len(headers) - 8) + [""]
+    lines += ["Matmul ceiling (measured in the same run as the steps above):", ""]
+    seen = set()
+    for (config, batch, precision, alloc), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3])):
+        r = rs[0]
+        key = (config, batch, precision, alloc)
+        if key in seen or not r.get("mm_rate"):
+            continue
+        seen.add(key)
+        ceil_ips = r["mm_rate"] / r["flops_per_image"] if r.get("flops_per_image") else None
+        rate = f"{r['mm_rate'] / 1e12:.0f} TFLOP/s" if r["mm_rate"] >= 1e13 else f"{r['mm_rate'] / 1e9:.1f} GFLOP/s"
+        lines.append(f"- {config} {precision}" + (f" ({alloc})" if multi else "") + f": {r['mm_desc']} at {rate}"
+                     + (f" (median of {r['mm_samples']} samples)" if r.get("mm_samples") else "")
+                     + (f"; the step costs {r['flops_per_image'] / 1e9:.2f} GFLOP per image, so the ceiling is "
+                        f"{_sig(ceil_ips)} images/s" if ceil_ips else ""))
+    lines.append("")
+    for key in ("train_step", "peak_memory"):
+        if plots.get((key, device)):
+            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
+    return lines
+
+
+def _ops_section(res: Results, device: str, plots: dict) -> list[str]:
+    rows = [r for r in res.ops if r["device"] == device]
+    lines = [f"## Fused ops ({device.upper()})", ""]
+    if not rows:
+        return lines + ["No fused-op results (the suite's log is beside this report).", ""]
+    multi = _multi_alloc(rows)
+    run_copy = {}
+    for alloc in {r["allocator"] for r in rows}:
+        rates = [r["copy_Bps"] for r in rows if r["allocator"] == alloc and r["copy_Bps"]]
+        run_copy[alloc] = statistics.median(rates) if rates else None
+    fast_label = rows[0]["fastmae_label"]
+    lines += [f"Each op through {fast_label}, its reference composition in eager PyTorch, and the same under "
+              "torch.compile, on the same inputs. \"MB moved\" is the op's minimal traffic (each input read "
+              "once, each output written once; full = forward + backward); \"GB/s\" that traffic at fastmae's "
+              "median; \"% of copy\" against the copy measured in the same test"
+              + (", \"% of run copy\" against the median copy rate over the run's tests (the copy rate moves "
+                 "between tests, it is steady within one)" if device == "cpu" else "")
+              + "; the H100 floor is the minimal bytes at 3.35 TB/s (datasheet): a projection, not a "
+                "measurement.", ""]
+    for alloc, rate in sorted(run_copy.items()):
+        rates = [r["copy_Bps"] for r in rows if r["allocator"] == alloc and r["copy_Bps"]]
+        lines.append(f"- copy bandwidth{' (' + alloc + ')' if multi else ''}: median {rate / 1e9:.1f} GB/s (read + "
+                     f"write) over the tests, range {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f}"
+                     if rate else f"- copy bandwidth ({alloc}): n/a")
+    lines.append("")
+    table = []
+    order = {n: k for k, n in enumerate(OP_NAMES)}
+    for r in sorted(rows, key=lambda r: (order.get(r["op"], 9), r.get("N") or 0, r["mode"] != "full",
+                                         r["dtype"] != "fp32", r["allocator"])):
+        fast = r["fastmae_s"]
+        gbs = r["bytes"] / fast if fast else None
+        cells = [r["op"], r["mode"], r["dtype"]] + ([r["allocator"]] if multi else [])
+        if device == "cuda":
+            cells.append(r["N"])
+        cells += [_sig(fast and fast * 1e3), _sig(r["eager_s"] and r["eager_s"] * 1e3),
+                  _sig(r["compiled_s"] and r["compiled_s"] * 1e3), _f(_ratio(r["eager_s"], fast), ".1f"),
+                  _f(_ratio(r["compiled_s"], fast), ".1f"), f"{r['bytes'] / 1e6:.1f}", _f(gbs and gbs / 1e9, ".1f"),
+                  _f(r["copy_Bps"] and r["copy_Bps"] / 1e9, ".1f"),
+                  _f(gbs and r["copy_Bps"] and 100 * gbs / r["copy_Bps"], ".0f")]
+        if device == "cpu":
+            rc = run_copy.get(r["allocator"])
+            cells += [_f(gbs and rc and 100 * gbs / rc, ".0f"),
+                      "/".join(_f(r["faults"].get(p), ".0f") for p in ("fastmae", "eager"))]
+        else:
+            cells.append(_sig(r["host_s"] and r["host_s"] * 1e3))
+        cells.append(f"{r['bytes'] / H100_BYTES_PER_S * 1e6:.1f}")
+        table.append(cells)
+    headers = ["op", "mode", "dtype"] + (["allocator"] if multi else []) + (["N"] if device == "cuda" else []) + [
+        "fastmae ms", "eager ms", "compiled ms", "x eager", "x compiled", "MB moved", "GB/s", "copy GB/s",
+        "% of copy"] + (["% of run copy", "faults/call fastmae / eager"] if device == "cpu" else
+                        ["fastmae host ms"]) + ["H100 floor us"]
+    lines += markdown_table(headers, table, numeric_from=3 + multi) + [""]
+    if plots.get(("ops", device)):
+        lines += [f"![fused ops ({device})]({plots[('ops', device)]})", ""]
+    return lines
+
+
+def _details_section(res: Results) -> list[str]:
+    """The full tier's diagnostics: GEMM bound, attention backends, optimizer, fresh-process memory."""
+    lines = []
+    if res.gemm_bound:
+        lines += ["## Bounds: the step's GEMMs alone at their shapes, attention alone (CPU)", ""]
+        rows = [[i["config"], i["precision"], i["allocator"], i["gemm_calls"], f"{i['gemm_flops'] / 1e9:.1f}",
+                 f"{i['gemm_s']:.3f}", f"{i['gemm_rate'] / 1e9:.1f}", f"{i['gemm_pct_of_mm_rate']:.0f}",
+                 f"{i['attention_s']:.3f}"] for i in res.gemm_bound]
+        lines += markdown_table(["config", "precision", "allocator", "GEMM calls", "GEMM GFLOP", "GEMM s",
+                                 "GEMM GFLOP/s", "% of mm rate", "attention s"], rows, numeric_from=3) + [""]
+    if res.attention:
+        lines += ["## Attention forward + backward per backend (CPU, ms per call)", ""]
+        rows = []
+        for i in res.attention:
+            for shape, calls in i["calls_per_step"].items():
+                ms = [i["median_s"].get(f"{shape} {b}") for b in ("sdpa", "math", "math-compiled")]
+                rows.append([i["config"], i["precision"], i["allocator"], shape, calls]
+                            + [_f(v and v * 1e3) for v in ms])
+        lines += markdown_table(["config", "precision", "allocator", "shape [B, heads, S, d]", "calls/step", "sdpa",
+                                 "math", "math compiled"], rows, numeric_from=4) + [""]
+    if res.optimizer:
+        lines += ["## Optimizer alone (CPU)", ""]
+        rows = [[i["config"], i["allocator"], f"{i['params'] / 1e6:.1f} M", f"{i['fused_adamw_s']:.3f}",
+                 f"{i['default_adamw_s']:.3f}", f"{i['bytes_moved'] / i['fused_adamw_s'] / 1e9:.1f}"]
+                for i in res.optimizer]
+        lines += markdown_table(["config", "allocator", "params", "fused AdamW s", "default AdamW (loop) s", "GB/s"],
+                                rows, numeric_from=2) + [""]
+    if res.memory:
+        lines += ["## Peak memory of a training step in a fresh process (CPU; memory.py)", "",
+                  "One process per variant; \"cold compile + step\" is the first step of a process with an empty "
+                  "inductor cache (unless the cache column says shared); RSS includes the interpreter, libraries "
+                  "and what malloc keeps.", ""]
+        base = {(i["config"], i["precision"], i["allocator"]): i for i in res.memory if i["variant"] == "ref-compiled"}
+        rows = []
+        for i in sorted(res.memory, key=lambda i: (i["config"], i["precision"], i["allocator"], i["variant"])):
+            b = base.get((i["config"], i["precision"], i["allocator"]))
+            rss = i.get("rss_step_peak_bytes")
+            rows.append([i["config"], i["precision"], i["allocator"], i["variant"], i["batch"],
+                         f"{i['tensor_peak_bytes'] / 2**20:.0f}",
+                         _f(_ratio(i["tensor_peak_bytes"], b and b["tensor_peak_bytes"])),
+                         f"{i['resting_bytes'] / 2**20:.0f}", f"{i['step_peak_bytes'] / 2**20:.0f}",
+                         _f(rss and rss / 2**20, ".0f"), _f(i.get("first_step_s"), ".0f"),
+                         i.get("inductor_cache", "fresh")])
+        lines += markdown_table(["config", "precision", "allocator", "variant", "batch", "tensor peak MiB",
+                                 "x ref-compiled", "resting MiB", "step peak MiB", "RSS step peak MiB",
+                                 "cold compile + step s", "inductor cache"], rows, numeric_from=4) + [""]
+    return lines
+
+
+def _cuda_section(res: Results, plots: dict) -> list[str]:
+    has = any(r["device"] == "cuda" for r in res.steps + res.ops)
+    run = res.runs[-1] if res.runs else {}
+    cuda = run.get("cuda", {})
+    if has:
+        return _step_section(res, "cuda", plots) + _ops_section(res, "cuda", plots)
+    if not res.runs:
+        return []
+    status = NO_CUDA if cuda.get("requested") and not cuda.get("available") else (
+        cuda.get("status") or "not run (fastmae bench --device cuda or --device all)")
+    lines = ["## CUDA", ""]
+    lines += markdown_table(["device", "suite", "result"],
+                            [["cuda", "training step (fastmae.bench.gpu model)", status],
+                             ["cuda", "fused ops (fastmae.bench.gpu ops)", status]], numeric_from=3)
+    return lines + [""]
+
+
+def render_markdown(res: Results, plots: dict | None = None, plots_note: str | None = None) -> str:
+    plots = plots or {}
+    lines = _header(res, plots_note)
+    ran = {k.split("-")[0] for run in res.runs for k in run.get("suite_returncodes", {})}  # model, ops, gpu
+    if any(r["device"] == "cpu" for r in res.steps) or "model" in ran:
+        lines += _step_section(res, "cpu", plots)
+    if any(r["device"] == "cpu" for r in res.ops) or "ops" in ran:
+        lines += _ops_section(res, "cpu", plots)
+    lines += _details_section(res)
+    lines += _cuda_section(res, plots)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
+COLORS = {"fast-compiled": "#1f77b4", "fast-eager": "#aec7e8", "ref-compiled": "#d62728", "ref-eager": "#ff9896",
+          "fastmae": "#1f77b4", "eager": "#ff9896", "compiled": "#d62728"}
+
+
+def _figure(panels: int, width: float, height: float, vertical: bool = False):
+    """A figure of ``panels`` panels of ``width`` x ``height`` inches side by side (or one above
+    the other), without pyplot (no global state, no display needed)."""
+    from matplotlib.figure import Figure
+
+    rows, cols = (panels, 1) if vertical else (1, panels)
+    fig = Figure(figsize=(max(width * cols, 7.0), height * rows + 0.6), layout="constrained")
+    return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(panels)]
+
+
+def _bars(ax, groups, series, values, fmt, log=False):
+    """Grouped bars, ``values[(group, series)]``, each labelled with its value; group ``k`` is
+    centred on x = k. A group name's " | " parts go on lines of their own."""
+    n = max(len(series), 1)
+    width = 0.8 / n
+    crowded = len(groups) * n > 12
+    for k, s in enumerate(series):
+        xs, ys = [], []
+        for g, group in enumerate(groups):
+            v = values.get((group, s))
+            if v is not None:
+                xs.append(g - 0.4 + width * (k + 0.5))
+                ys.append(v)
+        bars = ax.bar(xs, ys, width, label=s, color=COLORS.get(s), edgecolor="black", linewidth=0.4)
+        ax.bar_label(bars, labels=[fmt(v) for v in ys], fontsize=7, padding=2,
+                     rotation=90 if n > 3 or crowded else 0)
+    ax.set_xticks(range(len(groups)), [g.replace(" | ", "\n") for g in groups], fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _legend(fig, axes):
+    """One legend for the figure, below the plots (the series are the same in every panel)."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(len(seen), 5), fontsize=8)
+
+
+def _limits(ax, values, markers=(), log=False):
+    vals = [v for v in list(values) + list(markers) if v]
+    if not vals:
+        return
+    if log:
+        ax.set_ylim(min(vals) / 2, max(vals) * 4)
+    else:
+        ax.set_ylim(0, max(vals) * 1.25)
+
+
+def plot_steps(res: Results, device: str, path: str, what: str) -> bool:
+    """``what``: ``images_per_s`` (with the matmul ceiling) or ``peak_bytes``."""
+    rows = [r for r in res.steps if r["device"] == device and r.get(what) is not None]
+    if not rows:
+        return False
+    env = _env_for(res, device)
+    configs = sorted({(r["config"], r["batch"]) for r in rows})
+    fig, axes = _figure(len(configs), 6.5, 4.8)
+    multi = _multi_alloc(rows)
+    for ax, (config, batch) in zip(axes, configs):
+        rs = [r for r in rows if r["config"] == config and r["batch"] == batch]
+        groups = []
+        for r in sorted(rs, key=lambda r: (_precision_rank(r["precision"]), r["allocator"])):
+            g = r["precision"] + (f" | {r['allocator']}" if multi else "")
+            if g not in groups:
+                groups.append(g)
+        series = _ordered({r["provider"] for r in rs}, STEP_PROVIDERS)
+        scale = 1.0 if what == "images_per_s" else 1 / 2**20
+        values = {(r["precision"] + (f" | {r['allocator']}" if multi else ""), r["provider"]): r[what] * scale
+                  for r in rs}
+        _bars(ax, groups, series, values, _sig)
+        top = max(values.values()) * 1.3
+        if what == "images_per_s":
+            # the matmul ceiling in images/s: drawn where it fits beside the bars (up to 3x the
+            # tallest), else written at the top of its group with an arrow (bars stay readable)
+            ceilings = {}
+            for g, group in enumerate(groups):
+                r = next(r for r in rs if r["precision"] + (f" | {r['allocator']}" if multi else "") == group)
+                if r.get("mm_rate") and r.get("flops_per_image"):
+                    ceilings[g] = r["mm_rate"] / r["flops_per_image"]
+            fits = {g: c for g, c in ceilings.items() if c <= 3 * max(values.values())}
+            top = max([top] + [c * 1.12 for c in fits.values()])
+            for k, (g, ceil) in enumerate(sorted(ceilings.items())):
+                if g in fits:
+                    ax.hlines(ceil, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.2,
+                              label="matmul ceiling (same run)" if k == 0 else None)
+                    ax.annotate(f"ceiling {_sig(ceil)}", (g + 0.45, ceil), textcoords="offset points", xytext=(0, 2),
+                                ha="right", va="bottom", fontsize=7,
+                                bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+                else:
+                    ax.annotate(f"matmul ceiling {_sig(ceil)} images/s (off scale)", (g, top), xytext=(0, -4),
+                                textcoords="offset points", ha="center", va="top", fontsize=7,
+                                arrowprops=None)
+            ax.set_ylabel("images / s (higher is better)")
+        else:
+            ax.set_ylabel("peak memory, MiB of live tensors (lower is better)")
+        ax.set_ylim(0, top)
+        ax.set_xlabel("precision" + (" | allocator" if multi else ""))
+        ax.set_title(f"{config}, batch {batch}", fontsize=10)
+    _legend(fig, axes)
+    name = "images/s" if what == "images_per_s" else "peak memory"
+    fig.suptitle(f"MAE training step {name} on {device.upper()}, fast vs reference\n{machine_line(env, device)}",
+                 fontsize=11)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_ops(res: Results, device: str, path: str) -> bool:
+    rows = [r for r in res.ops if r["device"] == device and r["fastmae_s"]]
+    if not rows:
+        return False
+    env = _env_for(res, device)
+    ops = _ordered({r["op"] for r in rows}, OP_NAMES)
+    multi_alloc, multi_n = _multi_alloc(rows), len({r.get("N") for r in rows}) > 1
+    ngroups = max(len({(r["mode"], r["dtype"], r["allocator"], r.get("N")) for r in rows if r["op"] == op})
+                  for op in ops)
+    fig, axes = _figure(len(ops), max(4.5, 0.9 * ngroups + 1.5), 4.4, vertical=ngroups > 4)
+    for ax, op in zip(axes, ops):
+        rs = sorted([r for r in rows if r["op"] == op],
+                    key=lambda r: (r["mode"] != "full", r["dtype"] != "fp32", r.get("N") or 0, r["allocator"]))
+
+        def group(r):
+            return (f"{r['mode']} | {r['dtype']}" + (f" | {r['allocator']}" if multi_alloc else "")
+                    + (f" | N={r['N']}" if multi_n else ""))
+
+        groups = []
+        for r in rs:
+            if group(r) not in groups:
+                groups.append(group(r))
+        values = {}
+        for r in rs:
+            for p in OP_PROVIDERS:
+                if r.get(f"{p}_s"):
+                    values[(group(r), p)] = r[f"{p}_s"] * 1e3
+        _bars(ax, groups, list(OP_PROVIDERS), values, _sig, log=True)
+        markers, first = [], True
+        for g, name in enumerate(groups):
+            r = next(r for r in rs if group(r) == name)
+            if r.get("copy_Bps"):
+                floor = r["bytes"] / r["copy_Bps"] * 1e3
+                markers.append(floor)
+                ax.hlines(floor, g - 0.45, g + 0.45, colors="black", linestyles="--", linewidth=1.2,
+                          label="byte floor: minimal bytes / copy rate (same test)" if first else None)
+                first = False
+        _limits(ax, values.values(), markers, log=True)
+        ax.set_ylabel("ms per call, median (log scale; lower is better)")
+        ax.set_xlabel("mode, dtype" + (" | allocator" if multi_alloc else "") + (" | batch" if multi_n else ""))
+        ax.set_title(op, fontsize=10)
+    _legend(fig, axes)
+    fast_label = rows[0]["fastmae_label"]
+    fig.suptitle(f"Fused ops on {device.upper()}: {fast_label} vs eager and compiled references\n"
+                 f"{machine_line(env, device)}", fontsize=11)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def render_plots(res: Results, out_dir: str) -> tuple[dict, str | None]:
+    """Write the PNGs; returns ``{(kind, device): file name}`` and a note when plots are impossible."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return {}, NO_MATPLOTLIB
+    plots = {}
+    for device in sorted({r["device"] for r in res.steps + res.ops}):
+        for kind, fn in (("train_step", lambda p: plot_steps(res, device, p, "images_per_s")),
+                         ("peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes")),
+                         ("ops", lambda p: plot_ops(res, device, p))):
+            name = f"{kind}_{device}.png"
+            if fn(os.path.join(out_dir, name)):
+                plots[(kind, device)] = name
+    return plots, None
+
+
+def render(paths, out_dir: str) -> list[str]:
+    """Read the results in ``paths`` (files or folders), write ``report.md`` and the PNGs into
+    ``out_dir``; returns the paths written."""
+    res = load(paths)
+    os.makedirs(out_dir, exist_ok=True)
+    plots, note = render_plots(res, out_dir)
+    md = os.path.join(out_dir, "report.md")
+    with open(md, "w") as f:
+        f.write(render_markdown(res, plots, note))
+    return [md] + [os.path.join(out_dir, p) for p in plots.values()]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json)")
+    parser.add_argument("results", nargs="+", help="JSON files or folders of them")
+    parser.add_argument("--out", default=None, help="folder for report.md and the PNGs (default: print the "
+                                                    "Markdown, write no plot)")
     args = parser.parse_args(argv)
-    rows, notes = load(args.json)
-    if not rows:
-        print("no fastmae op benchmarks in the given files", file=sys.stderr)
-        return 1
-    sys.stdout.write(render(rows, notes))
+    if args.out is None:
+        sys.stdout.write(render_markdown(load(args.results)))
+        return 0
+    for path in render(args.results, args.out):
+        print(f"wrote {path}")
     return 0
 
 

@@ -7,7 +7,7 @@ cannot get faster than them without doing less of it. (bench/test_bench_model.py
 ``test_gemm_bound`` replays the recorded GEMMs eagerly; in bf16 that replay was slower than the
 compiled step's own GEMMs, so it was no floor there; this script measures them in place.)
 
-    python bench/step_profile.py --config vitb --precision bf16 --impl fast ref --steps 3
+    python -m fastmae.bench.step_profile --config vitb --precision bf16 --impl fast ref --steps 3
 
 One process per run; each model is compiled (fullgraph for the fast one), warmed up for two
 steps, then profiled over ``--steps`` steps. Times are per step, wall-clock of the profiled
@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import model_step as S  # noqa: E402
+from fastmae.bench import model_step as S
 
 
 def profile_step(config: str, impl: str, precision: str, steps: int) -> dict:

@@ -17,22 +17,32 @@ What runs (bench/model_step.py describes the step, configurations and providers)
 - ``test_attention_backends``: attention forward + backward per backend at the model's shapes.
 - ``test_optimizer_step``: fused AdamW over the model's parameters alone (and once the default
   per-parameter loop, for the record).
+- ``test_train_step`` also records each provider's tensor peak of one steady step, in this
+  process (``bench/memory.py``'s method: resting bytes plus the step's own peak from the
+  profiler's memory events), after its timed cycles.
 - ``test_peak_memory``: ``bench/memory.py`` in a fresh subprocess per variant (its method is in its
   docstring), each with an empty inductor cache, so its ``first_step_s`` is a cold compile plus
   one step, comparable between providers; the benchmark time is that subprocess's wall time.
   (The ``compile_s`` of ``test_train_step`` is taken with one shared cache: kernels the two models
   have in common are compiled by whichever comes first, so it favours the second.)
 
-Run on a quiet machine (PERF.md; state the allocator setting)::
+Run on a quiet machine (PERF.md; state the allocator setting), or through ``fastmae bench``, which
+runs this suite and renders it::
 
-    python -m pytest bench/test_bench_model.py --benchmark-enable --benchmark-json=bench/model.json
-    python bench/report_model.py bench/model.json
+    python -m pytest bench/test_bench_model.py --benchmark-enable --benchmark-json=model.json
+    python -m fastmae.bench.report model.json --out report/
 
-Environment: ``FASTMAE_BENCH_CONFIGS`` (default ``vitb,small``), ``FASTMAE_BENCH_BATCH`` (ViT-B
-batch, default 16), ``FASTMAE_BENCH_SMALL_BATCH`` (default 64), ``FASTMAE_BENCH_ROUNDS`` (timed
-cycles, default 5), ``FASTMAE_BENCH_QUICK=1`` (a smoke run: small configuration only, batch 2,
-one round, a 512 matmul; no meaningful figure). Compile time depends on inductor's cache: for a
-cold figure set ``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0``.
+Environment (``fastmae bench`` sets these for its tiers): ``FASTMAE_BENCH_CONFIGS`` (default
+``vitb,small``), ``FASTMAE_BENCH_BATCH`` (ViT-B batch, default 16), ``FASTMAE_BENCH_SMALL_BATCH``
+(default 64), ``FASTMAE_BENCH_ROUNDS`` (timed cycles, default 5), ``FASTMAE_BENCH_WARMUP`` (untimed
+cycles after the first call, default 2), ``FASTMAE_BENCH_MM_N`` (size of the ceiling's square
+matmul, default 2048), ``FASTMAE_BENCH_MEMORY_VARIANTS`` (comma-separated, default all of
+``MEMORY_VARIANTS``), ``FASTMAE_BENCH_MEMORY_CACHE`` (``fresh``, the default: an empty inductor
+cache per memory process; ``shared``: the user's cache, so ``first_step_s`` is no cold compile),
+``FASTMAE_BENCH_TIER`` (a label recorded with the results), ``FASTMAE_BENCH_SMOKE=1`` (a smoke run
+of the suite: small configuration only, batch 2, one round, a 512 matmul; no meaningful figure).
+Compile time depends on inductor's cache: for a cold figure set
+``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0``.
 """
 from __future__ import annotations
 
@@ -46,19 +56,18 @@ import time
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model_step as S  # noqa: E402
+from fastmae.bench import memory as M
+from fastmae.config import bench_setting
+from fastmae.bench import model_step as S
 
-QUICK = os.environ.get("FASTMAE_BENCH_QUICK") == "1"
-if QUICK:
-    os.environ.setdefault("FASTMAE_BENCH_BATCH", "2")
-    os.environ.setdefault("FASTMAE_BENCH_SMALL_BATCH", "2")
-CONFIG_NAMES = [c for c in os.environ.get("FASTMAE_BENCH_CONFIGS", "small" if QUICK else "vitb,small").split(",") if c]
-ROUNDS = int(os.environ.get("FASTMAE_BENCH_ROUNDS", "1" if QUICK else "5"))
-WARMUP = 1 if QUICK else 2
-MM_N = 512 if QUICK else 2048
+SMOKE = S.SMOKE
+CONFIG_NAMES = [c for c in bench_setting("FASTMAE_BENCH_CONFIGS", "small" if SMOKE else "vitb,small").split(",") if c]
+ROUNDS = int(bench_setting("FASTMAE_BENCH_ROUNDS", "1" if SMOKE else "5"))
+WARMUP = int(bench_setting("FASTMAE_BENCH_WARMUP", "1" if SMOKE else "2"))
+MM_N = int(bench_setting("FASTMAE_BENCH_MM_N", "512" if SMOKE else "2048"))
+TIER = bench_setting("FASTMAE_BENCH_TIER", "smoke" if SMOKE else "")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ENV_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "FASTMAE_BACKEND",
+ENV_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD",
             "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE", "OMP_NUM_THREADS")
 
 for _c in CONFIG_NAMES:
@@ -67,7 +76,9 @@ for _c in CONFIG_NAMES:
 
 
 def _env():
-    return {k: os.environ.get(k, "") for k in ENV_KEYS}
+    from fastmae import config
+
+    return {**{k: os.environ.get(k, "") for k in ENV_KEYS}, "fastmae_backend": config.settings().backend}
 
 
 def _backend_name():
@@ -89,6 +100,17 @@ class Bench:
         self.counted_flops = S.counted_flops(config)
         self.flops_per_image = nominal * 1e9 if nominal else self.counted_flops
         self.compile_s = {}
+
+    def tensor_peak(self, provider: str, step) -> dict:
+        """Bytes of live tensors at the high-water mark of one more step of ``provider``, measured
+        as ``bench/memory.py`` does (resting state plus the step's own peak from the profiler),
+        in this process: the gradients of the last step are freed first, so they count in the
+        step's peak."""
+        opt = self.opts[provider.split("-")[0]]
+        opt.zero_grad(set_to_none=True)
+        rest = M.resting_bytes(self.models[provider.split("-")[0]], opt)
+        peak = M.step_tensor_peak(step)
+        return dict(resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak)
 
     def step_fn(self, provider: str, precision: str):
         impl, mode = provider.split("-")
@@ -138,17 +160,19 @@ def test_train_step(config, precision, benchmark):
         med = statistics.median(times[p])
         per[p] = dict(median_s=med, min_s=min(times[p]), times_s=times[p], images_per_s=bench.batch / med,
                       pct_of_ceiling=100 * flops / med / ceiling,
-                      compile_s=first[p] - med if p.endswith("compiled") else None, first_call_s=first[p])
+                      compile_s=first[p] - med if p.endswith("compiled") else None, first_call_s=first[p],
+                      **bench.tensor_peak(p, steps[p]))
     med = {p: per[p]["median_s"] for p in providers}
     benchmark.extra_info.update(
-        kind="train_step", config=config, precision=precision, batch=bench.batch, rounds=ROUNDS,
+        kind="train_step", config=config, config_title=S.CONFIGS[config]["title"], precision=precision,
+        batch=bench.batch, rounds=ROUNDS, warmup=WARMUP,
         flops_per_image=bench.flops_per_image, counted_flops_per_image=bench.counted_flops,
         mm_n=MM_N, mm_rate=ceiling, mm_rates=mm_rates, providers=per,
         speedup_fast_compiled_vs_ref_compiled=med["ref-compiled"] / med["fast-compiled"],
         speedup_fast_compiled_vs_ref_eager=med["ref-eager"] / med["fast-compiled"],
         speedup_ref_compiled_vs_ref_eager=med["ref-eager"] / med["ref-compiled"],
         speedup_fast_eager_vs_ref_eager=med["ref-eager"] / med["fast-eager"],
-        op_backend=_backend_name(), threads=torch.get_num_threads(), env=_env(), quick=QUICK)
+        op_backend=_backend_name(), threads=torch.get_num_threads(), env=_env(), tier=TIER)
 
 
 @pytest.mark.parametrize("precision", S.PRECISIONS)
@@ -189,7 +213,7 @@ def test_gemm_bound(config, precision, benchmark):
         gemm_flops=gemm_flops, gemm_s=gemm_s, gemm_rate=gemm_flops / gemm_s, mm_rate=ceiling,
         gemm_pct_of_mm_rate=100 * gemm_flops / gemm_s / ceiling,
         attention_calls=len(attn_shapes), attention_s=statistics.median(attn_times),
-        flops_per_image=bench.flops_per_image, threads=torch.get_num_threads(), env=_env(), quick=QUICK)
+        flops_per_image=bench.flops_per_image, threads=torch.get_num_threads(), env=_env(), tier=TIER)
 
 
 @pytest.mark.parametrize("precision", S.PRECISIONS)
@@ -227,7 +251,7 @@ def test_attention_backends(config, precision, benchmark):
         kind="attention", config=config, precision=precision, dtype=str(dtype),
         calls_per_step={str(sh): sum(1 for c, _ in calls if c == sh) for sh in shapes},
         median_s={f"{sh} {name}": statistics.median(t) for (sh, name), t in times.items()},
-        threads=torch.get_num_threads(), env=_env(), quick=QUICK)
+        threads=torch.get_num_threads(), env=_env(), tier=TIER)
 
 
 @pytest.mark.parametrize("config", CONFIG_NAMES)
@@ -246,12 +270,12 @@ def test_optimizer_step(config, benchmark):
                        warmup_rounds=0)
     loop = torch.optim.AdamW(clones, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)  # the CPU default
     loop.step()
-    loop_s = min(S.timed(loop.step) for _ in range(1 if QUICK else 2))
+    loop_s = min(S.timed(loop.step) for _ in range(1 if SMOKE else 2))
     n = sum(p.numel() for p in params)
     benchmark.extra_info.update(
         kind="optimizer", config=config, params=n, fused_adamw_s=statistics.median(fused_times),
         default_adamw_s=loop_s, bytes_moved=n * 4 * 7,  # reads p, g, m, v; writes p, m, v (fp32)
-        threads=torch.get_num_threads(), env=_env(), quick=QUICK)
+        threads=torch.get_num_threads(), env=_env(), tier=TIER)
 
 
 MEMORY_VARIANTS = {  # name: (impl, compiled, grad_checkpointing, optimizer in backward)
@@ -265,14 +289,23 @@ MEMORY_VARIANTS = {  # name: (impl, compiled, grad_checkpointing, optimizer in b
 }
 
 
+MEMORY_RUN = [v for v in bench_setting("FASTMAE_BENCH_MEMORY_VARIANTS", ",".join(MEMORY_VARIANTS)).split(",") if v]
+MEMORY_CACHE = bench_setting("FASTMAE_BENCH_MEMORY_CACHE", "fresh")
+for _v in MEMORY_RUN:
+    if _v not in MEMORY_VARIANTS:
+        raise ValueError(f"FASTMAE_BENCH_MEMORY_VARIANTS names {_v!r}; choose from {', '.join(MEMORY_VARIANTS)}")
+if MEMORY_CACHE not in ("fresh", "shared"):
+    raise ValueError(f"FASTMAE_BENCH_MEMORY_CACHE must be fresh or shared, got {MEMORY_CACHE!r}")
+
+
 @pytest.mark.parametrize("precision", S.PRECISIONS)
-@pytest.mark.parametrize("variant", list(MEMORY_VARIANTS))
+@pytest.mark.parametrize("variant", MEMORY_RUN)
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_peak_memory(config, variant, precision, benchmark, tmp_path):
     _benches.clear()  # free this process's models before the subprocess runs
     impl, compiled, ckpt, in_backward = MEMORY_VARIANTS[variant]
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory.py"),
-           "--config", config, "--impl", impl, "--precision", precision, "--batch", str(S.batch_size(config))]
+    cmd = [sys.executable, "-m", "fastmae.bench.memory", "--config", config, "--impl", impl, "--precision", precision,
+           "--batch", str(S.batch_size(config))]
     cmd += (["--compiled"] if compiled else []) + (["--grad-checkpointing"] if ckpt else [])
     cmd += ["--optimizer-in-backward"] if in_backward else []
     out = {}
@@ -280,7 +313,9 @@ def test_peak_memory(config, variant, precision, benchmark, tmp_path):
     def run():
         # a fresh inductor cache per process: first_step_s is then a cold compile (+ one step),
         # comparable between providers (a shared cache favours whichever compiles second)
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+        env = dict(os.environ)
+        if MEMORY_CACHE == "fresh":
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
@@ -289,4 +324,5 @@ def test_peak_memory(config, variant, precision, benchmark, tmp_path):
 
     benchmark.group = f"peak memory {config} {precision}"
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(kind="memory", variant=variant, env=_env(), quick=QUICK, **out)
+    benchmark.extra_info.update(kind="memory", variant=variant, env=_env(), tier=TIER, inductor_cache=MEMORY_CACHE,
+                                **out)

@@ -22,17 +22,21 @@ Method (one test per op, mode and dtype; see bench/NOTES.md for why):
 
 Every benchmark records ``extra_info``: op, mode, dtype, the op's minimal bytes (each input read
 once, each output written once; "full" = forward's + backward's), the number of input sets, the
-LLC size and the allocator settings. Render with ``python bench/report.py results.json``.
+LLC size and the allocator settings.
 
-Run (on a quiet machine; both allocator settings, see PERF.md)::
+Run (on a quiet machine; both allocator settings, see PERF.md), or through ``fastmae bench``,
+which runs this suite under both settings and renders it::
 
-    python -m pytest bench/test_bench_ops.py --benchmark-enable --benchmark-json=bench/ops.json
+    python -m pytest bench/test_bench_ops.py --benchmark-enable --benchmark-json=ops.json
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python -m pytest ...
+    python -m fastmae.bench.report ops.json --out report/
 
-``FASTMAE_BENCH_QUICK=1`` shrinks the shapes (a smoke run of the suite, no meaningful figures);
-``FASTMAE_BENCH_ROUNDS`` sets the timed cycles (default 15), ``FASTMAE_BENCH_WARMUP`` the warm-up
-cycles (default 5), ``FASTMAE_BENCH_INPUT_SETS`` the number of input sets (default: enough to
-exceed twice the LLC; 1 reproduces the old cache-warm figures).
+Environment (``fastmae bench`` sets these for its tiers): ``FASTMAE_BENCH_ROUNDS`` (timed cycles,
+default 15), ``FASTMAE_BENCH_WARMUP`` (warm-up cycles, default 5), ``FASTMAE_BENCH_MODES``
+(comma-separated, default ``forward,full``), ``FASTMAE_BENCH_INPUT_SETS`` (the number of input
+sets; default: enough to exceed twice the LLC; 1 reproduces the old cache-warm figures),
+``FASTMAE_BENCH_TIER`` (a label recorded with the results), ``FASTMAE_BENCH_SMOKE=1`` (tiny shapes,
+one round: a smoke run of the suite, no meaningful figures).
 """
 import math
 import os
@@ -43,25 +47,30 @@ import time
 import pytest
 import torch
 
-from fastmae import ops
+from fastmae import config, ops
+from fastmae.config import bench_setting
 from fastmae.ops import _backend
 from fastmae.ops.unshuffle_scatter import unshuffle_scatter_ref
 
-QUICK = os.environ.get("FASTMAE_BENCH_QUICK") == "1"
-ROUNDS = int(os.environ.get("FASTMAE_BENCH_ROUNDS", "1" if QUICK else "15"))
-WARMUP = int(os.environ.get("FASTMAE_BENCH_WARMUP", "1" if QUICK else "5"))
-INPUT_SETS = int(os.environ.get("FASTMAE_BENCH_INPUT_SETS", "0"))  # 0: enough to exceed 2x the LLC
-# ViT-B/16 MAE at 224, 75% masking, decoder width 512 (QUICK: a tiny stand-in)
-N, C, IMG, P_SIZE, D_DEC = (4, 3, 64, 16, 64) if QUICK else (64, 3, 224, 16, 512)
+SMOKE = bench_setting("FASTMAE_BENCH_SMOKE", "0") == "1"
+ROUNDS = int(bench_setting("FASTMAE_BENCH_ROUNDS", "1" if SMOKE else "15"))
+WARMUP = int(bench_setting("FASTMAE_BENCH_WARMUP", "1" if SMOKE else "5"))
+INPUT_SETS = int(bench_setting("FASTMAE_BENCH_INPUT_SETS", "0"))  # 0: enough to exceed 2x the LLC
+TIER = bench_setting("FASTMAE_BENCH_TIER", "smoke" if SMOKE else "")
+# ViT-B/16 MAE at 224, 75% masking, decoder width 512 (SMOKE: a tiny stand-in)
+N, C, IMG, P_SIZE, D_DEC = (4, 3, 64, 16, 64) if SMOKE else (64, 3, 224, 16, 512)
 L = (IMG // P_SIZE) ** 2
 K = int(L * 0.25)
 PATCH = P_SIZE * P_SIZE * C
-COPY_BYTES = (4 if QUICK else 64) * 2**20  # size of each copied tensor
+COPY_BYTES = (4 if SMOKE else 64) * 2**20  # size of each copied tensor
 COPY_PAIRS = 4  # (src, dst) pairs the copy rotates through, like the ops' input sets
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROVIDERS = ["fastmae", "eager", "compiled", "copy"]
-MODES = ["forward", "full"]
+MODES = [m for m in bench_setting("FASTMAE_BENCH_MODES", "forward,full").split(",") if m]
+for _m in MODES:
+    if _m not in ("forward", "full"):
+        raise ValueError(f"FASTMAE_BENCH_MODES names {_m!r}; choose from forward, full")
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
 
 
@@ -167,10 +176,14 @@ def _minflt() -> int:
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("op", ["gather_mask", "unshuffle_scatter", "norm_mse_loss"])
-def test_bench_op(op, mode, dtype, benchmark, monkeypatch):
+def test_bench_op(op, mode, dtype, benchmark):
     if not _backend.has_extension():
         pytest.skip(f"the C++ extension is unavailable: {_backend.extension_error()}")
-    monkeypatch.setenv("FASTMAE_BACKEND", "cpp")  # the references are plain torch, never fastmae ops
+    with config.override(backend="cpp"):  # the references are plain torch, never fastmae ops
+        _bench_op(op, mode, dtype, benchmark)
+
+
+def _bench_op(op, mode, dtype, benchmark):
     full = mode == "full"
     first = _setup(op, DTYPES[dtype], full, seed=0)
     tensors = first[0] + first[1] + ([first[2]] if full and first[2] is not None else [])
@@ -229,7 +242,8 @@ def test_bench_op(op, mode, dtype, benchmark, monkeypatch):
     benchmark.extra_info.update(op=op, mode=mode, dtype=dtype, bytes=fwd_bytes + bwd_bytes if full else fwd_bytes,
                                 copy_bytes=2 * COPY_BYTES, providers=stats, input_sets=nsets, llc_bytes=llc,
                                 shape=dict(N=N, C=C, H=IMG, W=IMG, p=P_SIZE, K=K, D=D_DEC),
-                                threads=torch.get_num_threads(), allocator=_allocator_info())
+                                threads=torch.get_num_threads(), allocator=_allocator_info(), backend="cpp",
+                                rounds=ROUNDS, warmup=WARMUP, tier=TIER)
     # the fastmae and reference results must agree (a benchmark of a wrong kernel is worthless)
     if not full:
         leaves, consts = first[0], first[1]

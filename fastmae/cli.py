@@ -5,6 +5,8 @@
     fastmae demo [flags]         the same, with any pretrain flag overridden
     fastmae pretrain [flags]     the official main_pretrain.py recipe and flags
     fastmae visualize --checkpoint CKPT [--image PATH ...] [--out grid.png]
+    fastmae bench [--quick] --out DIR   benchmark against the reference; report.md and plots in DIR
+    fastmae env                  versions, the C++ extension, the kernels in use, every FASTMAE_* setting
 
 Distributed: ``torchrun --nproc_per_node=N -m fastmae pretrain ...`` (gloo on CPU, nccl on CUDA).
 """
@@ -148,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: the ratio the checkpoint was trained with")
     vis.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     vis.add_argument("--device", default="cpu")
+
+    sub.add_parser("env", help="what fastmae runs on: versions, extension, kernels, settings",
+                   description="Versions, whether the C++ extension loaded (and if not, why and how to fix "
+                               "it), the CPU instruction set of its kernels, the fused ops' implementation "
+                               "per device, and every FASTMAE_* setting. Paste it into a bug report.")
+
+    from .bench import cli as bench_cli  # the benchmark command ships with its suites, in fastmae.bench
+
+    bench = sub.add_parser("bench", formatter_class=_Formatter, help=bench_cli.HELP,
+                           description=bench_cli.DESCRIPTION)
+    bench_cli.add_arguments(bench)
     return parser
 
 
@@ -177,6 +190,14 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
     try:
+        if args.command == "env":
+            from .envinfo import main as env_main
+
+            return env_main()
+        if args.command == "bench":
+            from .bench import cli as bench_cli
+
+            return bench_cli.run(args)
         if args.command in ("pretrain", "demo"):
             return _run_pretrain(args)
         from .visualize import visualize

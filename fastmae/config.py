@@ -24,6 +24,7 @@ class Variable:
     values: tuple[str, ...]  # accepted values; () for free text
     default: str
     doc: str
+    bench: bool = False  # a knob of the benchmark suites (fastmae bench sets them for its runs)
 
 
 VARIABLES = (
@@ -42,6 +43,28 @@ VARIABLES = (
              "to torch math (CI sets it so that a broken build cannot pass as the fallback)."),
     Variable("FASTMAE_NO_EXTENSION", ("0", "1"), "0",
              "Read by setup.py at install time: 1 skips building the C++ extension."),
+    # The benchmark suites' knobs: `fastmae bench` sets them for the pytest processes it starts;
+    # set them yourself only to run a suite by hand (bench/README.md).
+    Variable("FASTMAE_BENCH_TIER", ("", "smoke", "quick", "full"), "",
+             "Benchmarks: the tier a suite's results are labelled with.", bench=True),
+    Variable("FASTMAE_BENCH_SMOKE", ("0", "1"), "0",
+             "Benchmarks: 1 shrinks every suite to a smoke run (no meaningful figure).", bench=True),
+    Variable("FASTMAE_BENCH_CONFIGS", (), "vitb,small",
+             "Benchmarks: training-step configurations, comma-separated (smoke: small).", bench=True),
+    Variable("FASTMAE_BENCH_BATCH", (), "16", "Benchmarks: ViT-B batch (smoke: 2).", bench=True),
+    Variable("FASTMAE_BENCH_SMALL_BATCH", (), "64", "Benchmarks: batch of the small configuration (smoke: 2).",
+             bench=True),
+    Variable("FASTMAE_BENCH_ROUNDS", (), "5 (ops 15)", "Benchmarks: timed rounds (smoke: 1).", bench=True),
+    Variable("FASTMAE_BENCH_WARMUP", (), "2 (ops 5)", "Benchmarks: warm-up rounds (smoke: 1).", bench=True),
+    Variable("FASTMAE_BENCH_MM_N", (), "2048", "Benchmarks: size of the matmul that measures the ceiling.",
+             bench=True),
+    Variable("FASTMAE_BENCH_MODES", (), "forward,full", "Benchmarks: fused-op modes, comma-separated.", bench=True),
+    Variable("FASTMAE_BENCH_INPUT_SETS", (), "0",
+             "Benchmarks: input sets the op suite rotates through (0: enough to exceed twice the LLC).", bench=True),
+    Variable("FASTMAE_BENCH_MEMORY_VARIANTS", (), "all",
+             "Benchmarks: peak-memory variants, comma-separated.", bench=True),
+    Variable("FASTMAE_BENCH_MEMORY_CACHE", ("fresh", "shared"), "fresh",
+             "Benchmarks: inductor cache of each peak-memory process.", bench=True),
 )
 _BY_NAME = {v.name: v for v in VARIABLES}
 # Enum values passed to the C++ kernels (csrc/common.h: CpuIsa, StreamMode).
@@ -82,6 +105,20 @@ def from_environ(environ: Mapping[str, str] = os.environ) -> Settings:
             value = _parse(name, environ[name])
             kwargs[field] = value == "1" if field == "require_extension" else value
     return Settings(**kwargs)
+
+
+_BENCH_ENV = {v.name: os.environ[v.name] for v in VARIABLES if v.bench and v.name in os.environ}
+
+
+def bench_setting(name: str, default: str) -> str:
+    """A benchmark knob (``FASTMAE_BENCH_*``) as the environment gave it at import, or ``default``."""
+    var = _BY_NAME.get(name)
+    if var is None or not var.bench:
+        raise KeyError(f"{name} is not a benchmark setting")
+    value = _BENCH_ENV.get(name, "").strip()
+    if value and var.values and value not in var.values:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(var.values)}")
+    return value or default
 
 
 def active_variables(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -85,6 +85,8 @@ def rows() -> list[tuple[str, str]]:
     out.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")))
     for var in config.VARIABLES:
         raw = os.environ.get(var.name)
+        if var.bench and raw is None:
+            continue  # the benchmark knobs: shown only when set
         out.append((var.name, f"{raw!r} (from the environment)" if raw is not None else f"{var.default} (default)"))
     known = {v.name for v in config.VARIABLES}
     for name, value in config.active_variables().items():
@@ -108,6 +110,6 @@ def settings_table() -> str:
     """The README's table of every FASTMAE_* setting, made from ``fastmae.config.VARIABLES``."""
     lines = ["| variable | values | default | what for |", "|---|---|---|---|"]
     for v in config.VARIABLES:
-        values = " \\| ".join(f"`{x}`" for x in v.values)
+        values = " \\| ".join(f"`{x}`" if x else "(empty)" for x in v.values) or "text"
         lines.append(f"| `{v.name}` | {values} | `{v.default}` | {v.doc} |")
     return "\n".join(lines)
