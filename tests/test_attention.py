@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import cuda_only, rel_err
+from helpers import assert_close_to_truth, cuda_only, rel_err
 
 import fastmae
 from fastmae.ops.attention import attention, attention_ref, resolve_attn_backend
@@ -27,11 +27,12 @@ SHAPES = [
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4, torch.float64: 1e-6}
 
 
-def _err(a: torch.Tensor, truth: torch.Tensor) -> float:
-    """||a - truth|| / ||truth||, with the denominator floored at an RMS of 1e-2: a gradient that
-    is exactly zero in truth (dq when Sk = 1) is then compared absolutely, not relatively."""
-    a, truth = a.double(), truth.double()
-    return ((a - truth).norm() / max(truth.norm().item(), 1e-2 * truth.numel() ** 0.5)).item()
+def assert_attention_close(got, truth, plain, name, dtype, baseline_tol=None):
+    """STYLE.md's rule in the l2 norm: ||got - truth|| / ||truth|| at most twice plain math's plus
+    ATOL, with ||truth|| floored at an RMS of 1e-2 (a gradient that is exactly zero in truth, dq
+    when Sk = 1, is then compared absolutely, not relatively)."""
+    assert_close_to_truth(got, truth, plain, atol=ATOL[dtype], norm="l2", rms_floor=1e-2, baseline_tol=baseline_tol,
+                          name=f"{name} ({dtype})")
 
 
 def _qkv(B, H, Sq, Sk, d, dtype, strided):
@@ -76,11 +77,8 @@ def test_backend_matches_reference(shape, dtype, backend):
             assert g.double().abs().max().item() <= 4 * torch.finfo(dtype).eps * scale, (backend, name)
             continue
         # the baseline itself (attention_ref at this precision, which the math backend is) must sit
-        # within a few units of rounding of the truth, or the 2x rule below would excuse anything
-        base = _err(p, t)
-        assert base <= 8 * torch.finfo(dtype).eps, f"plain math {name} ({dtype}): rel err {base:.3g}"
-        err, bound = _err(g, t), 2 * base + ATOL[dtype]
-        assert err <= bound, f"{backend} {name}: rel err {err:.3g} > {bound:.3g} (plain math {base:.3g})"
+        # within a few units of rounding of the truth, or the 2x rule would excuse anything
+        assert_attention_close(g, t, p, f"{backend} {name}", dtype, baseline_tol=8 * torch.finfo(dtype).eps)
 
 
 def test_sdpa_and_math_differ_from_a_wrong_answer():
@@ -220,4 +218,4 @@ def test_cuda_backends_match_reference(backend, dtype):
     plain = _fwd_bwd(attention_ref, q, k, v, dout)
     got = _fwd_bwd(lambda a, b, c: attention(a, b, c, backend=backend), q, k, v, dout)
     for name, g, p, t in zip(["out", "dq", "dk", "dv"], got, plain, truth):
-        assert _err(g, t) <= 2 * _err(p, t) + ATOL[dtype], name
+        assert_attention_close(g, t, p, f"{backend} {name}", dtype)

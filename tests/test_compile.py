@@ -7,7 +7,8 @@ out here: on CPU it runs only under TRITON_INTERPRET=1, and torch.compile over a
 Triton op fails (the interpreter runs the kernel on fake tensors); the Triton path is covered by
 its interpreter parity tests, its ahead-of-time compilation and its fake implementations.
 
-The models are tiny: compiling forward and backward costs ~20 s each on two cores.
+The models are tiny: compiling forward and backward costs ~20 s each on two cores (~1 min under
+bf16 autocast or with checkpointing: those are marked slow, for the full run only).
 """
 import copy
 from functools import partial
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn as nn
-from helpers import rel_err
+from helpers import assert_close_to_truth, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastmae
@@ -103,7 +104,7 @@ def test_compiled_model_with_several_mask_ratios(compile_backend):
         torch.testing.assert_close(got[0], want[0])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: ~1 min of inductor
 def test_compiled_training_matches_eager(compile_backend, dtype):
     """Three AdamW steps, compiled (fullgraph) against eager from the same weights; after the first
     step nothing recompiles. fp32: the same loss, pred and gradients at every step. bf16: at the
@@ -131,12 +132,12 @@ def test_compiled_training_matches_eager(compile_backend, dtype):
             assert rel_err(lc, le) <= 1e-5 and rel_err(pc, pe) <= 1e-5, (step, lc, le)
             name, err = _grad_err(gc, ge)
             assert err <= 1e-4, (step, name, err)
-        elif step == 0:
+        elif step == 0:  # STYLE.md's rule in the l2 norm, against the fp32 run
             lt, pt, _, gt = truth
-            assert rel_err(lc, lt) <= 2 * rel_err(le, lt) + 5e-3, (lc, le, lt)
-            assert rel_err(pc, pt) <= 2 * rel_err(pe, pt) + 5e-3
+            assert_close_to_truth(lc, lt, le, atol=5e-3, norm="l2", name="loss")
+            assert_close_to_truth(pc, pt, pe, atol=5e-3, norm="l2", name="pred")
             for n in gt:
-                assert rel_err(gc[n], gt[n]) <= 2 * rel_err(ge[n], gt[n]) + 2e-2, n
+                assert_close_to_truth(gc[n], gt[n], ge[n], atol=2e-2, norm="l2", name=n)
         else:
             assert rel_err(lc, le) <= 5e-4 and rel_err(pc, pe) <= 3e-2, (step, lc, le)
             name, err = _grad_err(gc, ge)
@@ -144,6 +145,7 @@ def test_compiled_training_matches_eager(compile_backend, dtype):
     assert counter.frame_count == 1, f"compiled {counter.frame_count} graphs for one shape"
 
 
+@pytest.mark.slow  # ~1 min of inductor on two cores
 def test_compiled_grad_checkpointing(compile_backend):
     """grad_checkpointing compiles without breaks and gives the eager, non-checkpointed gradients."""
     if compile_backend != "torch":

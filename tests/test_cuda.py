@@ -1,11 +1,13 @@
 """fastmae on a CUDA device: the Triton kernels compiled for the GPU (not the interpreter).
 
-- every op, forward and backward, against fp64 math on the CPU (the tolerance rule of
-  ``test_ops``), over the shapes of ``test_ops`` plus ViT-B shapes and unaligned inputs (the
-  kernels' narrow-vector paths), outputs poisoned with NaN before the kernels write them;
+- every op, forward and backward, against fp64 math on the CPU (the tolerance rule of the op
+  tests, ``helpers.assert_op_close``), over the shapes of ``test_gather_mask``,
+  ``test_unshuffle_scatter`` and ``test_norm_mse_loss`` plus ViT-B shapes and unaligned inputs
+  (the kernels' narrow-vector paths), outputs poisoned with NaN before the kernels write them;
 - bitwise determinism of the reductions, ``torch.library.opcheck`` of every op on CUDA tensors;
-- the device-side checks (an index out of range; in the backwards a patch kept twice or a
-  non-permutation) stop the stream (in a child process: a CUDA assert poisons the context);
+- the device-side checks of the input contract (an index out of range, a patch kept twice, an
+  ids_restore that is not a permutation; forward and backward) stop the stream (in a child
+  process: a CUDA assert poisons the context);
 - ``gelu_mlp`` against its composition (dtypes, ViT-B widths; bitwise under CUDA autocast);
 - the fast model against the official golden outputs (tf32 off) and against the reference model;
 - ``torch.compile(fullgraph=True)`` training over the Triton ops (fp32 and bf16 autocast): one
@@ -29,13 +31,16 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn as nn
-from helpers import load_golden, rel_err
+import test_gather_mask as GM
+import test_mlp as M
+import test_norm_mse_loss as NL
+import test_unshuffle_scatter as US
+from helpers import (OP_DTYPES, assert_close_to_truth, assert_op_close, case_id, load_golden, random_masking, randn,
+                     rel_err, seeded)
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastmae
-import test_mlp as M
-import test_ops as T
-from fastmae import ops, reference
+from fastmae import config, ops, reference
 from fastmae.ops import _backend
 from fastmae.ops.gather_mask import gather_mask_ref
 from fastmae.ops.norm_mse_loss import norm_mse_loss_ref
@@ -50,12 +55,12 @@ VITB = (64, 3, 224, 224, 16)  # N, C, H, W, p
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32(monkeypatch):
+def _exact_fp32():
     """fp32 matmuls in full precision (no tf32), the default backend choice (Triton on CUDA)."""
-    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
+    with config.override(backend="auto"):
+        yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
@@ -83,19 +88,19 @@ def test_cuda_tensors_use_triton():
 
 
 # ============================================================================ gather_mask
-GATHER_CASES = T.GATHER_CASES + [(*VITB, 49), (2, 3, 224, 224, 14, 64), (3, 1, 40, 24, 8, 11)]
+GATHER_CASES = GM.GATHER_CASES + [(*VITB, 49), (2, 3, 224, 224, 14, 64), (3, 1, 40, 24, 8, 11)]
 
 
 @pytest.mark.parametrize("offset", [False, True], ids=["aligned", "unaligned"])
-@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
-@pytest.mark.parametrize("case", GATHER_CASES, ids=T._id)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
 def test_gather_mask(case, dtype, offset, request):
     N, C, H, W, p, K = case
     L = (H // p) * (W // p)
-    gen = T._gen(request)
-    imgs = T._randn(gen, N, C, H, W, dtype=dtype)
-    _, ids_keep, _, _ = T._masking(gen, N, L, K)
-    grad = T._randn(gen, N, K, C * p * p, dtype=dtype)
+    gen = seeded(request)
+    imgs = randn(gen, N, C, H, W, dtype=dtype)
+    _, ids_keep, _, _ = random_masking(gen, N, L, K)
+    grad = randn(gen, N, K, C * p * p, dtype=dtype)
 
     x = _leaf(imgs, offset)
     _poison(((N, K, C * p * p), dtype))
@@ -113,27 +118,27 @@ def test_gather_mask(case, dtype, offset, request):
 
 
 # ============================================================================ unshuffle_scatter
-UNSHUFFLE_CASES = T.UNSHUFFLE_CASES + [(64, 49, 196, 512), (3, 36, 144, 256), (2, 5, 17, 7)]
+UNSHUFFLE_CASES = US.UNSHUFFLE_CASES + [(64, 49, 196, 512), (3, 36, 144, 256), (2, 5, 17, 7)]
 
 
 @pytest.mark.parametrize("pos", ["pos", "nopos"])
-@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
-@pytest.mark.parametrize("case", UNSHUFFLE_CASES, ids=T._id)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", UNSHUFFLE_CASES, ids=case_id)
 def test_unshuffle_scatter(case, dtype, pos, request):
     N, K, L, D = case
-    gen = T._gen(request)
-    x = T._randn(gen, N, 1 + K, D, dtype=dtype)
-    tok = T._randn(gen, 1, 1, D, dtype=dtype)
-    pe = T._randn(gen, 1, 1 + L, D, dtype=dtype) if pos == "pos" else None
-    _, _, ids_restore, _ = T._masking(gen, N, L, K)
-    grad = T._randn(gen, N, 1 + L, D, dtype=dtype)
+    gen = seeded(request)
+    x = randn(gen, N, 1 + K, D, dtype=dtype)
+    tok = randn(gen, 1, 1, D, dtype=dtype)
+    pe = randn(gen, 1, 1 + L, D, dtype=dtype) if pos == "pos" else None
+    _, _, ids_restore, _ = random_masking(gen, N, L, K)
+    grad = randn(gen, N, 1 + L, D, dtype=dtype)
     leaves = [_leaf(t) for t in (x, tok) + ((pe,) if pe is not None else ())]
 
     _poison(((N, 1 + L, D), dtype))
     out = ops.unshuffle_scatter(leaves[0], leaves[1], ids_restore.to(CUDA), leaves[2] if pe is not None else None)
     _poison(((N, 1 + K, D), dtype), ((D,), dtype), ((1 + L, D), dtype))
     out.backward(grad.to(CUDA))
-    T.check_unshuffle(out, leaves, ids_restore, grad, dtype)
+    US.check_unshuffle(out, leaves, ids_restore, grad, dtype)
 
 
 def test_unshuffle_scatter_grad_deterministic():
@@ -158,24 +163,24 @@ def test_unshuffle_scatter_grad_deterministic():
 
 
 # ============================================================================ norm_mse_loss
-LOSS_CASES = T.LOSS_CASES + [VITB, (3, 3, 96, 96, 8), (2, 1, 40, 24, 8)]
+LOSS_CASES = NL.LOSS_CASES + [VITB, (3, 3, 96, 96, 8), (2, 1, 40, 24, 8)]
 
 
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["normpix", "raw"])
-@pytest.mark.parametrize("mode", T.LOSS_MODES)
-@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
-@pytest.mark.parametrize("case", LOSS_CASES, ids=T._id)
+@pytest.mark.parametrize("mode", NL.LOSS_MODES)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=case_id)
 def test_norm_mse_loss(case, dtype, mode, norm_pix, request):
     N, C, H, W, p = case
     L, P = (H // p) * (W // p), p * p * C
-    gen = T._gen(request)
+    gen = seeded(request)
     K = max(1, L // 4)
-    imgs = (T._randn(gen, N, C, H, W) * 0.5 + 0.3).to(dtype)
-    ids_shuffle, _, _, mask = T._masking(gen, N, L, K)
+    imgs = (randn(gen, N, C, H, W) * 0.5 + 0.3).to(dtype)
+    ids_shuffle, _, _, mask = random_masking(gen, N, L, K)
     ids = None if mode == "full" else ids_shuffle[:, K:].contiguous()
     M = L if ids is None else L - K
     weight = mask if mode == "full" else (torch.rand(N, M, generator=gen) if mode == "ids+weights" else None)
-    pred = T._randn(gen, N, M, P, dtype=dtype)
+    pred = randn(gen, N, M, P, dtype=dtype)
     g = torch.rand((), generator=gen) + 0.5
     if dtype == torch.float16:
         # at ViT-B sizes dpred ~ 1e-6 is subnormal in fp16 (plain PyTorch loses 5% to it): scale
@@ -184,20 +189,20 @@ def test_norm_mse_loss(case, dtype, mode, norm_pix, request):
 
     pred_dev = _leaf(pred)
     loss = ops.norm_mse_loss(pred_dev, imgs.to(CUDA), None if weight is None else weight.to(CUDA), p,
-                             norm_pix_loss=norm_pix, eps=T.EPS, ids=None if ids is None else ids.to(CUDA))
+                             norm_pix_loss=norm_pix, eps=NL.EPS, ids=None if ids is None else ids.to(CUDA))
     _poison(((N, M, P), dtype))
     (loss * g.to(CUDA)).backward()
 
     pred64 = pred.double().requires_grad_()
-    ref = T.loss_ref64(pred64, imgs, weight, ids, p, norm_pix, T.EPS)
+    ref = NL.loss_ref64(pred64, imgs, weight, ids, p, norm_pix, NL.EPS)
     (ref * g.double()).backward()
     base_pred = pred.clone().requires_grad_()
     base = norm_mse_loss_ref(base_pred, imgs, weight if weight is not None else torch.ones(N, M), ids, p,
-                             norm_pix, T.EPS)
+                             norm_pix, NL.EPS)
     (base * g).backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0 and pred_dev.grad.dtype == dtype
-    T.assert_close("norm_mse_loss", loss.cpu(), ref, base, torch.float32)
-    T.assert_close("norm_mse_loss dpred", pred_dev.grad.cpu(), pred64.grad, base_pred.grad, dtype)
+    assert_op_close("norm_mse_loss", loss.cpu(), ref, base, torch.float32)
+    assert_op_close("norm_mse_loss dpred", pred_dev.grad.cpu(), pred64.grad, base_pred.grad, dtype)
 
 
 def test_norm_mse_loss_deterministic():
@@ -225,9 +230,13 @@ def _to_cuda(arg):
     return arg
 
 
-@pytest.mark.parametrize("name", list(T._opcheck_cases()))
+def _opcheck_cases():
+    return {**GM._opcheck_cases(), **US._opcheck_cases(), **NL._opcheck_cases()}
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
 def test_opcheck(name):
-    op, args = T._opcheck_cases()[name]
+    op, args = _opcheck_cases()[name]
     torch.library.opcheck(op, tuple(_to_cuda(a) for a in args))
 
 
@@ -238,44 +247,47 @@ _DEVICE_ASSERTS = {
         ids = torch.tensor([[0, 1], [2, 16]], device="cuda")
         out = ops.gather_mask(imgs, ids, 8)
         """, "ids_keep holds an index outside"),
-    # patch 1 kept twice in sample 0: the backward's inverse map would drop one of its gradients
+    "loss index out of range": ("""
+        imgs = torch.randn(2, 3, 32, 32, device="cuda")
+        ids = torch.tensor([[0, 1], [2, 16]], device="cuda")
+        loss = ops.norm_mse_loss(torch.randn(2, 2, 192, device="cuda"), imgs, None, 8, ids=ids)
+        """, "ids holds an index outside"),
+    # patch 1 kept twice in sample 0, forward and backward
     "repeated patch": ("""
-        imgs = torch.randn(2, 3, 32, 32, device="cuda", requires_grad=True)
-        ids = torch.tensor([[1, 1], [2, 3]], device="cuda")
-        out = ops.gather_mask(imgs, ids, 8)
-        torch.cuda.synchronize()
-        print("FORWARD OK", flush=True)
-        out.sum().backward()
-        """, "ids_keep repeats a patch within a sample"),
-    # sample 1 restores token 0 twice and token 2 never: not a permutation
+        imgs = torch.randn(2, 3, 32, 32, device="cuda")
+        out = ops.gather_mask(imgs, torch.tensor([[1, 1], [2, 3]], device="cuda"), 8)
+        """, "ids_keep repeats an index within a sample"),
+    "repeated patch, backward": ("""
+        grad = torch.randn(2, 2, 192, device="cuda")
+        out = torch.ops.fastmae.gather_mask_backward(grad, torch.tensor([[1, 1], [2, 3]], device="cuda"), 8, 32, 32)
+        """, "ids_keep repeats an index within a sample"),
+    # sample 1 restores token 0 twice and token 2 never: not a permutation, forward and backward
     "not a permutation": ("""
-        x = torch.randn(2, 3, 8, device="cuda", requires_grad=True)
+        x = torch.randn(2, 3, 8, device="cuda")
         ids = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 3]], device="cuda")
         out = ops.unshuffle_scatter(x, torch.zeros(8, device="cuda"), ids)
-        torch.cuda.synchronize()
-        print("FORWARD OK", flush=True)
-        out.sum().backward()
-        """, "ids_restore is not a permutation"),
+        """, "ids_restore repeats an index within a sample"),
+    "not a permutation, backward": ("""
+        grad = torch.randn(2, 5, 8, device="cuda")
+        ids = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 3]], device="cuda")
+        out = torch.ops.fastmae.unshuffle_scatter_backward(grad, ids, 2, True)
+        """, "ids_restore repeats an index within a sample"),
 }
 
 
 @pytest.mark.parametrize("case", list(_DEVICE_ASSERTS))
 def test_device_side_refusals_stop_the_stream(case):
-    """Inputs the Triton kernels cannot take are refused by a device-side assert queued before the
-    kernel (no host synchronisation): an index outside [0, L) in the forward, a repeated patch or
-    a non-permutation in the backwards. The run fails, never silently (in a child process: the
-    assert poisons the CUDA context)."""
+    """The input contract of every backend (indices in range, distinct per sample) holds on CUDA
+    through a device-side assert queued before the kernel (no host synchronisation), forward and
+    backward. The run fails, never silently (in a child process: the assert poisons the CUDA
+    context). The assert's own message does not reach the child's stderr on CUDA."""
     body, message = _DEVICE_ASSERTS[case]
     script = "import torch\nfrom fastmae import ops\n" + textwrap.dedent(body) + \
         "torch.cuda.synchronize()\nprint('NO ERROR')\n"
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_LAUNCH_BLOCKING="1")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0 and "NO ERROR" not in proc.stdout, proc.stdout + proc.stderr
-    # the assert's own message does not reach the child's stderr on CUDA; the backward cases
-    # show that their forward finished, so the backward's check is the one that fired
     assert "device-side assert" in proc.stderr or message in proc.stderr, proc.stderr
-    if "backward()" in body:
-        assert "FORWARD OK" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_mixed_devices_are_rejected():
@@ -285,7 +297,7 @@ def test_mixed_devices_are_rejected():
 
 
 # ============================================================================ gelu_mlp
-@pytest.mark.parametrize("dtype", T.DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", M.SHAPES + [((64, 50), 768, 3072), ((3, 8000), 64, 256)], ids=str)
 def test_gelu_mlp(shape, dtype):
     """The MLP on CUDA against its composition, each judged by its error against fp64, at ViT-B
@@ -296,8 +308,7 @@ def test_gelu_mlp(shape, dtype):
     ref = M._run(M.gelu_mlp_ref, tensors, grad)
     fast = M._run(M.gelu_mlp, tensors, grad)
     for name, f, r, t in zip(M.NAMES, fast, ref, truth):
-        e_fast, e_ref = rel_err(f, t), rel_err(r, t)
-        assert e_fast <= 2 * e_ref + M.ATOL[dtype], f"{name}: error {e_fast:.3g} against the composition's {e_ref:.3g}"
+        assert_close_to_truth(f, t, r, atol=M.ATOL[dtype], norm="l2", name=name)
 
 
 @pytest.mark.parametrize("autocast", [torch.bfloat16, torch.float16], ids=str)

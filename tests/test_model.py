@@ -97,6 +97,8 @@ def golden():
     return load_golden()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.slow)],
+                         indirect=True)  # triton: the interpreter takes ~30 s over the golden cases
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_golden_official_outputs(golden, impl, backend):
     """Both models reproduce what the official facebookresearch/mae code computed."""

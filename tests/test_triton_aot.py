@@ -32,7 +32,11 @@ def _nvidia_backend_error():
     return None
 
 
-pytestmark = pytest.mark.skipif(_nvidia_backend_error() is not None, reason=str(_nvidia_backend_error()))
+pytestmark = [
+    # minutes on two cores when triton's cache is cold: the full run's, not the quick tier's
+    pytest.mark.slow,
+    pytest.mark.skipif(_nvidia_backend_error() is not None, reason=str(_nvidia_backend_error())),
+]
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,17 @@ and backward, over shapes that reach every mask and tail path: N = 1..3, L from 
 tile width and not a multiple of it, misaligned tensors (scalar fallback), every dtype. Outputs
 and scratch buffers are poisoned with NaN as they are allocated, so an element the kernels fail to
 write shows up. Pure copies (gathers, scatters, ``dx``) must match bit for bit; rounded results
-follow the tolerance rule of STYLE.md (``tolerance`` below).
+follow the tolerance rule of STYLE.md (``tolerance`` below, through ``helpers.assert_close_to_truth``).
 
-The public ops on the triton backend are covered by tests/test_ops.py and tests/test_model.py.
+The public ops on the triton backend are covered by tests/test_gather_mask.py,
+tests/test_unshuffle_scatter.py, tests/test_norm_mse_loss.py and tests/test_model.py.
 """
 import inspect
 import zlib
 
 import pytest
 import torch
+from helpers import assert_close_to_truth, assert_exact
 
 from fastmae.ops import _backend
 
@@ -82,31 +84,9 @@ def poison(nan_memory):
     """New memory (the launchers' torch.empty) is NaN-filled for the test (conftest's nan_memory)."""
 
 
-def _worst(a: torch.Tensor, b: torch.Tensor) -> str:
-    d = (a.double() - b.double()).abs()
-    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
-    i = int(d.flatten().argmax()) if d.numel() else 0
-    idx = tuple(int(x) for x in torch.unravel_index(torch.tensor(i), a.shape)) if a.dim() else ()
-    return f"worst element {idx}: got {a.flatten()[i].item()!r}, expected {b.flatten()[i].item()!r}"
-
-
-def assert_exact(got: torch.Tensor, want: torch.Tensor, what: str):
-    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype} {tuple(got.shape)} " \
-                                                                f"vs {want.dtype} {tuple(want.shape)}"
-    assert torch.equal(got, want), f"{what} differs from the reference; {_worst(got, want)}"
-
-
 def tolerance(got: torch.Tensor, torch_out: torch.Tensor, truth: torch.Tensor, what: str):
     """STYLE.md's rule: max|got - truth| <= 2 max|torch_out - truth| + ATOL_REL * max|truth|."""
-    assert got.dtype == torch_out.dtype and got.shape == torch_out.shape, f"{what}: {got.dtype} " \
-        f"{tuple(got.shape)} vs {torch_out.dtype} {tuple(torch_out.shape)}"
-    assert not torch.isnan(got).any(), f"{what} holds NaN (an element left unwritten?); {_worst(got, truth)}"
-    truth = truth.double()
-    err = (got.double() - truth).abs().max().item() if got.numel() else 0.0
-    ref_err = (torch_out.double() - truth).abs().max().item() if got.numel() else 0.0
-    atol = ATOL_REL[got.dtype] * (truth.abs().max().item() if got.numel() else 0.0)
-    assert err <= 2 * ref_err + atol, (f"{what}: error {err:.3g} > 2 x torch's {ref_err:.3g} + {atol:.3g}; "
-                                       f"{_worst(got, truth)}")
+    assert_close_to_truth(got, truth, torch_out, atol=ATOL_REL[got.dtype], name=what)
 
 
 # ---------------------------------------------------------------------------- gather_mask
