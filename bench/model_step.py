@@ -25,7 +25,6 @@ Configurations:
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 

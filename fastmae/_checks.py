@@ -190,6 +190,11 @@ def check_distinct(ids: torch.Tensor, upper: int, name: str) -> None:
         torch._assert_async(~repeats.any(), f"{name} repeats an index within a sample")
         return
     if bool(repeats.any()):
-        n, j = (int(i) for i in repeats.nonzero()[0])
-        raise ValueError(f"{name} repeats index {int(s[n, j])} in sample {n}: the indices of a sample must "
+        n = int(repeats.any(dim=1).nonzero()[0])
+        seen = set()
+        for r in ids[n].tolist():  # the first repeat in row order, as the C++ check names it
+            if r in seen:
+                break
+            seen.add(r)
+        raise ValueError(f"{name} repeats index {r} in sample {n}: the indices of a sample must "
                          f"be distinct, as random masking makes them")

@@ -1,14 +1,18 @@
 """Shared test setup.
 
-TRITON_INTERPRET=1 is set before anything imports fastmae.kernels, so the Triton kernels run on
-CPU tensors (that is how they are tested without a GPU). Nothing here queries a device at import.
+Without a CUDA device, TRITON_INTERPRET=1 is set before anything imports fastmae.kernels, so the
+Triton kernels run on CPU tensors (that is how they are tested without a GPU). With one, the
+interpreter is not forced: the Triton kernels compile for the GPU and tests/test_cuda.py runs them
+(the interpreter's CPU-tensor tests then skip; set TRITON_INTERPRET=1 to run those instead).
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():  # counts devices, no context
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from fastmae import config  # noqa: E402
 from fastmae.ops import _backend  # noqa: E402

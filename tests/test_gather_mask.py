@@ -100,6 +100,10 @@ def test_gather_mask_refuses_repeated_or_out_of_range_patches(backend):
         ops.gather_mask(imgs, repeated, p)
     with pytest.raises(ValueError, match=re.escape(_REPEAT)):
         backward(grad, repeated, p, H, W)
+    # several repeats: every backend names the first sample's first repeat in row order (5, not 1)
+    several = torch.tensor([[0, 2, 1, 4], [5, 1, 5, 1], [2, 2, 3, 3]])
+    with pytest.raises(ValueError, match=re.escape("ids_keep repeats index 5 in sample 1:")):
+        ops.gather_mask(torch.randn(3, C, 3 * p, 3 * p), several, p)
     for bad in (4, -1):
         ids = torch.tensor([[0, 2, 1], [3, bad, 0]])
         message = re.escape(f"ids_keep holds index {bad}, outside [0, 4)")
