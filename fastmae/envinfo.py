@@ -66,9 +66,9 @@ def rows() -> list[tuple[str, str]]:
     if err is None:
         out.append(("C++ extension", "loaded (fastmae._C)"))
     else:
-        out.append(("C++ extension", f"NOT loaded: {err}. CPU tensors fall back to torch math; to fix, "
-                                     "reinstall from a fastmae checkout with `pip install --no-build-isolation .` "
-                                     "(needs a C++ compiler and ninja, and the torch it will run with)"))
+        out.append(("C++ extension", f"NOT loaded: {err}. CPU tensors fall back to torch math; to fix: "
+                                     f"{_backend.build_hint()} (a C++ compiler and ninja are needed, and the torch "
+                                     "it will run with)"))
     cfg_error = config.error()
     if cfg_error is not None:
         out.append(("settings", f"REFUSED: {cfg_error}; the fused ops raise until it is fixed"))

@@ -158,7 +158,7 @@ def test_bench_command_runs_the_ops_suite(tmp_path):
     """A real (tiny) run of the ops suite through the command: the JSON, the log and the report."""
     proc = subprocess.run([sys.executable, "-m", "fastmae", "bench", "--quick", "--smoke", "--only", "ops",
                            "--device", "cpu", "--allocator", "default", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=ENV, timeout=900)
+                          capture_output=True, text=True, env=ENV, timeout=900, cwd=tmp_path)  # the installed fastmae
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "ops-default.json").read_text())
     assert data["machine_info"]["fastmae"]["cpu_backend"] in ("cpp", "torch")

@@ -14,8 +14,10 @@ from fastmae.ops import _backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_env_report_runs_as_a_command():
-    out = subprocess.run([sys.executable, "-m", "fastmae", "env"], capture_output=True, text=True,
+def test_env_report_runs_as_a_command(tmp_path):
+    # cwd: away from the checkout, whose fastmae/ (no built extension in a non-editable install)
+    # `python -m` would import instead of the installed package
+    out = subprocess.run([sys.executable, "-m", "fastmae", "env"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "FASTMAE_CPU_STREAM": "never", "FASTMAE_TYPO": "1"})
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -35,7 +37,17 @@ def test_env_report_says_why_the_extension_is_missing(monkeypatch):
     monkeypatch.setattr(_backend, "_ext_state", {"error": "ImportError: undefined symbol _ZN3c10", "warned": True})
     text = envinfo.report()
     assert "NOT loaded: ImportError: undefined symbol _ZN3c10" in text
-    assert "pip install --no-build-isolation ." in text
+    assert "pip install --no-build-isolation" in text
+
+
+def test_build_hint_names_a_source_checkout_imported_as_it_is():
+    """Run from a checkout's folder after a non-editable install, `python -m fastmae` imports the
+    checkout's sources, which have no built extension: the hint says so instead of "install"."""
+    package = os.path.dirname(os.path.abspath(fastmae.__file__))
+    checkout = os.path.isfile(os.path.join(package, os.pardir, "setup.py"))
+    hint = _backend.build_hint()
+    assert ("source checkout" in hint and "run from another folder" in hint) == checkout, hint
+    assert "pip install --no-build-isolation" in hint
 
 
 def test_readme_settings_table_is_current():

@@ -56,9 +56,10 @@ print(json.dumps({"kernels": kernels, "fastmae_ops": other, "asserts": asserts})
 '''
 
 
-def test_cuda_ops_decompose_into_triton_kernels_under_compile():
+def test_cuda_ops_decompose_into_triton_kernels_under_compile(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTMAE_BACKEND")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tmp_path)  # the installed fastmae, not the checkout's sources
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["fastmae_ops"] == [], got

@@ -60,6 +60,17 @@ def _load_extension() -> str | None:
     return None
 
 
+def build_hint() -> str:
+    """How to get the extension: the install command, or, for a source checkout imported as it
+    is (``python -m fastmae`` in the checkout's folder after a non-editable install), what that means."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(package, os.pardir, "setup.py")):
+        return (f"this fastmae is the source checkout {package}, imported as it is: run from another folder to "
+                f"use the installed fastmae, or build the checkout in place with "
+                f"`pip install --no-build-isolation -e .`")
+    return _BUILD_HINT
+
+
 def extension_error() -> str | None:
     """Why the compiled extension is unavailable, or None when it is loaded."""
     if "error" not in _ext_state:
@@ -76,12 +87,12 @@ def _no_extension() -> str:
     under FASTMAE_REQUIRE_EXTENSION=1."""
     if config.settings().require_extension:
         raise RuntimeError(f"FASTMAE_REQUIRE_EXTENSION=1 but fastmae's C++ extension is unavailable "
-                           f"({extension_error()}); {_BUILD_HINT}")
+                           f"({extension_error()}); {build_hint()}")
     if not _ext_state.get("warned"):
         _ext_state["warned"] = True
         warnings.warn(
             f"fastmae's C++ extension is not available ({extension_error()}); CPU tensors use the "
-            f"slower torch math instead. To use the fused CPU kernels, {_BUILD_HINT}.",
+            f"slower torch math instead. To use the fused CPU kernels, {build_hint()}.",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -120,7 +131,7 @@ def select_backend(device: torch.device | str) -> str:
             raise RuntimeError(f"FASTMAE_BACKEND=cpp runs on CPU tensors only, got {kind}")
         if not has_extension():
             raise RuntimeError(f"FASTMAE_BACKEND=cpp but the extension is unavailable "
-                               f"({extension_error()}); {_BUILD_HINT}")
+                               f"({extension_error()}); {build_hint()}")
         return "cpp"
     if forced == "torch":
         return "torch"
