@@ -21,14 +21,9 @@ NO_CUDA = "no CUDA device"  # what the report says in the place of CUDA figures 
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from fastmae.envinfo import cpu_name
+
+    return cpu_name()
 
 
 def usable_cores() -> int:

@@ -28,7 +28,8 @@ def _version(module: str) -> str:
         return f"fails to import ({type(e).__name__}: {e})"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux), or what the platform says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -36,7 +37,7 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _backend_line(device: str) -> str:
@@ -55,7 +56,7 @@ def rows() -> list[tuple[str, str]]:
         ("torchvision", _version("torchvision")),
         ("triton", _version("triton")),
         ("xformers", _version("xformers")),
-        ("CPU", f"{_cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"),
+        ("CPU", f"{cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"),
     ]
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
