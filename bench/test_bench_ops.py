@@ -9,7 +9,7 @@ Providers, same shapes and inputs for each:
   here), whose bytes/s (read + write) is the bandwidth the report compares each op's minimal
   bytes against.
 
-Method (one test per op, mode and dtype; see bench/NOTES.md for why):
+Method (one test per op, mode and dtype; see bench/README.md for why):
 - Side by side: each benchmark round is one cycle that calls every provider once, in an order
   rotated every round (A B C D, B C D A, ...), each call timed on its own. Per provider
   ``extra_info`` holds the median, min and max ms and the median number of page faults per call
