@@ -52,7 +52,12 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------- model config
 def model_config(model) -> dict:
-    """The constructor arguments of an MAE (fast or reference), as plain Python values."""
+    """The constructor arguments of an MAE (fast or reference) or of a classifier
+    (:class:`fastmae.VisionTransformer`, ``kind="vit"``), as plain Python values."""
+    from .vit import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return model.config()
     pe = model.patch_embed
     blocks, dblocks = model.blocks, model.decoder_blocks
     return dict(
@@ -67,11 +72,17 @@ def model_config(model) -> dict:
 
 
 def build_model(config: dict, reference_impl: bool = False, **kwargs):
-    """An MAE from a stored ``model_config`` (``reference_impl=True``: the plain reference)."""
+    """An MAE, or a classifier when ``config["kind"] == "vit"``, from a stored ``model_config``
+    (``reference_impl=True``: on the plain reference blocks)."""
     from functools import partial
 
     from . import reference
     from .model import MaskedAutoencoderViT
+
+    if config.get("kind") == "vit":
+        from .vit import VisionTransformer
+
+        return VisionTransformer.from_config(config, reference_impl=reference_impl, **kwargs)
 
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
@@ -207,8 +218,10 @@ def _check_crc(path: str) -> None:
                               f"stored CRC-32 checksum")
 
 
-def load(path: str, map_location="cpu") -> dict:
-    """Read and check a fastmae checkpoint; :class:`CheckpointError` says what is wrong."""
+def read(path: str, map_location="cpu"):
+    """Read any checkpoint file safely: checked for existence, emptiness and damaged bytes, then
+    ``torch.load(weights_only=True)`` (no code runs from the file; an ``argparse.Namespace``, as
+    the official scripts store their args, is allowed). :class:`CheckpointError` says what is wrong."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     if not os.path.isfile(path):
@@ -217,25 +230,29 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
     _check_crc(path)
     try:
-        # official MAE checkpoints hold their args as an argparse.Namespace: allowed, so that they
-        # reach the clear "not a fastmae checkpoint" error below
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
             raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated and cannot be read "
                                   f"(UnpicklingError: {_first_line(e)})") from None
         raise CheckpointError(
             f"{path!r} holds Python objects that a safe (weights-only) load refuses, so it is not a "
-            f"fastmae checkpoint ({_first_line(e)})") from None
+            f"checkpoint fastmae reads ({_first_line(e)}); if you trust the file, load it yourself with "
+            f"torch.load(weights_only=False) and save its state_dict") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
         raise CheckpointError(
             f"checkpoint {path!r} is corrupt or truncated and cannot be read "
             f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load(path: str, map_location="cpu") -> dict:
+    """Read and check a fastmae checkpoint; :class:`CheckpointError` says what is wrong."""
+    ckpt = read(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path!r} is not a fastmae checkpoint (no format={FORMAT!r} marker); "
-            f"only files written by `fastmae pretrain` can be resumed or visualized")
+            f"only files written by fastmae's training commands can be resumed or visualized")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format version {ckpt.get('version')}, "
                               f"this fastmae reads version {VERSION}")

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from . import train
+from .vit import VIT_NAMES
 
 # The no-argument run: small enough for a few minutes on 2 CPU cores, with a clearly falling loss.
 DEMO_DEFAULTS = dict(
@@ -63,7 +64,17 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_path", default=None,
                    help="ImageFolder root (DIR/train/<class>/<image> or DIR/<class>/<image>); "
                         "default: the embedded scikit-image photographs")
-    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt and the picture go here")
+    _add_run_flags(g, "checkpoints, log.txt and the picture go here")
+
+    f = p.add_argument_group("fastmae flags")
+    _add_fastmae_training_flags(f)
+    f.add_argument("--no-picture", dest="picture", action="store_false",
+                   help="do not write output_dir/reconstruction.png at the end")
+
+
+def _add_run_flags(g, output_help: str) -> None:
+    """The official scripts' flags for where a run writes, what it runs on, how it resumes."""
+    g.add_argument("--output_dir", default="./output_dir", help=output_help)
     g.add_argument("--log_dir", default="./output_dir", help="TensorBoard scalars (when tensorboard is installed)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     g.add_argument("--seed", type=int, default=0, help="seeds the initialisation, the data order, crops and masks")
@@ -85,7 +96,9 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                    help="the official code's Microsoft ITP cluster launch: not supported, use torchrun")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # torch.distributed.launch
 
-    f = p.add_argument_group("fastmae flags")
+
+def _add_fastmae_training_flags(f) -> None:
+    """fastmae's flags shared by the training commands."""
     f.add_argument("--precision", choices=tuple(train.PRECISIONS), default=None,
                    help="fp32, bf16 autocast, or fp16 autocast with a gradient scaler "
                         "(default: fp16 on CUDA, as the official code, fp32 on CPU)")
@@ -106,11 +119,110 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     f.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
                    metavar="N", help="stop after N consecutive steps with a non-finite loss, or non-finite "
                                      "gradients without fp16's scaler (each is skipped)")
-    f.add_argument("--no-picture", dest="picture", action="store_false",
-                   help="do not write output_dir/reconstruction.png at the end")
     f.add_argument("--overwrite", action="store_true",
                    help="start afresh even if --output_dir holds an earlier run's checkpoints, replacing "
                         "them (without it such a run is refused; --resume auto continues it)")
+
+
+def _add_downstream_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of main_finetune.py (``finetune``) or main_linprobe.py (``linprobe``), with their
+    defaults, and fastmae's."""
+    ft = command == "finetune"
+    g = p.add_argument_group(f"official main_{command}.py flags")
+    g.add_argument("--batch_size", type=int, default=64 if ft else 512,
+                   help="batch size per process (effective batch size is batch_size * accum_iter * processes)")
+    g.add_argument("--epochs", type=int, default=50 if ft else 90, help="epochs to train")
+    g.add_argument("--accum_iter", type=int, default=1,
+                   help="accumulate gradients over this many batches per optimizer step")
+    _add_encoder_flags(g, global_pool=ft)
+    if ft:
+        g.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="stochastic depth rate")
+    g.add_argument("--weight_decay", type=float, default=0.05 if ft else 0.0, help="weight decay")
+    g.add_argument("--lr", type=float, default=None, metavar="LR",
+                   help="absolute learning rate (default: blr * effective batch size / 256)")
+    g.add_argument("--blr", type=float, default=1e-3 if ft else 0.1, metavar="LR",
+                   help="base learning rate: lr = blr * effective batch size / 256")
+    if ft:
+        g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
+    g.add_argument("--min_lr", type=float, default=1e-6 if ft else 0.0, metavar="LR",
+                   help="lower bound of the cosine schedule")
+    g.add_argument("--warmup_epochs", type=float, default=5 if ft else 10, metavar="N", help="epochs of linear warmup")
+    if ft:
+        a = p.add_argument_group("official augmentation flags (timm's create_transform and Mixup)")
+        a.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                       help="colour jitter factor (used only without --aa)")
+        a.add_argument("--aa", default="rand-m9-mstd0.5-inc1", metavar="NAME", help="RandAugment policy")
+        a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+        a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
+        a.add_argument("--remode", default="pixel", help="random erasing mode")
+        a.add_argument("--recount", type=int, default=1, help="random erasing count")
+        a.add_argument("--resplit", action="store_true", default=False,
+                       help="accepted for the official signature; fastmae does not split the first augmentation")
+        a.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, mixup enabled if > 0")
+        a.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, cutmix enabled if > 0")
+        a.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                       help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+        a.add_argument("--mixup_prob", type=float, default=1.0,
+                       help="probability of performing mixup or cutmix when either/both is enabled")
+        a.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                       help="probability of switching to cutmix when both mixup and cutmix enabled")
+        a.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"),
+                       help='how to apply mixup/cutmix params: per "batch", "pair", or "elem"')
+    g.add_argument("--data_path", default=None,
+                   help="DIR/train/<class>/<image> and DIR/val/<class>/<image> (ImageFolder); default: the "
+                        "embedded scikit-learn digits")
+    g.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: the data's)")
+    g.add_argument("--eval", action="store_true", help="evaluate only (the model of --resume, or --finetune)")
+    g.add_argument("--dist_eval", action="store_true", default=True,
+                   help="accepted for the official signature: evaluation is always split over the processes")
+    _add_run_flags(g, "checkpoints (checkpoint-best.pth: the best top-1) and log.txt go here")
+
+    f = p.add_argument_group("fastmae flags")
+    _add_fastmae_training_flags(f)
+    if ft:
+        f.add_argument("--trainable-blocks", "--trainable_blocks", dest="trainable_blocks", type=int, default=None,
+                       metavar="K", help="partial fine-tuning: train only the last K blocks, the final norm and the "
+                                         "head; the rest is frozen and runs without keeping activations "
+                                         "(default: all blocks)")
+        f.add_argument("--grad-checkpointing", "--grad_checkpointing", dest="grad_checkpointing", action="store_true",
+                       help="recompute each trained block's activations in backward (less memory)")
+
+
+def _add_encoder_flags(g, global_pool: bool) -> None:
+    """Which encoder: --model, --finetune, --input_size and the pooling."""
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"the classifier ({', '.join(VIT_NAMES)}); default: what the --finetune checkpoint "
+                        f"describes, else vit_large_patch16 (randomly initialised)")
+    g.add_argument("--finetune", default="", metavar="CKPT",
+                   help="the encoder to start from: a fastmae or official pre-training or fine-tuning checkpoint, "
+                        "or a state_dict file")
+    g.add_argument("--input_size", type=int, default=None,
+                   help="image size (default: the --finetune checkpoint's, else 224); the position table is "
+                        "resized to it")
+    g.add_argument("--global_pool", action="store_true", default=global_pool,
+                   help="classify the mean of the patch tokens (through fc_norm)"
+                        + (" (the default)" if global_pool else ""))
+    g.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="classify the cls token (through norm)" + ("" if global_pool else " (the default)"))
+
+
+def _add_knn_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("k-NN flags")
+    _add_encoder_flags(g, global_pool=False)
+    g.add_argument("--nb_knn", "--k", dest="nb_knn", type=int, default=20, metavar="K", help="neighbours that vote")
+    g.add_argument("--temperature", type=float, default=0.07, help="votes are weighted exp(similarity / T)")
+    g.add_argument("--data_path", default=None,
+                   help="DIR/train/<class>/<image> and DIR/val/<class>/<image>; default: the embedded digits")
+    g.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: the data's)")
+    g.add_argument("--batch_size", type=int, default=128, help="images per forward pass")
+    g.add_argument("--num_workers", type=int, default=10, help="DataLoader worker processes")
+    g.add_argument("--output_dir", default="./output_dir", help="log.txt (test_acc1, test_acc5) goes here")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seeds a random initialisation (without --finetune)")
+    g.add_argument("--precision", choices=tuple(train.PRECISIONS), default=None,
+                   help="fp32, or bf16/fp16 autocast (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--attn-backend", "--attn_backend", dest="attn_backend", default="auto",
+                   choices=("auto", "sdpa", "xformers", "math"), help="attention implementation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "demo's files in its folder.")
     _add_pretrain_flags(demo)
     demo.set_defaults(**DEMO_DEFAULTS)
+
+    for command, what in (("finetune", "fine-tune an encoder (main_finetune.py's recipe)"),
+                          ("linprobe", "linear probing of a frozen encoder (main_linprobe.py's recipe)")):
+        cmd = sub.add_parser(command, formatter_class=_Formatter, help=what,
+                             description=f"{what[0].upper()}{what[1:]}, with the official flags and defaults. Without "
+                                         "--data_path it runs on the embedded scikit-learn digits. Writes "
+                                         "checkpoint-last.pth, checkpoint-best.pth (best top-1) and log.txt "
+                                         "(train_loss, test_loss, test_acc1, test_acc5 per epoch) to --output_dir. "
+                                         f"Distributed: torchrun --nproc_per_node=N -m fastmae {command} ...")
+        _add_downstream_flags(cmd, command)
+    knn = sub.add_parser("knn", formatter_class=_Formatter, help="k-NN classification of frozen features",
+                         description="k-NN classification of an encoder's frozen features (cosine similarity, "
+                                     "temperature-weighted votes, as DINO): top-1 and top-5 on the validation set, "
+                                     "written to --output_dir/log.txt.")
+    _add_knn_flags(knn)
 
     vis = sub.add_parser(
         "visualize", formatter_class=_Formatter, help="reconstruction picture from a checkpoint",
@@ -175,6 +302,19 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+def _run_downstream(args) -> int:
+    from . import downstream
+
+    try:
+        getattr(downstream, args.command)(args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
@@ -200,6 +340,8 @@ def main(argv=None) -> int:
             return bench_cli.run(args)
         if args.command in ("pretrain", "demo"):
             return _run_pretrain(args)
+        if args.command in ("finetune", "linprobe", "knn"):
+            return _run_downstream(args)
         from .visualize import visualize
 
         path = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.device)

@@ -10,7 +10,9 @@ DataLoader workers, or on whether the run was interrupted and resumed: sample ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 
 import numpy as np
 import torch
@@ -57,6 +59,72 @@ def eval_transform(input_size: int):
     ])
 
 
+def _posterize_keeping_no_bits():
+    """timm's RandAugment at ``inc1`` asks ``ImageOps.posterize`` for 0 bits at times (a black
+    image, what Pillow before 13 returned); Pillow 13 refuses 0. Give timm's posterize ops that
+    result again, only where this Pillow refuses it."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+
+    def wrap(op):
+        if getattr(op, "keeps_no_bits", False):
+            return op
+
+        def posterize(img, bits_to_keep, **kwargs):
+            if bits_to_keep <= 0:
+                return img.point(lambda _: 0)
+            return op(img, bits_to_keep, **kwargs)
+        posterize.keeps_no_bits = True
+        return posterize
+
+    for name in [n for n in auto_augment.NAME_TO_OP if n.startswith("Posterize")]:
+        auto_augment.NAME_TO_OP[name] = wrap(auto_augment.NAME_TO_OP[name])
+
+
+def classify_train_transform(input_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+                             reprob: float = 0.25, remode: str = "pixel", recount: int = 1, color_jitter=None):
+    """The official fine-tuning augmentation (main_finetune.py's ``build_transform``): timm's
+    ``create_transform``: RandomResizedCrop (bicubic), flip, RandAugment, normalise, RandomErasing."""
+    from timm.data import create_transform
+
+    _posterize_keeping_no_bits()
+    return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                            auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob, re_mode=remode,
+                            re_count=recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def probe_train_transform(input_size: int):
+    """The official linear-probing augmentation (main_linprobe.py): crop (bicubic) and flip only."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
+
+
+def classify_eval_transform(input_size: int):
+    """The official evaluation transform: resize the short side to ``input_size / crop_pct``
+    (crop_pct 224/256 up to 224 px, else 1), centre-crop ``input_size``, normalise."""
+    from torchvision import transforms
+
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ])
+
+
 def load_embedded_image(name: str):
     """One of scikit-image's bundled photographs as an RGB PIL image."""
     import skimage.data
@@ -96,6 +164,39 @@ class EmbeddedImages(Dataset):
                 f"crops per epoch = {len(self)} samples)")
 
 
+class EmbeddedDigits(Dataset):
+    """The labelled default: scikit-learn's bundled handwritten digits (1,797 8x8 grey images, 10
+    classes; no download), upscaled once to ``size`` px (bicubic) and made RGB. A fixed split:
+    every fifth image (by index) is in ``val`` (360 images), the rest in ``train`` (1,437).
+    Items are ``(PIL image, label)``, like an untransformed ImageFolder."""
+
+    classes = [str(d) for d in range(10)]
+
+    def __init__(self, split: str = "train", size: int = 32):
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        digits = load_digits()
+        keep = [i for i in range(len(digits.target)) if (i % 5 == 0) == (split == "val")]
+        grey = (digits.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)
+        self.images = [Image.fromarray(g).resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+                       for g in grey]
+        self.targets = [int(t) for t in digits.target[keep]]
+        self.split, self.size = split, size
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.targets[index]
+
+    def __repr__(self):
+        return (f"embedded scikit-learn digits, {self.split} split ({len(self)} images, 10 classes, "
+                f"upscaled to {self.size} px)")
+
+
 def image_folder(data_path: str):
     """The official dataset: ``ImageFolder(data_path/train)``, or ``ImageFolder(data_path)`` when
     there is no ``train`` subfolder. Clear errors for a missing or empty folder."""
@@ -122,10 +223,77 @@ def build_dataset(data_path: str | None):
     return EmbeddedImages() if data_path is None else image_folder(data_path)
 
 
+def labelled_folders(data_path: str | None):
+    """``(train, val)`` for the downstream commands: ``ImageFolder(DIR/train)`` and
+    ``ImageFolder(DIR/val)`` with the same classes, or the embedded digits when ``data_path`` is None."""
+    from torchvision import datasets
+
+    if data_path is None:
+        return EmbeddedDigits("train"), EmbeddedDigits("val")
+    if not os.path.isdir(data_path):
+        raise ValueError(f"--data_path {data_path!r} is not a directory")
+    sets = []
+    for split in ("train", "val"):
+        root = os.path.join(data_path, split)
+        if not os.path.isdir(root):
+            raise ValueError(f"--data_path {data_path!r} has no {split}/ folder: expected "
+                             f"{data_path}/train/<class>/<image> and {data_path}/val/<class>/<image>")
+        try:
+            sets.append(datasets.ImageFolder(root))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ValueError(f"no images found under {root!r}: expected {root}/<class>/<image> ({e})") from None
+    train, val = sets
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise ValueError(f"the classes of {data_path}/val differ from those of {data_path}/train (only in train: "
+                         f"{only_train[:5]}; only in val: {only_val[:5]}): labels would not mean the same class")
+    return train, val
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for sample ``index`` of epoch ``epoch`` of a run seeded ``seed``."""
     state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, epoch, index]).generate_state(2, np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch's CPU generator, numpy's and python's global generators with ``seed`` for the
+    block (torchvision draws from torch, timm's RandAugment, RandomErasing and Mixup from python and
+    numpy), then restore their previous states, so the caller's streams are left untouched."""
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+
+
+class LabelledSamples(Dataset):
+    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, label,
+    seed)``, the transform drawn under :func:`seeded` with the sample's seed, which is also
+    returned (batch-level choices, such as mixup's, are drawn from the batch's first seed)."""
+
+    def __init__(self, base, transform, seed: int):
+        if len(base) == 0:
+            raise ValueError("the training dataset is empty")
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        img, label = self.base[index]
+        s = sample_seed(self.seed, epoch, index)
+        with seeded(s):
+            img = self.transform(img)
+        return img, torch.tensor(label), torch.tensor(s)
 
 
 class SeededSamples(Dataset):

@@ -74,6 +74,16 @@ def all_reduce_mean(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:
     return x
 
 
+def all_reduce_sum(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    """The sum of ``x`` over the processes (``x`` itself for one process)."""
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
 def broadcast_from_main(obj, dist_info: Dist):
     """Rank 0's ``obj`` on every process (a picklable value)."""
     if dist_info.enabled:

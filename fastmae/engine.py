@@ -41,6 +41,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRINT_FREQ = 20  # plain progress lines (when stderr is not a terminal), as the official print_freq
 LOG = "log.txt"
+BEST = "checkpoint-best.pth"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +92,15 @@ class Recipe:
         """Lines printed before training starts (the model, the data)."""
         return []
 
+    # What evaluate() returns that ranks checkpoints: the best epoch's checkpoint is kept as
+    # checkpoint-best.pth (None: no evaluation).
+    best_metric: str | None = None
+
+    def evaluate(self, model, device, amp_dtype, dist) -> dict:
+        """Called on every process after each epoch, with the model in eval mode: the epoch's
+        test statistics for log.txt (``{"test_acc1": ...}``), the same on every process."""
+        return {}
+
     def finish(self, model, device, step: int) -> dict[str, str]:
         """Called on the main process after training: writes the command's outputs, returns
         ``{what: path}`` for the summary (``reconstructions: out/reconstruction.png``)."""
@@ -121,12 +131,14 @@ class Result:
     checkpoint: str | None  # the checkpoint this run wrote last, if any
     outputs: dict = field(default_factory=dict)  # what the recipe's finish() wrote: {what: path}
     losses: list = field(default_factory=list)  # per-epoch mean losses of this run
+    test: dict = field(default_factory=dict)  # the last epoch's test statistics (recipes that evaluate)
 
 
 # ---------------------------------------------------------------------------- helpers
 def set_lr(optimizer, lr: float) -> None:
+    """Every group's lr, times its ``lr_scale`` where it has one (layer-wise decay, official)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def _tensorboard(log_dir: str | None):
@@ -325,6 +337,8 @@ class Engine:
         self.saved = None  # the last checkpoint this run wrote
         self.stop = False
         self.last_loss, self.images_seen, self.epoch_losses = None, 0, []
+        self.best = None  # the best value of the recipe's best_metric so far
+        self.last_test: dict = {}
         self.writer = self.bar = None
 
     # ------------------------------------------------------------------------ resume
@@ -349,6 +363,7 @@ class Engine:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.start_epoch, self.epoch_iter, self.step = ckpt["epoch"], ckpt["epoch_iter"], ckpt["step"]
             self.nonfinite = ckpt.get("nonfinite", 0)
+            self.best = ckpt.get("best")
             if self.epoch_iter:
                 self.meters = Meters(**ckpt["meters"])
             if self.dist.rank == 0:
@@ -370,7 +385,7 @@ class Engine:
             for tmp in ckpt_io.remove_stale_temporaries(args.output_dir):
                 self.say(f"removed {tmp}, left by an interrupted save")
             if getattr(args, "overwrite", False) and not _continues_in_output_dir(args, self.resume_path):
-                outputs = [os.path.join(args.output_dir, name) for name in (LOG, *self.recipe.output_files)]
+                outputs = [os.path.join(args.output_dir, name) for name in (LOG, BEST, *self.recipe.output_files)]
                 for old in ckpt_io.run_checkpoints(args.output_dir) + [f for f in outputs if os.path.isfile(f)]:
                     os.remove(old)
                     self.say(f"--overwrite: removed {old}, of an earlier run")
@@ -494,20 +509,41 @@ class Engine:
         loss_avg = meters.loss_sum / meters.loss_count if meters.loss_count else float("nan")
         lr_avg = meters.lr_sum / meters.lr_count if meters.lr_count else float("nan")
         self.epoch_losses.append(loss_avg)
+        test, improved = self._evaluate()
+        self.last_test = test
         if self.main:
-            stats = {"train_lr": lr_avg, "train_loss": loss_avg, "epoch": epoch, "step": self.step,
+            stats = {"train_lr": lr_avg, "train_loss": loss_avg, **test, "epoch": epoch, "step": self.step,
                      "skipped_steps": meters.skipped, "images_per_sec": round(images / max(seconds, 1e-9), 2),
                      "time": round(seconds, 3)}
             if self.log_path:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(stats) + "\n")
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss_avg:.4f}  lr {lr_avg:.3e}  "
+            shown = "".join(f"  {k.removeprefix('test_')} {v:.2f}" for k, v in test.items() if k.startswith("test_acc"))
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss_avg:.4f}  lr {lr_avg:.3e}{shown}  "
                   f"{stats['images_per_sec']:.1f} img/s  ({_fmt_time(seconds)})", flush=True)
         self.meters = Meters()
         if self.main and self.last_path and self.save(epoch + 1, 0):
             self.saved = self.last_path
             if epoch % 20 == 0 or epoch + 1 == args.epochs:
                 ckpt_io.copy_atomic(self.last_path, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            if improved:
+                ckpt_io.copy_atomic(self.last_path, os.path.join(args.output_dir, BEST))
+
+    def _evaluate(self) -> tuple[dict, bool]:
+        """The recipe's test statistics of this epoch (with ``max_<metric>`` so far), and whether
+        its best_metric improved."""
+        metric = self.recipe.best_metric
+        self.model.eval()
+        try:
+            test = self.recipe.evaluate(self.model, self.device, self.amp_dtype, self.dist)
+        finally:
+            self.model.train(True)
+        if not metric or metric not in test:
+            return test, False
+        improved = self.best is None or test[metric] > self.best
+        if improved:
+            self.best = test[metric]
+        return {**test, f"max_{metric.removeprefix('test_')}": self.best}, improved
 
     # ------------------------------------------------------------------------ save
     def save(self, epoch: int, epoch_iter: int) -> bool:
@@ -525,7 +561,7 @@ class Engine:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": epoch, "epoch_iter": epoch_iter, "step": self.step, "meters": self.meters.state(),
-            "nonfinite": self.nonfinite, "dataset_len": len(self.train_set),
+            "nonfinite": self.nonfinite, "best": self.best, "dataset_len": len(self.train_set),
             "position_settings": self.position_settings,
             "args": ckpt_io.plain_args(self.args), "rng": ckpt_io.rng_states(),
         }, path)
@@ -542,7 +578,7 @@ class Engine:
         barrier(self.dist)
         result = Result(model=self.model, steps=self.step, seconds=seconds,
                         images_per_sec=self.images_seen / max(seconds, 1e-9), final_loss=self.last_loss,
-                        checkpoint=self.saved, outputs=outputs, losses=self.epoch_losses)
+                        checkpoint=self.saved, outputs=outputs, losses=self.epoch_losses, test=self.last_test)
         if self.main:
             final = "none" if self.last_loss is None else f"{self.last_loss:.4f}"
             if self.epoch_losses:

@@ -27,6 +27,44 @@ from typing import Any, Iterable
 import torch
 
 
+class LARS(torch.optim.Optimizer):
+    """LARS, as the official MAE linear probe uses it (``util/lars.py``): SGD with momentum whose
+    update of each matrix (``ndim > 1``) is ``g + wd * w`` scaled by the trust ratio
+    ``trust_coefficient * |w| / |g + wd * w|`` (1 where a norm is 0); vectors (biases) take the
+    plain momentum step without weight decay. timm's ``Lars`` divides by ``|g| + wd * |w|``
+    instead and adapts vectors too, so it is not the same optimizer."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(w_norm)
+                    q = torch.where(w_norm > 0, torch.where(u_norm > 0, g["trust_coefficient"] * w_norm / u_norm, one),
+                                    one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
 class OptimizerInBackward:
     """One ``optimizer_cls`` per trainable parameter, stepped during ``backward``.
 

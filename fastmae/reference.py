@@ -64,22 +64,42 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``): in training, zero a residual branch for
+    a sample with probability ``p`` and scale the kept ones by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block with the timm/official parameter names."""
+    """Pre-norm transformer block with the timm/official parameter names; ``drop_path`` is the
+    stochastic depth of both residual branches (fine-tuning; 0 in pre-training)."""
 
     attn_cls = Attention
     mlp_cls = Mlp
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm, drop_path=0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = self.attn_cls(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = self.mlp_cls(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -236,6 +256,9 @@ for _name in list(MODEL_CONFIGS):  # the official short aliases
 # tests'. create_model knows them by name like the official ones.
 SMALL_CONFIGS = {
     "mae_vit_tiny_patch8": dict(patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                                decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4),
+    # the downstream default's: 32-px digits in 4-px patches
+    "mae_vit_tiny_patch4": dict(patch_size=4, embed_dim=192, depth=6, num_heads=3,
                                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4),
     "mae_vit_micro_patch8": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2,
                                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4),
