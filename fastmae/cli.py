@@ -192,6 +192,11 @@ def _add_downstream_flags(p: argparse.ArgumentParser, command: str) -> None:
                                          "(default: all blocks)")
         f.add_argument("--grad-checkpointing", "--grad_checkpointing", dest="grad_checkpointing", action="store_true",
                        help="recompute each trained block's activations in backward (less memory)")
+        f.add_argument("--model_ema", "--model-ema", dest="model_ema", action="store_true",
+                       help="keep an exponential moving average of the weights (timm's ModelEmaV3), evaluated "
+                            "each epoch beside the model (test_acc1_ema ...) and saved in the checkpoints")
+        f.add_argument("--model_ema_decay", "--model-ema-decay", dest="model_ema_decay", type=float, default=0.9999,
+                       help="its decay per step")
 
 
 def _add_encoder_flags(g, global_pool: bool) -> None:

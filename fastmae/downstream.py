@@ -193,6 +193,27 @@ class Classification(Recipe):
         fused = next(model.parameters()).device.type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=a.lr, fused=fused)
 
+    # ---- the optional EMA of the weights (--model_ema): updated after every step, evaluated beside
+    ema = None
+
+    def prepare(self, model) -> None:
+        if getattr(self.args, "model_ema", False):
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=self.args.model_ema_decay)
+            self.ema.module.requires_grad_(False)
+
+    def after_step(self, model) -> None:
+        if self.ema is not None:
+            self.ema.update(model)
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"], strict=True)
+
     def train_set(self, model):
         a, size = self.args, model.patch_embed.img_size[0]
         if self.probe:
@@ -214,8 +235,13 @@ class Classification(Recipe):
 
     def evaluate(self, model, device, amp_dtype, dist) -> dict:
         a = self.args
-        return evaluate(model, self.val_set, device, amp_dtype, dist, batch_size=a.batch_size,
+        test = evaluate(model, self.val_set, device, amp_dtype, dist, batch_size=a.batch_size,
                         num_workers=min(a.num_workers, 4))
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_set, device, amp_dtype, dist, batch_size=a.batch_size,
+                           num_workers=min(a.num_workers, 4))
+            test.update({f"{k}_ema": v for k, v in ema.items()})
+        return test
 
     def describe(self, model, train_set) -> list[str]:
         a = self.args

@@ -74,6 +74,20 @@ class Recipe:
         """The optimizer over the model's parameters (on their device), at ``args.lr``."""
         raise NotImplementedError
 
+    def prepare(self, model) -> None:
+        """Called once the model is on its device, before the optimizer is built (e.g. to copy it
+        for an EMA of the weights)."""
+
+    def after_step(self, model) -> None:
+        """Called after each optimizer step that was taken (e.g. to update an EMA of the weights)."""
+
+    def state_dict(self) -> dict:
+        """The recipe's own state, saved in checkpoints (e.g. the EMA weights)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` on resume."""
+
     def train_set(self, model) -> torch.utils.data.Dataset:
         """The training samples, indexed by the sampler's ``(index, epoch)`` keys; each item is a
         tuple of tensors (a batch is moved to the device tensor by tensor)."""
@@ -293,6 +307,7 @@ class Engine:
 
         # ---- model, optimizer, gradient scaler
         self.model = recipe.build_model().to(device)
+        recipe.prepare(self.model)
         self.global_batch = args.batch_size * args.accum_iter * world
         if args.lr is None:
             args.lr = args.blr * self.global_batch / 256
@@ -364,6 +379,7 @@ class Engine:
             self.start_epoch, self.epoch_iter, self.step = ckpt["epoch"], ckpt["epoch_iter"], ckpt["step"]
             self.nonfinite = ckpt.get("nonfinite", 0)
             self.best = ckpt.get("best")
+            self.recipe.load_state_dict(ckpt.get("recipe") or {})
             if self.epoch_iter:
                 self.meters = Meters(**ckpt["meters"])
             if self.dist.rank == 0:
@@ -474,6 +490,7 @@ class Engine:
         args = self.args
         if not group_bad and _optimizer_step(self.model, self.optimizer, self.scaler, args.clip_grad):
             self.nonfinite = 0
+            self.recipe.after_step(self.model)
         else:
             self.nonfinite += 1
             self.meters.skipped += 1
@@ -511,6 +528,9 @@ class Engine:
         self.epoch_losses.append(loss_avg)
         test, improved = self._evaluate()
         self.last_test = test
+        if self.writer is not None:
+            for k, v in test.items():  # the official scalars: perf/test_acc1, perf/test_acc5, perf/test_loss
+                self.writer.add_scalar(f"perf/{k}", v, epoch)
         if self.main:
             stats = {"train_lr": lr_avg, "train_loss": loss_avg, **test, "epoch": epoch, "step": self.step,
                      "skipped_steps": meters.skipped, "images_per_sec": round(images / max(seconds, 1e-9), 2),
@@ -563,7 +583,7 @@ class Engine:
             "epoch": epoch, "epoch_iter": epoch_iter, "step": self.step, "meters": self.meters.state(),
             "nonfinite": self.nonfinite, "best": self.best, "dataset_len": len(self.train_set),
             "position_settings": self.position_settings,
-            "args": ckpt_io.plain_args(self.args), "rng": ckpt_io.rng_states(),
+            "args": ckpt_io.plain_args(self.args), "rng": ckpt_io.rng_states(), "recipe": self.recipe.state_dict(),
         }, path)
         return True
 

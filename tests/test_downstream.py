@@ -184,9 +184,10 @@ def test_linear_probe_leaves_the_encoder_untouched(tmp_path, digits, mae_ckpt):
 
 
 def test_finetune_resume_is_exact(tmp_path, digits):
-    """An interrupted fine-tuning run (mixup, RandAugment, drop path, random erasing) resumed
-    mid-epoch ends with the same weights as an uninterrupted one."""
-    common = ["--model", "vit_micro_patch8", *SMALL, "--epochs", 2, "--log_dir", ""]
+    """An interrupted fine-tuning run (mixup, RandAugment, drop path, random erasing, an EMA of the
+    weights) resumed mid-epoch ends with the same weights and EMA as an uninterrupted one."""
+    common = ["--model", "vit_micro_patch8", *SMALL, "--epochs", 2, "--log_dir", "", "--model_ema",
+              "--model_ema_decay", 0.9]
     full = downstream.finetune(parse("finetune", *common, "--output_dir", tmp_path / "a"), datasets=digits)
 
     class Stop(Exception):
@@ -202,6 +203,11 @@ def test_finetune_resume_is_exact(tmp_path, digits):
                             on_step=stop)
     resumed = downstream.finetune(parse("finetune", *common, "--output_dir", b, "--resume", "auto"), datasets=digits)
     assert_states_equal(full.model.state_dict(), resumed.model.state_dict(), "model")
+    ema_a, ema_b = (ckpt_io.load(str(d / "checkpoint-last.pth"))["recipe"]["ema"] for d in (tmp_path / "a", b))
+    assert_states_equal(ema_a, ema_b, "ema")
+    assert not all(torch.equal(ema_a[k], v) for k, v in full.model.state_dict().items())  # it averages
+    line = json.loads(open(b / "log.txt").read().splitlines()[-1])
+    assert {"test_acc1_ema", "test_acc5_ema", "test_loss_ema"} <= set(line)
 
 
 def test_knn_writes_its_accuracy(tmp_path, digits, mae_ckpt):
