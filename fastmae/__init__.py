@@ -11,6 +11,17 @@ from .model import (
     mae_vit_large_patch16_dec512d8b,
 )
 
+from .pretrained import load_encoder
+from .vit import (
+    VisionTransformer,
+    create_vit,
+    interpolate_pos_embed,
+    param_groups_lrd,
+    vit_base_patch16,
+    vit_huge_patch14,
+    vit_large_patch16,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -18,4 +29,6 @@ __all__ = [
     "mae_vit_base_patch16", "mae_vit_base_patch16_dec512d8b",
     "mae_vit_large_patch16", "mae_vit_large_patch16_dec512d8b",
     "mae_vit_huge_patch14", "mae_vit_huge_patch14_dec512d8b",
+    "VisionTransformer", "create_vit", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14",
+    "param_groups_lrd", "interpolate_pos_embed", "load_encoder",
 ]
