@@ -137,14 +137,27 @@ def encoder_config(source: Source) -> dict:
 
 
 # ---------------------------------------------------------------------------- loading
-def _is_sincos(pos_embed: torch.Tensor) -> bool:
-    """Whether ``pos_embed [1, 1 + g*g, D]`` is the fixed sin-cos table of its (square) grid."""
+def _is_sincos(pos_embed: torch.Tensor, grid) -> bool:
+    """Whether ``pos_embed [1, 1 + h*w, D]`` is the fixed sin-cos table of the ``(h, w)`` grid."""
     n, dim = pos_embed.shape[-2] - 1, pos_embed.shape[-1]
-    g = int(round(n ** 0.5))
-    if g * g != n or dim % 4:
+    if grid[0] * grid[1] != n or dim % 4:
         return False
-    table = get_2d_sincos_pos_embed(dim, g, cls_token=True)
+    table = get_2d_sincos_pos_embed(dim, grid, cls_token=True)
     return torch.allclose(pos_embed.reshape(table.shape).float(), table, atol=1e-5)
+
+
+def _source_grid(src: Source, patch_size: int) -> tuple[int, int]:
+    """The checkpoint's patch grid: from its stored image size when it has one, else square."""
+    size = (src.meta.get("model_config") or {}).get("img_size")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        return h // patch_size, w // patch_size
+    rows = src.state["pos_embed"].shape[-2] - 1
+    side = int(round(rows ** 0.5))
+    if side * side != rows:
+        raise CheckpointError(f"{src.label}: its position table has {rows} patch rows, not a square grid, and it "
+                              f"does not say its image size, so the table cannot be resized")
+    return side, side
 
 
 def check_architecture(model, state: dict, label: str) -> None:
@@ -190,15 +203,18 @@ def load_encoder(model, source, name: str = "checkpoint") -> LoadReport:
         for k in head:
             report.dropped[k] = f"a head of another shape or kind than this model's ({model.num_classes} classes)"
             del state[k]
-    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
-        old = state["pos_embed"].shape[-2] - 1
-        grid = "x".join(map(str, model.patch_embed.grid_size))
-        if _is_sincos(state["pos_embed"]):
+    src_grid = _source_grid(src, model.patch_embed.patch_size[0]) if "pos_embed" in state else None
+    if src_grid is not None and src_grid != tuple(model.patch_embed.grid_size):
+        grid, old = "x".join(map(str, model.patch_embed.grid_size)), "x".join(map(str, src_grid))
+        if _is_sincos(state["pos_embed"], src_grid):
             state["pos_embed"] = sincos_pos_embed_like(model).to(state["pos_embed"].dtype)
-            report.resized["pos_embed"] = f"the fixed sin-cos table regenerated for the {grid} grid ({old} patches before)"
+            report.resized["pos_embed"] = f"the fixed sin-cos table regenerated for the {grid} grid (was {old})"
         else:
-            interpolate_pos_embed(model, state)
-            report.resized["pos_embed"] = f"interpolated bicubically to the {grid} grid from {old} patches"
+            try:
+                interpolate_pos_embed(model, state, grid=src_grid)
+            except ValueError as e:
+                raise CheckpointError(f"{label}: {e}") from None
+            report.resized["pos_embed"] = f"interpolated bicubically to the {grid} grid from {old}"
     unexpected = sorted(set(state) - set(own))
     if unexpected:
         raise CheckpointError(f"{label} holds weights this model has no place for: {_short(unexpected)}")

@@ -316,24 +316,27 @@ def param_groups_lrd(model, weight_decay=0.05, no_weight_decay_list=(), layer_de
     return list(groups.values())
 
 
-def interpolate_pos_embed(model, checkpoint_model: dict) -> None:
+def interpolate_pos_embed(model, checkpoint_model: dict, grid=None) -> None:
     """Resize ``checkpoint_model['pos_embed']`` in place to ``model``'s patch grid (official
     ``util/pos_embed.py``): the extra (cls) rows are kept, the grid is resized bicubically
-    (``align_corners=False``). The source grid is taken as square, as the official code does;
-    the target may be any ``(h, w)``."""
+    (``align_corners=False``). The checkpoint's grid is ``grid`` (``(h, w)``) when known, else
+    taken as square, as the official code does; the model's may be any ``(h, w)``."""
     if "pos_embed" not in checkpoint_model:
         return
     src = checkpoint_model["pos_embed"]
     dim = src.shape[-1]
     num_patches = model.patch_embed.num_patches
     extra = model.pos_embed.shape[-2] - num_patches
-    orig = int(round((src.shape[-2] - extra) ** 0.5))
-    if orig * orig != src.shape[-2] - extra:
-        raise ValueError(f"pos_embed of the checkpoint has {src.shape[-2] - extra} patch rows, not a square grid")
+    rows = src.shape[-2] - extra
+    side = int(round(rows ** 0.5))
+    orig = tuple(grid) if grid is not None else (side, side)
+    if orig[0] * orig[1] != rows:
+        raise ValueError(f"pos_embed of the checkpoint has {rows} patch rows, not a "
+                         f"{'x'.join(map(str, orig)) if grid is not None else 'square'} grid")
     new = tuple(model.patch_embed.grid_size)
-    if (orig, orig) == new:
+    if orig == new:
         return
-    tokens = src[:, extra:].reshape(-1, orig, orig, dim).permute(0, 3, 1, 2)
+    tokens = src[:, extra:].reshape(-1, *orig, dim).permute(0, 3, 1, 2)
     tokens = F.interpolate(tokens.float(), size=new, mode="bicubic", align_corners=False).to(src.dtype)
     checkpoint_model["pos_embed"] = torch.cat((src[:, :extra], tokens.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
 

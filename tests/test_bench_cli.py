@@ -101,6 +101,57 @@ def test_render_writes_the_tables_and_plots(tmp_path):
         assert f"]({name})" in text
 
 
+FT_STEP_S = {"fast-compiled": 0.25, "timm-compiled": 0.5, "fast-eager": 0.4, "timm-eager": 0.8}
+FT_PEAK_MB = {"fast-compiled": 150, "timm-compiled": 200, "fast-eager": 160, "timm-eager": 320}
+
+
+def _finetune_results():
+    """Synthetic results of test_bench_finetune.py: the step (fp32), feature extraction, memory."""
+    providers = {p: dict(median_s=s, min_s=s, times_s=[s] * 5, images_per_s=32 / s, pct_of_ceiling=10 / s,
+                         compile_s=20.0 if "compiled" in p else None, first_call_s=21.0)
+                 for p, s in FT_STEP_S.items()}
+    step = dict(kind="finetune_step", config="small", config_title="a small classifier", precision="fp32",
+                batch=32, rounds=5, warmup=1, flops_per_image=1e9, mm_n=2048, mm_rate=100e9, mm_rates=[100e9] * 5,
+                providers=providers, max_abs_logit_diff=0.0, timm="1.0.31", env={}, tier="quick")
+    feats = dict(kind="features", config="small", config_title="a small classifier", mode="eager", precision="fp32",
+                 batch=128, rounds=5, warmup=1, max_abs_feature_diff=0.0, timm="1.0.31", env={}, tier="quick",
+                 providers={"fast": dict(median_s=0.1, images_per_s=1280.0), "timm": dict(median_s=0.2,
+                                                                                         images_per_s=640.0)})
+    benchmarks = [dict(name="test_finetune_step[small-fp32]", extra_info=step),
+                  dict(name="test_feature_extraction[small-eager-fp32]", extra_info=feats)]
+    for variant, mb in FT_PEAK_MB.items():
+        benchmarks.append(dict(name=f"test_finetune_peak_memory[small-{variant}-fp32]", extra_info=dict(
+            kind="finetune_memory", variant=variant, model="finetune", config="small", precision="fp32", batch=32,
+            impl=variant.split("-")[0], compiled="compiled" in variant, resting_bytes=50 * 2**20,
+            step_peak_bytes=(mb - 50) * 2**20, tensor_peak_bytes=mb * 2**20, rss_step_peak_bytes=900 * 2**20,
+            first_step_s=5.0, inductor_cache="shared", env={}, tier="quick")))
+    return dict(machine_info=dict(fastmae=MACHINE), datetime=MACHINE["date"], benchmarks=benchmarks)
+
+
+def test_render_finetune_tables(tmp_path):
+    (tmp_path / "finetune-default.json").write_text(json.dumps(_finetune_results()))
+    written = report.render([str(tmp_path)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Fine-tuning step (CPU): fastmae's classifier against timm" in text
+    assert "fine-tuning step (CPU): small = a small classifier, batch 32, fp32" in text
+    # images/s = batch / median; speed-ups over timm; peak (fresh process) and its ratio to timm in the same mode
+    assert "| small | 32 | fp32 | fast-compiled | 250 | 128 | 3.20 | 2.00 | 40 | 20.0 | 150 | 0.75 |" in text
+    assert "| small | 32 | fp32 | timm-eager | 800 | 40.0 | 1.00 | 0.62 | 12 | n/a | 320 | 1.00 |" in text
+    assert "| small | 32 | fp32 | fast-eager | 400 | 80.0 | 2.00 | 1.25 | 25 | n/a | 160 | 0.50 |" in text
+    assert "the ceiling is 100 images/s; fp32 logits of fastmae and timm on the batch differ by at most 0" in text
+    assert "| small | 32 | fp32 | fast-compiled | 150 | 0.75 | 50 | 100 | 900 | 5.0 | shared |" in text
+    # feature extraction: fastmae / timm is the images/s ratio
+    assert "| small | 128 | fp32 | eager | 100 | 200 | 1280 | 640 | 2.00 | 0 |" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    pngs = sorted(os.path.basename(p) for p in written if p.endswith(".png"))
+    assert pngs == ["features_cpu.png", "finetune_peak_memory_cpu.png", "finetune_step_cpu.png"]
+    for name in pngs:
+        assert f"]({name})" in text
+
+
 def test_render_without_results_says_so(tmp_path):
     report.render([str(tmp_path)], str(tmp_path))
     text = (tmp_path / "report.md").read_text()
@@ -144,7 +195,8 @@ def test_render_only_reads_the_folder(tmp_path):
 
 def test_suites_import_from_the_package():
     """The suites ship in fastmae.bench and import each other from there (no sys.path edits)."""
-    for name in ("model_step", "memory", "environment", "report", "test_bench_model", "test_bench_ops"):
+    for name in ("model_step", "finetune_step", "memory", "environment", "report", "test_bench_model",
+                 "test_bench_finetune", "test_bench_ops"):
         importlib.import_module(f"fastmae.bench.{name}")
     folder = os.path.dirname(bench_cli.__file__)
     for name in os.listdir(folder):

@@ -642,3 +642,16 @@ def test_encoder_config():
     vit_cfg = VisionTransformer(img_size=(24, 40), patch_size=8, embed_dim=48, depth=3, num_heads=3).config()
     cfg = encoder_config(read_source({"format": checkpoint.FORMAT, "model": odd, "model_config": vit_cfg}))
     assert cfg["num_heads"] == 3 and cfg["img_size"] == (24, 40)
+
+
+def test_load_encoder_resizes_a_table_of_another_grid_with_the_same_patch_count():
+    """A 32x48 pre-training (4x6 grid) loaded at 48x32 (6x4): same number of rows, another grid;
+    the stored image size tells them apart and the sin-cos table is regenerated."""
+    mae = fastmae.create_model("mae_vit_micro_patch8", img_size=(32, 48))
+    src = {"format": checkpoint.FORMAT, "model": mae.state_dict(), "model_config": checkpoint.model_config(mae)}
+    model = create_vit("vit_micro_patch8", img_size=(48, 32), num_classes=3)
+    report = load_encoder(model, src)
+    assert "6x4 grid (was 4x6)" in report.resized["pos_embed"]
+    assert torch.equal(model.pos_embed.detach(), fastmae.vit.sincos_pos_embed_like(model))
+    with pytest.raises(CheckpointError, match="24 patch rows, not a square grid"):
+        load_encoder(create_vit("vit_micro_patch8", img_size=48, num_classes=3), mae.state_dict())
