@@ -3,6 +3,9 @@
 - ``fastmae bench`` (``cli.py``): runs the suites below and renders their results;
 - ``test_bench_model.py``: the training step, fast against reference, eager and compiled, fp32
   and bf16, with the matmul ceiling, and its peak memory (``memory.py``, a fresh process each);
+- ``test_bench_finetune.py``: the fine-tuning step of the classifier (``fastmae.vit``) and its
+  feature extraction, against timm's ViT of the same architecture, with the step's peak memory
+  (``memory.py --model finetune``); the step is in ``finetune_step.py``;
 - ``test_bench_ops.py``: the fused ops against their eager and compiled references, with the
   copy bandwidth;
 - ``gpu.py``: the same on one CUDA device (``fastmae bench --device cuda``);

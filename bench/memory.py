@@ -2,8 +2,12 @@
 
     python -m fastmae.bench.memory --config vitb --impl fast --compiled --precision fp32 --batch 16
         [--grad-checkpointing] [--optimizer-in-backward]
+    python -m fastmae.bench.memory --model finetune --config vitb --impl timm --compiled --precision bf16 --batch 8
 
-prints one JSON object. The process builds the model and its fused AdamW (bench/model_step.py), runs
+prints one JSON object. ``--model mae`` (the default): the MAE pre-training step
+(bench/model_step.py; ``--impl`` fast or ref). ``--model finetune``: the fine-tuning step of the
+classifier (bench/finetune_step.py; ``--impl`` fast, timm or ref; its own ``vitb`` and ``small``
+configurations). The process builds the model and its fused AdamW, runs
 warm-up steps (compilation, optimizer state creation, first-touch of every buffer), then measures
 one steady-state step two ways:
 
@@ -35,6 +39,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from fastmae.bench import finetune_step as FT
 from fastmae.bench import model_step as S
 
 
@@ -125,10 +130,46 @@ def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,
     )
 
 
+def measure_finetune(config: str, impl: str, compiled: bool, precision: str, batch: int, warmup: int = 2) -> dict:
+    """``measure`` for the fine-tuning step (bench/finetune_step.py)."""
+    model = FT.build_classifier(config, impl)
+    opt = FT.make_optimizer(model)
+    runner = FT.compile_model(model, impl) if compiled else model
+    imgs, labels = FT.make_batch(config, batch)
+
+    def step():
+        FT.train_step(runner, opt, imgs, labels, precision)
+
+    t0 = time.perf_counter()
+    step()  # compiles when asked
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    opt.zero_grad(set_to_none=True)
+    rest = resting_bytes(model, opt)
+    rss_before = _vm_kib("VmRSS")
+    rss_reset = _reset_rss_peak()
+    peak = step_tensor_peak(step)
+    rss_peak = _vm_kib("VmHWM") if rss_reset else None
+    return dict(
+        model="finetune", config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
+        threads=torch.get_num_threads(),
+        resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
+        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
+        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
+        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        first_step_s=first_step_s,
+    )
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step (fresh process).")
-    parser.add_argument("--config", choices=list(S.CONFIGS), default="vitb")
-    parser.add_argument("--impl", choices=["fast", "ref"], default="fast")
+    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step or one fine-tuning step "
+                                                 "(fresh process).")
+    parser.add_argument("--model", choices=["mae", "finetune"], default="mae",
+                        help="mae: the MAE pre-training step (default); finetune: the classifier's fine-tuning step")
+    parser.add_argument("--config", choices=sorted(set(S.CONFIGS) | set(FT.CONFIGS)), default="vitb")
+    parser.add_argument("--impl", choices=["fast", "ref", "timm"], default="fast",
+                        help="fast or ref (either model); timm (--model finetune only)")
     parser.add_argument("--compiled", action="store_true")
     parser.add_argument("--precision", choices=list(S.PRECISIONS), default="fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: the configuration's benchmark batch")
@@ -136,6 +177,16 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="step AdamW per parameter during backward (fastmae.optim.OptimizerInBackward)")
     args = parser.parse_args(argv)
+    if args.model == "finetune":
+        if args.config not in FT.CONFIGS or args.grad_checkpointing or args.optimizer_in_backward:
+            parser.error(f"--model finetune takes --config {' or '.join(FT.CONFIGS)} and neither "
+                         "--grad-checkpointing nor --optimizer-in-backward")
+        result = measure_finetune(args.config, args.impl, args.compiled, args.precision,
+                                  args.batch or FT.batch_size(args.config))
+        print(json.dumps(result))
+        return 0
+    if args.impl == "timm" or args.config not in S.CONFIGS:
+        parser.error(f"--model mae takes --impl fast or ref and --config {' or '.join(S.CONFIGS)}")
     batch = args.batch or S.batch_size(args.config)
     result = measure(args.config, args.impl, args.compiled, args.precision, batch, args.grad_checkpointing,
                      args.optimizer_in_backward)

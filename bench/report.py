@@ -3,7 +3,8 @@
     python -m fastmae.bench.report RESULTS [RESULTS ...] --out DIR
 
 ``RESULTS`` are JSON files, or folders whose ``*.json`` are read: pytest-benchmark JSON of
-``test_bench_model.py`` and ``test_bench_ops.py`` (``--benchmark-json``), the JSON of ``gpu.py ops``
+``test_bench_model.py``, ``test_bench_finetune.py`` and ``test_bench_ops.py``
+(``--benchmark-json``), the JSON of ``gpu.py ops``
 and ``gpu.py model`` (``--json``), and the ``run.json`` that ``fastmae bench`` writes (the command,
 its tier, its duration, whether CUDA was asked for and present). ``fastmae bench`` calls
 ``render()`` on its output folder.
@@ -17,6 +18,10 @@ What ``report.md`` holds:
   median step time, images/s, speed-ups, the share of the matmul ceiling (the step's FLOPs at the
   rate of a large ``torch.mm`` in the same precision, sampled in the same cycles), compile time and
   the step's peak memory;
+- the fine-tuning step of the classifier, fastmae against timm (eager and compiled, fp32 and
+  bf16): step time, images/s, speed-ups over timm, the share of the matmul ceiling, compile time
+  and the step's peak memory in a fresh process (``memory.py --model finetune``); and feature
+  extraction (eval, ``no_grad``: what linear probing and k-NN run), images/s, fastmae against timm;
 - the fused ops against their eager and compiled references: median times, speed-ups, the op's
   minimal bytes per second against the copy bandwidth measured in the same test, page faults per
   call, and the byte floor projected for an H100 (3.35 TB/s datasheet: a projection, never a
@@ -25,7 +30,8 @@ What ``report.md`` holds:
   alone, and peak memory in a fresh process per variant;
 - CUDA: the same tables from ``gpu.py``, or "no CUDA device".
 
-Plots (``train_step_<device>.png``, ``peak_memory_<device>.png``, ``ops_<device>.png``) need
+Plots (``train_step_<device>.png``, ``peak_memory_<device>.png``, ``ops_<device>.png``,
+``finetune_step_<device>.png``, ``finetune_peak_memory_<device>.png``, ``features_<device>.png``) need
 matplotlib (``pip install "fastmae[bench]"``); without it the report says so and keeps its tables.
 """
 from __future__ import annotations
@@ -42,6 +48,8 @@ from fastmae.bench.environment import NO_CUDA, allocator_label
 
 H100_BYTES_PER_S = 3.35e12
 STEP_PROVIDERS = ("fast-compiled", "ref-compiled", "fast-eager", "ref-eager")
+FINETUNE_PROVIDERS = ("fast-compiled", "timm-compiled", "fast-eager", "timm-eager")
+FEATURE_PROVIDERS = ("fast", "timm")
 OP_NAMES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss")
 OP_PROVIDERS = ("fastmae", "eager", "compiled")
 NO_MATPLOTLIB = "matplotlib is not installed (pip install \"fastmae[bench]\"): no plots"
@@ -60,6 +68,9 @@ class Results:
     gemm_bound: list = dataclasses.field(default_factory=list)
     attention: list = dataclasses.field(default_factory=list)
     optimizer: list = dataclasses.field(default_factory=list)
+    finetune: list = dataclasses.field(default_factory=list)  # one row per (fine-tuning step test, provider)
+    features: list = dataclasses.field(default_factory=list)  # one row per (feature test, provider)
+    finetune_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the fine-tuning step
     files: list = dataclasses.field(default_factory=list)
 
     def devices(self, kind: str) -> list[str]:
@@ -111,7 +122,13 @@ def _load_pytest_benchmark(res: Results, path: str, data: dict) -> None:
         if kind == "train_step":
             _add_cpu_steps(res, info)
         elif kind == "memory":
-            res.memory.append(dict(info, allocator=allocator_label(info.get("env", {}))))
+            res.memory.append(dict(info, device="cpu", allocator=allocator_label(info.get("env", {}))))
+        elif kind == "finetune_step":
+            _add_finetune_steps(res, info)
+        elif kind == "features":
+            _add_features(res, info)
+        elif kind == "finetune_memory":
+            res.finetune_memory.append(dict(info, device="cpu", allocator=allocator_label(info.get("env", {}))))
         elif kind in ("gemm_bound", "attention", "optimizer"):
             getattr(res, kind).append(dict(info, allocator=allocator_label(info.get("env", {}))))
         elif "op" in info and "providers" in info:
@@ -129,6 +146,34 @@ def _add_cpu_steps(res: Results, info: dict) -> None:
             mm_rate=info.get("mm_rate"), mm_desc=f"{info['precision']} torch.mm {info.get('mm_n')}^3",
             mm_samples=len(info.get("mm_rates", [])), flops_per_image=info.get("flops_per_image"),
             rounds=info.get("rounds"), warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def _add_finetune_steps(res: Results, info: dict) -> None:
+    alloc = allocator_label(info.get("env", {}))
+    for provider, s in info["providers"].items():
+        res.finetune.append(dict(
+            device="cpu", allocator=alloc, config=info["config"], config_title=info.get("config_title"),
+            batch=info["batch"], precision=info["precision"], provider=provider, step_s=s["median_s"],
+            images_per_s=s["images_per_s"], pct_ceiling=s.get("pct_of_ceiling"), compile_s=s.get("compile_s"),
+            mm_rate=info.get("mm_rate"), mm_desc=f"{info['precision']} torch.mm {info.get('mm_n')}^3",
+            mm_samples=len(info.get("mm_rates", [])), flops_per_image=info.get("flops_per_image"),
+            logit_diff=info.get("max_abs_logit_diff"), timm=info.get("timm"),
+            rounds=info.get("rounds"), warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def _add_features(res: Results, info: dict) -> None:
+    alloc = allocator_label(info.get("env", {}))
+    for provider, s in info["providers"].items():
+        res.features.append(dict(
+            device="cpu", allocator=alloc, config=info["config"], config_title=info.get("config_title"),
+            batch=info["batch"], precision=info["precision"], mode=info["mode"], provider=provider,
+            call_s=s["median_s"], images_per_s=s["images_per_s"], feature_diff=info.get("max_abs_feature_diff"),
+            timm=info.get("timm"), rounds=info.get("rounds"), warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def finetune_peaks(res: Results) -> dict:
+    """``{(config, batch, precision, allocator, variant): fresh-process memory row}``."""
+    return {(m["config"], m["batch"], m["precision"], m["allocator"], m["variant"]): m for m in res.finetune_memory}
 
 
 def _add_cpu_op(res: Results, info: dict) -> None:
@@ -255,7 +300,8 @@ def _header(res: Results, plots_note: str | None) -> list[str]:
     paths = sorted({e["fastmae_path"] for e in res.envs if e.get("fastmae_path")})
     if paths:
         rows.append(("fastmae from", ", ".join(paths)))
-    allocs = sorted({r["allocator"] for r in res.steps + res.ops + res.memory if r["device"] == "cpu"})
+    allocs = sorted({r["allocator"] for r in res.steps + res.ops + res.memory + res.finetune + res.features
+                     + res.finetune_memory if r["device"] == "cpu"})
     rows.append(("allocator (CPU)", "; ".join(_allocator_text(a) for a in allocs) or "n/a"))
     backends = []
     if any(r["device"] == "cpu" for r in res.steps):
@@ -290,7 +336,7 @@ def _header(res: Results, plots_note: str | None) -> list[str]:
     title = "# fastmae benchmarks" + (f" ({run['tier']} tier)" if run.get("tier") else "")
     lines = [title, ""] + markdown_table(["", ""], rows, numeric_from=2) + [""]
     lines += ["What this run measured:", ""] + [f"- {t}" for t in _measured(res, run)] + [""]
-    if any(r["device"] == "cpu" for r in res.steps + res.ops):
+    if any(r["device"] == "cpu" for r in res.steps + res.ops + res.finetune + res.features):
         lines += ["Every CPU figure is a median over rounds in which the compared providers ran side by side, in "
                   "an order rotated every round; compare ratios within one table, not across runs (PERF.md).", ""]
     return lines
@@ -320,6 +366,29 @@ def _measured(res: Results, run: dict) -> list[str]:
                    f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round "
                    f"({rs[0]['mm_desc'].split(' ', 1)[1]}); peak memory: one more step per provider under the "
                    f"profiler, in the same process")
+    ft = [r for r in res.finetune if r["device"] == "cpu"]
+    for config, batch in sorted({(r["config"], r["batch"]) for r in ft}):
+        rs = [r for r in ft if r["config"] == config and r["batch"] == batch]
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
+        timm = sorted({r["timm"] for r in rs if r.get("timm")})
+        out.append(f"fine-tuning step (CPU): {config} = {title}, batch {batch}, {' and '.join(precisions)}; "
+                   f"providers {', '.join(_ordered({r['provider'] for r in rs}, FINETUNE_PROVIDERS))}"
+                   + (f" (timm {', '.join(timm)})" if timm else "")
+                   + f"; timed rounds: {_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
+                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round")
+    feats = [r for r in res.features if r["device"] == "cpu"]
+    for config, batch in sorted({(r["config"], r["batch"]) for r in feats}):
+        rs = [r for r in feats if r["config"] == config and r["batch"] == batch]
+        out.append(f"feature extraction (CPU): {config}, batch {batch}, eval mode under no_grad, "
+                   f"{' and '.join(sorted({r['precision'] for r in rs}, key=_precision_rank))}, "
+                   f"{' and '.join(sorted({r['mode'] for r in rs}, reverse=True))}; fastmae against timm; timed "
+                   f"rounds: {_span(r['rounds'] for r in rs)}")
+    if res.finetune_memory:
+        variants = _ordered({m["variant"] for m in res.finetune_memory}, FINETUNE_PROVIDERS)
+        out.append(f"peak memory of the fine-tuning step in a fresh process (memory.py --model finetune): "
+                   f"{', '.join(variants)}; inductor cache "
+                   f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.finetune_memory}))}")
     if res.memory:
         variants = sorted({m["variant"] for m in res.memory})
         out.append(f"peak memory in a fresh process (memory.py): {len(variants)} variants ({', '.join(variants)})")
@@ -416,6 +485,118 @@ def _step_section(res: Results, device: str, plots: dict) -> list[str]:
     for key in ("train_step", "peak_memory"):
         if plots.get((key, device)):
             lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
+    return lines
+
+
+def _finetune_section(res: Results, device: str, plots: dict) -> list[str]:
+    """The fine-tuning step, fastmae against timm, with the fresh-process peak of each provider,
+    then feature extraction."""
+    rows = [r for r in res.finetune if r["device"] == device]
+    lines = [f"## Fine-tuning step ({device.upper()}): fastmae's classifier against timm", ""]
+    if not rows:
+        lines += ["No fine-tuning results (the suite's log is beside this report).", ""]
+        return lines + _features_section(res, device, plots)
+    multi = _multi_alloc(rows)
+    peaks = finetune_peaks(res)
+    lines += ["Forward with global pooling + cross-entropy on random labels + backward + fused AdamW, fastmae's "
+              "classifier (fastmae.vit) against timm's VisionTransformer of the same architecture (same weights, "
+              "images and labels). \"x timm-eager\" and \"x timm-compiled\" are speed-ups over timm in the same "
+              "precision (above 1: fastmae faster); \"% of ceiling\" is the step's counted FLOPs per second as a "
+              "share of the matmul rate measured in the same run; \"peak MiB\" is bytes of live tensors at the "
+              "step's high-water mark in a fresh process (memory.py --model finetune: resting state plus the "
+              "step's own peak from the profiler), \"peak x timm\" against timm in the same mode (eager or "
+              "compiled).", ""]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+    table = []
+    for (config, batch, precision, alloc), rs in order:
+        by = {r["provider"]: r for r in rs}
+        for name in _ordered(set(by), FINETUNE_PROVIDERS):
+            r = by[name]
+            timm_e, timm_c = by.get("timm-eager"), by.get("timm-compiled")
+            mode = "compiled" if "compiled" in name else "eager"
+            peak = peaks.get((config, batch, precision, alloc, name))
+            timm_peak = peaks.get((config, batch, precision, alloc, f"timm-{mode}"))
+            peak_b = peak and peak["tensor_peak_bytes"]
+            table.append([config, batch, precision] + ([alloc] if multi else []) + [
+                name, _sig(r["step_s"] * 1e3), _sig(r["images_per_s"]),
+                _f(_ratio(timm_e and timm_e["step_s"], r["step_s"])),
+                _f(_ratio(timm_c and timm_c["step_s"], r["step_s"])),
+                _f(r["pct_ceiling"], ".0f"), _f(r["compile_s"], ".1f"),
+                _f(peak_b and peak_b / 2**20, ".0f"), _f(_ratio(peak_b, timm_peak and timm_peak["tensor_peak_bytes"]))])
+    headers = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+        "provider", "step ms", "images/s", "x timm-eager", "x timm-compiled", "% of ceiling", "compile s",
+        "peak MiB", "peak x timm"]
+    lines += markdown_table(headers, table, numeric_from=len(headers) - 8) + [""]
+    lines += ["Matmul ceiling and checks (the same run as the steps above):", ""]
+    for (config, batch, precision, alloc), rs in order:
+        r = rs[0]
+        if not r.get("mm_rate"):
+            continue
+        ceil_ips = r["mm_rate"] / r["flops_per_image"] if r.get("flops_per_image") else None
+        lines.append(f"- {config} {precision}" + (f" ({alloc})" if multi else "")
+                     + f": {r['mm_desc']} at {r['mm_rate'] / 1e9:.1f} GFLOP/s"
+                     + (f" (median of {r['mm_samples']} samples)" if r.get("mm_samples") else "")
+                     + (f"; the step costs {r['flops_per_image'] / 1e9:.2f} GFLOP per image (counted), so the "
+                        f"ceiling is {_sig(ceil_ips)} images/s" if ceil_ips else "")
+                     + (f"; fp32 logits of fastmae and timm on the batch differ by at most {r['logit_diff']:.2g}"
+                        if r.get("logit_diff") is not None else ""))
+    lines.append("")
+    for key in ("finetune_step", "finetune_peak_memory"):
+        if plots.get((key, device)):
+            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
+    mem = [m for m in res.finetune_memory if m["device"] == device]
+    if mem:
+        lines += ["Peak memory of the fine-tuning step, one fresh process per variant (memory.py --model finetune; "
+                  "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
+                  "interpreter, libraries and what malloc keeps):", ""]
+        mrows = []
+        for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
+                                            FINETUNE_PROVIDERS.index(m["variant"])
+                                            if m["variant"] in FINETUNE_PROVIDERS else 9)):
+            mode = "compiled" if "compiled" in m["variant"] else "eager"
+            t = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"timm-{mode}"))
+            rss = m.get("rss_step_peak_bytes")
+            mrows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
+                m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
+                _f(_ratio(m["tensor_peak_bytes"], t and t["tensor_peak_bytes"])),
+                f"{m['resting_bytes'] / 2**20:.0f}", f"{m['step_peak_bytes'] / 2**20:.0f}",
+                _f(rss and rss / 2**20, ".0f"), _f(m.get("first_step_s"), ".1f"), m.get("inductor_cache", "fresh")])
+        mheaders = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+            "variant", "tensor peak MiB", "x timm", "resting MiB", "step peak MiB", "RSS step peak MiB",
+            "first step s", "inductor cache"]
+        lines += markdown_table(mheaders, mrows, numeric_from=4 + multi) + [""]
+    return lines + _features_section(res, device, plots)
+
+
+def _features_section(res: Results, device: str, plots: dict) -> list[str]:
+    rows = [r for r in res.features if r["device"] == device]
+    if not rows:
+        return []
+    multi = _multi_alloc(rows)
+    lines = [f"### Feature extraction ({device.upper()}): linear probing and k-NN", "",
+             "The pooled features before the head (fc_norm of the mean patch token), eval mode, torch.no_grad: "
+             "fastmae's forward_features against timm's forward_head(forward_features(x), pre_logits=True), side "
+             "by side in rotated rounds. \"fastmae / timm\" is fastmae's images/s over timm's (above 1: fastmae "
+             "faster).", ""]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"], r["mode"]), {})[r["provider"]] = r
+    table = []
+    for (config, batch, precision, alloc, mode), by in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3], kv[0][4] != "eager")):
+        f, t = by.get("fast"), by.get("timm")
+        table.append([config, batch, precision] + ([alloc] if multi else []) + [
+            mode, _sig(f and f["call_s"] * 1e3), _sig(t and t["call_s"] * 1e3), _sig(f and f["images_per_s"]),
+            _sig(t and t["images_per_s"]), _f(_ratio(t and t["call_s"], f and f["call_s"])),
+            _f((f or t or {}).get("feature_diff"), ".2g")])
+    headers = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+        "mode", "fastmae ms", "timm ms", "fastmae images/s", "timm images/s", "fastmae / timm", "max feature diff"]
+    lines += markdown_table(headers, table, numeric_from=len(headers) - 6) + [""]
+    if plots.get(("features", device)):
+        lines += [f"![feature extraction ({device})]({plots[('features', device)]})", ""]
     return lines
 
 
@@ -548,6 +729,8 @@ def render_markdown(res: Results, plots: dict | None = None, plots_note: str | N
     ran = {k.split("-")[0] for run in res.runs for k in run.get("suite_returncodes", {})}  # model, ops, gpu
     if any(r["device"] == "cpu" for r in res.steps) or "model" in ran:
         lines += _step_section(res, "cpu", plots)
+    if any(r["device"] == "cpu" for r in res.finetune + res.features) or "finetune" in ran:
+        lines += _finetune_section(res, "cpu", plots)
     if any(r["device"] == "cpu" for r in res.ops) or "ops" in ran:
         lines += _ops_section(res, "cpu", plots)
     lines += _details_section(res)
@@ -557,6 +740,7 @@ def render_markdown(res: Results, plots: dict | None = None, plots_note: str | N
 
 # ---------------------------------------------------------------------------- plots
 COLORS = {"fast-compiled": "#1f77b4", "fast-eager": "#aec7e8", "ref-compiled": "#d62728", "ref-eager": "#ff9896",
+          "timm-compiled": "#2ca02c", "timm-eager": "#98df8a", "fast": "#1f77b4", "timm": "#2ca02c",
           "fastmae": "#1f77b4", "eager": "#ff9896", "compiled": "#d62728"}
 
 
@@ -612,9 +796,20 @@ def _limits(ax, values, markers=(), log=False):
         ax.set_ylim(0, max(vals) * 1.25)
 
 
-def plot_steps(res: Results, device: str, path: str, what: str) -> bool:
-    """``what``: ``images_per_s`` (with the matmul ceiling) or ``peak_bytes``."""
-    rows = [r for r in res.steps if r["device"] == device and r.get(what) is not None]
+def plot_steps(res: Results, device: str, path: str, what: str, kind: str = "mae") -> bool:
+    """``what``: ``images_per_s`` (with the matmul ceiling) or ``peak_bytes``; ``kind``: ``mae``
+    (the MAE training step, fast against reference) or ``finetune`` (the fine-tuning step, fastmae
+    against timm; its peak is the fresh-process one)."""
+    if kind == "finetune":
+        peaks = finetune_peaks(res)
+        rows = []
+        for r in res.finetune:
+            m = peaks.get((r["config"], r["batch"], r["precision"], r["allocator"], r["provider"]))
+            rows.append(dict(r, peak_bytes=m and m["tensor_peak_bytes"]))
+        order = FINETUNE_PROVIDERS
+    else:
+        rows, order = res.steps, STEP_PROVIDERS
+    rows = [r for r in rows if r["device"] == device and r.get(what) is not None]
     if not rows:
         return False
     env = _env_for(res, device)
@@ -628,7 +823,7 @@ def plot_steps(res: Results, device: str, path: str, what: str) -> bool:
             g = r["precision"] + (f" | {r['allocator']}" if multi else "")
             if g not in groups:
                 groups.append(g)
-        series = _ordered({r["provider"] for r in rs}, STEP_PROVIDERS)
+        series = _ordered({r["provider"] for r in rs}, order)
         scale = 1.0 if what == "images_per_s" else 1 / 2**20
         values = {(r["precision"] + (f" | {r['allocator']}" if multi else ""), r["provider"]): r[what] * scale
                   for r in rs}
@@ -657,14 +852,50 @@ def plot_steps(res: Results, device: str, path: str, what: str) -> bool:
                                 arrowprops=None)
             ax.set_ylabel("images / s (higher is better)")
         else:
-            ax.set_ylabel("peak memory, MiB of live tensors (lower is better)")
+            ax.set_ylabel("peak memory, MiB of live tensors (lower is better)"
+                          + ("\nfresh process" if kind == "finetune" else ""))
         ax.set_ylim(0, top)
         ax.set_xlabel("precision" + (" | allocator" if multi else ""))
         ax.set_title(f"{config}, batch {batch}", fontsize=10)
     _legend(fig, axes)
     name = "images/s" if what == "images_per_s" else "peak memory"
-    fig.suptitle(f"MAE training step {name} on {device.upper()}, fast vs reference\n{machine_line(env, device)}",
+    what_text = ("MAE training step", "fast vs reference") if kind == "mae" else (
+        "Fine-tuning step", "fastmae vs timm")
+    fig.suptitle(f"{what_text[0]} {name} on {device.upper()}, {what_text[1]}\n{machine_line(env, device)}",
                  fontsize=11)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_features(res: Results, device: str, path: str) -> bool:
+    """Feature extraction images/s, fastmae against timm, per configuration."""
+    rows = [r for r in res.features if r["device"] == device]
+    if not rows:
+        return False
+    env = _env_for(res, device)
+    configs = sorted({(r["config"], r["batch"]) for r in rows})
+    fig, axes = _figure(len(configs), 5.5, 4.4)
+    multi = _multi_alloc(rows)
+    for ax, (config, batch) in zip(axes, configs):
+        rs = sorted([r for r in rows if r["config"] == config and r["batch"] == batch],
+                    key=lambda r: (r["mode"] != "eager", _precision_rank(r["precision"]), r["allocator"]))
+
+        def group(r):
+            return f"{r['mode']} | {r['precision']}" + (f" | {r['allocator']}" if multi else "")
+
+        groups = []
+        for r in rs:
+            if group(r) not in groups:
+                groups.append(group(r))
+        values = {(group(r), r["provider"]): r["images_per_s"] for r in rs}
+        _bars(ax, groups, _ordered({r["provider"] for r in rs}, FEATURE_PROVIDERS), values, _sig)
+        _limits(ax, values.values())
+        ax.set_ylabel("images / s (higher is better)")
+        ax.set_xlabel("mode, precision" + (" | allocator" if multi else ""))
+        ax.set_title(f"{config}, batch {batch}", fontsize=10)
+    _legend(fig, axes)
+    fig.suptitle(f"Feature extraction (eval, no_grad) on {device.upper()}, fastmae vs timm\n"
+                 f"{machine_line(env, device)}", fontsize=11)
     fig.savefig(path, dpi=110)
     return True
 
@@ -725,9 +956,12 @@ def render_plots(res: Results, out_dir: str) -> tuple[dict, str | None]:
     except ImportError:
         return {}, NO_MATPLOTLIB
     plots = {}
-    for device in sorted({r["device"] for r in res.steps + res.ops}):
+    for device in sorted({r["device"] for r in res.steps + res.ops + res.finetune + res.features}):
         for kind, fn in (("train_step", lambda p: plot_steps(res, device, p, "images_per_s")),
                          ("peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes")),
+                         ("finetune_step", lambda p: plot_steps(res, device, p, "images_per_s", "finetune")),
+                         ("finetune_peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes", "finetune")),
+                         ("features", lambda p: plot_features(res, device, p)),
                          ("ops", lambda p: plot_ops(res, device, p))):
             name = f"{kind}_{device}.png"
             if fn(os.path.join(out_dir, name)):

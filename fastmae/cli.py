@@ -157,7 +157,8 @@ def _add_downstream_flags(p: argparse.ArgumentParser, command: str) -> None:
         a = p.add_argument_group("official augmentation flags (timm's create_transform and Mixup)")
         a.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
                        help="colour jitter factor (used only without --aa)")
-        a.add_argument("--aa", default="rand-m9-mstd0.5-inc1", metavar="NAME", help="RandAugment policy")
+        a.add_argument("--aa", default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                       help="RandAugment policy ('' for none)")
         a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
         a.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erasing probability")
         a.add_argument("--remode", default="pixel", help="random erasing mode")
@@ -185,6 +186,10 @@ def _add_downstream_flags(p: argparse.ArgumentParser, command: str) -> None:
 
     f = p.add_argument_group("fastmae flags")
     _add_fastmae_training_flags(f)
+    f.add_argument("--crop-scale", "--crop_scale", dest="crop_scale", type=float, nargs=2, default=(0.08, 1.0),
+                   metavar=("LOW", "HIGH"), help="area range of the random resized crop (the official: 0.08 1)")
+    f.add_argument("--hflip", type=float, default=0.5, metavar="P",
+                   help="probability of a horizontal flip (the official: 0.5; 0 for digits or text)")
     if ft:
         f.add_argument("--trainable-blocks", "--trainable_blocks", dest="trainable_blocks", type=int, default=None,
                        metavar="K", help="partial fine-tuning: train only the last K blocks, the final norm and the "

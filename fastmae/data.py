@@ -88,24 +88,28 @@ def _posterize_keeping_no_bits():
 
 
 def classify_train_transform(input_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-                             reprob: float = 0.25, remode: str = "pixel", recount: int = 1, color_jitter=None):
+                             reprob: float = 0.25, remode: str = "pixel", recount: int = 1, color_jitter=None,
+                             scale=(0.08, 1.0), hflip: float = 0.5):
     """The official fine-tuning augmentation (main_finetune.py's ``build_transform``): timm's
-    ``create_transform``: RandomResizedCrop (bicubic), flip, RandAugment, normalise, RandomErasing."""
+    ``create_transform``: RandomResizedCrop (bicubic, area ``scale``), flip (probability
+    ``hflip``), RandAugment, normalise, RandomErasing."""
     from timm.data import create_transform
 
     _posterize_keeping_no_bits()
     return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
-                            auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob, re_mode=remode,
-                            re_count=recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                            auto_augment=auto_augment or None, interpolation="bicubic", re_prob=reprob,
+                            re_mode=remode, re_count=recount, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                            scale=tuple(scale), hflip=hflip)
 
 
-def probe_train_transform(input_size: int):
-    """The official linear-probing augmentation (main_linprobe.py): crop (bicubic) and flip only."""
+def probe_train_transform(input_size: int, scale=(0.08, 1.0), hflip: float = 0.5):
+    """The official linear-probing augmentation (main_linprobe.py): crop (bicubic, area ``scale``)
+    and flip (probability ``hflip``) only."""
     from torchvision import transforms
 
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomResizedCrop(input_size, scale=tuple(scale), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(hflip),
         transforms.ToTensor(),
         transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])

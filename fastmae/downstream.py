@@ -138,14 +138,15 @@ class Classification(Recipe):
     def __init__(self, args, probe: bool = False, datasets=None):
         self.args, self.probe = args, probe
         self.command = "linprobe" if probe else "finetune"
+        low, high = args.crop_scale
+        if not 0 < low <= high <= 1 or not 0 <= args.hflip <= 1:
+            raise ValueError(f"--crop-scale needs 0 < LOW <= HIGH <= 1 and --hflip a probability, got "
+                             f"{low} {high} and {args.hflip}")
         self.train_base, self.val_base = datasets if datasets is not None else data.labelled_folders(args.data_path)
         self.num_classes = num_classes_of(args, self.train_base)
         self.report = None
         self.mixup, self.criterion = self._mixup_and_criterion()
-        self.val_set = Transformed(self.val_base, data.classify_eval_transform(self._input_size()))
-
-    def _input_size(self) -> int:
-        return self.args.input_size or 224  # replaced by the model's size once it is built
+        self.val_set = None  # the validation images at the model's size, once it is built
 
     def _mixup_and_criterion(self):
         a = self.args
@@ -217,9 +218,10 @@ class Classification(Recipe):
     def train_set(self, model):
         a, size = self.args, model.patch_embed.img_size[0]
         if self.probe:
-            transform = data.probe_train_transform(size)
+            transform = data.probe_train_transform(size, a.crop_scale, a.hflip)
         else:
-            transform = data.classify_train_transform(size, a.aa, a.reprob, a.remode, a.recount, a.color_jitter)
+            transform = data.classify_train_transform(size, a.aa, a.reprob, a.remode, a.recount, a.color_jitter,
+                                                      a.crop_scale, a.hflip)
         return data.LabelledSamples(self.train_base, transform, a.seed)
 
     def learning_rate(self, epoch: float) -> float:

@@ -252,7 +252,7 @@ def test_downstream_command_writes_the_table(tmp_path, monkeypatch, mae_ckpt):
     from fastmae import downstream_demo
 
     monkeypatch.setattr(downstream_demo, "ENCODER", "vit_micro_patch8")
-    monkeypatch.setattr(downstream_demo, "FINETUNE", ["--batch_size", "32", "--warmup_epochs", "0"])
+    monkeypatch.setattr(downstream_demo, "FINETUNE", ["--batch_size", "32"])
     full = data.EmbeddedDigits
     monkeypatch.setattr(data, "EmbeddedDigits", lambda split: _Subset(full(split), 160 if split == "train" else 20))
     out = tmp_path / "ds"
