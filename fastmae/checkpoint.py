@@ -344,7 +344,8 @@ def check_resume(ckpt: dict, path: str, *, model, model_config: dict, model_flag
 
 
 def load_model(path: str, device="cpu", reference_impl: bool = False, **kwargs):
-    """(model, checkpoint): the MAE a checkpoint describes, with its weights, in eval mode."""
+    """(model, checkpoint): the model a checkpoint describes (an MAE, or a classifier for a
+    checkpoint of ``fastmae finetune``/``linprobe``), with its weights, in eval mode."""
     ckpt = load(path)
     try:
         model = build_model(ckpt["model_config"], reference_impl=reference_impl, **kwargs)

@@ -173,6 +173,9 @@ def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ra
     """``fastmae visualize``: the picture for a checkpoint; returns the PNG path."""
     device = parse_device(device)  # a clear error for a bad or unavailable --device
     model, ckpt = ckpt_io.load_model(checkpoint, device=device)
+    if ckpt["model_config"].get("kind") == "vit":
+        raise ckpt_io.CheckpointError(f"{checkpoint!r} holds a classifier (from fastmae finetune or linprobe), which "
+                                      f"has no decoder to reconstruct with: pass a pre-training checkpoint")
     if mask_ratio is None:
         mask_ratio = float(ckpt["args"].get("mask_ratio", 0.75))
     images = load_images(image_paths) if image_paths else embedded_images()

@@ -304,3 +304,13 @@ def test_two_process_finetuning_trains_alike_and_evaluates_every_image_once(tmp_
                                        out / "checkpoint-last.pth", "--output_dir", ""))
     assert logged["test_acc1"] == pytest.approx(single.test["test_acc1"])
     assert logged["test_loss"] == pytest.approx(single.test["test_loss"], rel=1e-5)
+
+
+def test_visualize_refuses_a_classifier_checkpoint(tmp_path, capsys, digits):
+    out = tmp_path / "ft"
+    downstream.finetune(parse("finetune", "--model", "vit_micro_patch8", *SMALL, "--output_dir", out, "--log_dir", "",
+                              "--max-steps", 1), datasets=digits)
+    model, _ = ckpt_io.load_model(str(out / "checkpoint-last.pth"))
+    assert model.num_classes == 10 and not model.training
+    assert cli.main(["visualize", "--checkpoint", str(out / "checkpoint-last.pth")]) == 1
+    assert "holds a classifier" in capsys.readouterr().err
