@@ -45,6 +45,17 @@ class Block(reference.Block):
     mlp_cls = Mlp
 
 
+def run_blocks(blocks, x, grad_checkpointing: bool = False):
+    """``x`` through ``blocks``; with ``grad_checkpointing`` (and gradients enabled) each block's
+    activations are recomputed in backward instead of kept."""
+    for blk in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
 class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
     """Drop-in fast MAE. Extra keyword options:
 
@@ -67,12 +78,7 @@ class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
                 m.attn_backend = backend
 
     def _run_blocks(self, blocks, x):
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(blocks, x, self.grad_checkpointing and self.training)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         N = imgs.shape[0]

@@ -25,11 +25,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import reference
 from ._checks import check_architecture, check_grid, check_images, to_2tuple
-from .model import Block
+from .model import Block, run_blocks
 from .ops.attention import check_attn_backend
 from .pos_embed import get_2d_sincos_pos_embed
 
@@ -208,12 +207,7 @@ class VisionTransformer(nn.Module):
         return torch.cat((cls_tokens, x), dim=1) + self.pos_embed
 
     def _run_blocks(self, x, blocks):
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+        return run_blocks(blocks, x, self.grad_checkpointing and self.training)
 
     def _pool(self, x):
         if self.global_pool:

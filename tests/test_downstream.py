@@ -1,16 +1,13 @@
 """fastmae finetune / linprobe / knn / downstream: recipes, data, checkpoints, resume and bad input."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from fastmae import cli, data, downstream, engine, optim, train
 from fastmae import checkpoint as ckpt_io
-from trainkit import TINY, assert_states_equal, make_image_folder
+from trainkit import TINY, assert_states_equal, make_image_folder, run_two_processes
 
 # A tiny downstream run: the micro encoder at 32 px on the digits, CPU, fp32, no workers.
 SMALL = ["--input_size", "32", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
@@ -265,52 +262,22 @@ def test_downstream_command_writes_the_table(tmp_path, monkeypatch, mae_ckpt):
 
 
 # ---------------------------------------------------------------------------- DDP
-DDP_SCRIPT = textwrap.dedent("""
-    import os, sys, torch
-    from fastmae import cli, downstream
-    real = downstream.finetune
-    def finetune(args, **kw):
-        res = real(args, **kw)
-        torch.save(res.model.state_dict(), os.path.join(os.environ["DUMP"], f"rank{os.environ['RANK']}.pt"))
-        return res
-    downstream.finetune = finetune
-    sys.exit(cli.main(sys.argv[1:]))
-""")
-
-
 def test_two_process_finetuning_trains_alike_and_evaluates_every_image_once(tmp_path):
     """Under torchrun each process evaluates every second validation image; the reduced accuracy
     is that of one process evaluating all of them (7 images: the shards are uneven)."""
     root = tmp_path / "data"
     make_image_folder(root / "train", n=16, classes=2)
     make_image_folder(root / "val", n=7, classes=2, seed=1)
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, DUMP=str(tmp_path), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("WORLD_SIZE", None)
     out = tmp_path / "ddp"
     flags = ["--model", "vit_micro_patch8", "--input_size", "32", "--data_path", str(root), "--num_workers", "0",
              "--device", "cpu", "--precision", "fp32"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "finetune", *flags, "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0",
-           "--output_dir", str(out), "--log_dir", ""]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, (r0, r1) = run_two_processes(tmp_path, "downstream", "finetune", [
+        "finetune", *flags, "--batch_size", "4", "--epochs", "1", "--warmup_epochs", "0", "--output_dir", out,
+        "--log_dir", ""])
     assert "x 2 process(es)" in proc.stdout
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_states_equal(r0, r1, "rank0 vs rank1")
     logged = json.loads((out / "log.txt").read_text())
     single = downstream.finetune(parse("finetune", *flags, "--batch_size", 4, "--eval", "--resume",
                                        out / "checkpoint-last.pth", "--output_dir", ""))
     assert logged["test_acc1"] == pytest.approx(single.test["test_acc1"])
     assert logged["test_loss"] == pytest.approx(single.test["test_loss"], rel=1e-5)
-
-
-def test_visualize_refuses_a_classifier_checkpoint(tmp_path, capsys, digits):
-    out = tmp_path / "ft"
-    downstream.finetune(parse("finetune", "--model", "vit_micro_patch8", *SMALL, "--output_dir", out, "--log_dir", "",
-                              "--max-steps", 1), datasets=digits)
-    model, _ = ckpt_io.load_model(str(out / "checkpoint-last.pth"))
-    assert model.num_classes == 10 and not model.training
-    assert cli.main(["visualize", "--checkpoint", str(out / "checkpoint-last.pth")]) == 1
-    assert "holds a classifier" in capsys.readouterr().err

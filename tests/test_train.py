@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from fastmae import checkpoint as ckpt_io
 from fastmae import data, engine, train
 from helpers import load_golden
-from trainkit import TINY, assert_states_equal, assert_trained_close, make_image_folder, pretrain_args
+from trainkit import (TINY, assert_states_equal, assert_trained_close, make_image_folder, pretrain_args,
+                      run_two_processes)
 
 
 @pytest.fixture(scope="module")
@@ -816,32 +816,11 @@ def test_unknown_compile_mode_is_refused(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- DDP
-DDP_SCRIPT = textwrap.dedent("""
-    import os, sys, torch
-    from fastmae import cli, train
-    real = train.pretrain
-    def pretrain(args, **kw):
-        res = real(args, **kw)
-        torch.save(res.model.state_dict(), os.path.join(os.environ["DUMP"], f"rank{os.environ['RANK']}.pt"))
-        return res
-    train.pretrain = pretrain
-    sys.exit(cli.main(sys.argv[1:]))
-""")
-
-
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, folder):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, DUMP=str(tmp_path), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "pretrain", *TINY, "--data_path", folder, "--output_dir",
-           str(tmp_path / "ddp"), "--log_dir", str(tmp_path / "ddp"), "--batch_size", "2", "--epochs", "2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, (r0, r1) = run_two_processes(tmp_path, "train", "pretrain", [
+        "pretrain", *TINY, "--data_path", folder, "--output_dir", tmp_path / "ddp", "--log_dir", tmp_path / "ddp",
+        "--batch_size", "2", "--epochs", "2"])
     assert "x 2 process(es)" in proc.stdout and "= 4;" in proc.stdout  # global batch 2 x 2
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert_states_equal(r0, r1, "rank0 vs rank1")
     lines = (tmp_path / "ddp" / "log.txt").read_text().splitlines()
     assert len(lines) == 2  # rank 0 alone logs

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import torch
@@ -61,3 +64,30 @@ def assert_trained_close(a: dict, b: dict, lr: float, steps: int, rtol=1e-5, ato
             torch.testing.assert_close(x[d:2 * d], y[d:2 * d], rtol=0, atol=lr * steps, msg=k)
             x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=k)
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from fastmae import cli, {module}
+    real = {module}.{function}
+    def dumping(args, **kw):
+        res = real(args, **kw)
+        torch.save(res.model.state_dict(), os.path.join(os.environ["DUMP"], f"rank{{os.environ['RANK']}}.pt"))
+        return res
+    {module}.{function} = dumping
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def run_two_processes(tmp_path, module: str, function: str, argv):
+    """``fastmae ARGV`` under ``torchrun --nproc_per_node=2`` (gloo), with ``fastmae.MODULE.FUNCTION``
+    saving each rank's trained state_dict; returns (completed process, [rank 0's, rank 1's])."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT.format(module=module, function=function))
+    env = dict(os.environ, DUMP=str(tmp_path), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *map(str, argv)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
