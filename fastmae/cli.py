@@ -187,9 +187,9 @@ def _add_downstream_flags(p: argparse.ArgumentParser, command: str) -> None:
     f = p.add_argument_group("fastmae flags")
     _add_fastmae_training_flags(f)
     f.add_argument("--crop-scale", "--crop_scale", dest="crop_scale", type=float, nargs=2, default=(0.08, 1.0),
-                   metavar=("LOW", "HIGH"), help="area range of the random resized crop (the official: 0.08 1)")
+                   metavar=("LOW", "HIGH"), help="area range of the random resized crop (default: 0.08 1, the official)")
     f.add_argument("--hflip", type=float, default=0.5, metavar="P",
-                   help="probability of a horizontal flip (the official: 0.5; 0 for digits or text)")
+                   help="probability of a horizontal flip (default: 0.5, the official; 0 for digits or text)")
     if ft:
         f.add_argument("--trainable-blocks", "--trainable_blocks", dest="trainable_blocks", type=int, default=None,
                        metavar="K", help="partial fine-tuning: train only the last K blocks, the final norm and the "
