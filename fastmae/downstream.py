@@ -274,12 +274,16 @@ def _evaluate_only(args, recipe: Classification) -> Result:
     if args.precision is None:
         args.precision = "fp16" if device.type == "cuda" else "fp32"
     torch.manual_seed(args.seed)
-    model = recipe.build_model()
-    if args.resume:
-        ckpt = ckpt_io.load(args.resume)
-        ckpt_io.check_state_dict(model, ckpt["model"], args.resume)
-        model.load_state_dict(ckpt["model"], strict=True)
-    elif not args.finetune:
+    if args.resume:  # the model the checkpoint describes, with its weights
+        model, ckpt = ckpt_io.load_model(args.resume, attn_backend=args.attn_backend)
+        if ckpt["model_config"].get("kind") != "vit" or model.num_classes != recipe.num_classes:
+            raise ckpt_io.CheckpointError(
+                f"--resume {args.resume!r} is not a classifier for these {recipe.num_classes} classes (a checkpoint "
+                f"of fastmae finetune or linprobe on the same data)")
+        recipe.val_set = Transformed(recipe.val_base, data.classify_eval_transform(model.patch_embed.img_size[0]))
+    elif args.finetune:
+        model = recipe.build_model()
+    else:
         raise ValueError("--eval needs a model to evaluate: --resume CKPT (a checkpoint of this command) or "
                          "--finetune CKPT")
     model.to(device)

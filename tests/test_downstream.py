@@ -133,8 +133,11 @@ def test_finetune_trains_evaluates_logs_and_keeps_the_best(tmp_path, digits, mae
     assert best["model_config"]["global_pool"] is True  # the official default
     # --eval reports the same accuracy for the last checkpoint
     ev = downstream.finetune(parse("finetune", *SMALL, "--eval", "--resume", out / "checkpoint-last.pth",
-                                   "--finetune", mae_ckpt, "--output_dir", ""), datasets=digits)
+                                   "--output_dir", ""), datasets=digits)
     assert ev.test["test_acc1"] == pytest.approx(lines[-1]["test_acc1"])
+    with pytest.raises(ckpt_io.CheckpointError, match="not a classifier"):  # a pre-training checkpoint
+        downstream.finetune(parse("finetune", *SMALL, "--eval", "--resume", mae_ckpt, "--output_dir", ""),
+                            datasets=digits)
 
 
 def test_finetune_uses_layer_decay_and_the_pretrained_encoder(tmp_path, digits, mae_ckpt):
