@@ -41,12 +41,12 @@ the patch embedding and the attention matmuls), not assumed.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
 from fastmae.config import bench_setting
+
+from fastmae.bench.model_step import precision_context
 
 CONFIGS = {
     "vitb": dict(title="ViT-B/16 classifier at 224x224 (768-d x 12 blocks, 12 heads; 197 tokens; global pool)",
@@ -119,14 +119,6 @@ def make_batch(config: str, batch: int, seed: int = 1) -> tuple[torch.Tensor, to
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 3, img, img, generator=gen),
             torch.randint(0, NUM_CLASSES, (batch,), generator=gen))
-
-
-def precision_context(precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def train_step(model, opt, imgs, labels, precision: str) -> None:
