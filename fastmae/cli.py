@@ -165,8 +165,12 @@ def _add_downstream_flags(p: argparse.ArgumentParser, command: str) -> None:
         a.add_argument("--recount", type=int, default=1, help="random erasing count")
         a.add_argument("--resplit", action="store_true", default=False,
                        help="accepted for the official signature; fastmae does not split the first augmentation")
-        a.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, mixup enabled if > 0")
-        a.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, cutmix enabled if > 0")
+        a.add_argument("--mixup", type=float, default=0.8,
+                       help="mixup alpha, mixup enabled if > 0 (default: 0.8, the official recipe in FINETUNE.md; "
+                            "main_finetune.py's own default is 0)")
+        a.add_argument("--cutmix", type=float, default=1.0,
+                       help="cutmix alpha, cutmix enabled if > 0 (default: 1.0, the official recipe in FINETUNE.md; "
+                            "main_finetune.py's own default is 0)")
         a.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
         a.add_argument("--mixup_prob", type=float, default=1.0,

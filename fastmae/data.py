@@ -72,19 +72,23 @@ def _posterize_keeping_no_bits():
     except ValueError:
         pass
 
-    def wrap(op):
-        if getattr(op, "keeps_no_bits", False):
-            return op
-
-        def posterize(img, bits_to_keep, **kwargs):
-            if bits_to_keep <= 0:
-                return img.point(lambda _: 0)
-            return op(img, bits_to_keep, **kwargs)
-        posterize.keeps_no_bits = True
-        return posterize
-
     for name in [n for n in auto_augment.NAME_TO_OP if n.startswith("Posterize")]:
-        auto_augment.NAME_TO_OP[name] = wrap(auto_augment.NAME_TO_OP[name])
+        op = auto_augment.NAME_TO_OP[name]
+        if not isinstance(op, _PosterizeKeepingNoBits):
+            auto_augment.NAME_TO_OP[name] = _PosterizeKeepingNoBits(op)
+
+
+class _PosterizeKeepingNoBits:
+    """timm's posterize op, with 0 bits giving the black image (picklable: DataLoader workers
+    started by spawn receive the transform)."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __call__(self, img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return img.point(lambda _: 0)
+        return self.op(img, bits_to_keep, **kwargs)
 
 
 def classify_train_transform(input_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
@@ -261,6 +265,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
+def step_seed(seed: int, epoch: int, it: int, rank: int) -> int:
+    """The seed of batch ``it`` of epoch ``epoch`` on process ``rank`` (apart from every
+    :func:`sample_seed`)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, epoch, it, rank, 0x57E9]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def seed_globally(seed: int) -> None:
+    """Seed torch's (every device's), numpy's and python's global generators with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Seed torch's CPU generator, numpy's and python's global generators with ``seed`` for the
@@ -279,9 +297,9 @@ def seeded(seed: int):
 
 
 class LabelledSamples(Dataset):
-    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, label,
-    seed)``, the transform drawn under :func:`seeded` with the sample's seed, which is also
-    returned (batch-level choices, such as mixup's, are drawn from the batch's first seed)."""
+    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, label)``,
+    the transform drawn under :func:`seeded` with the sample's seed (batch-level choices, such as
+    mixup's, are drawn by the training loop from :func:`step_seed`)."""
 
     def __init__(self, base, transform, seed: int):
         if len(base) == 0:
@@ -294,10 +312,9 @@ class LabelledSamples(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         img, label = self.base[index]
-        s = sample_seed(self.seed, epoch, index)
-        with seeded(s):
+        with seeded(sample_seed(self.seed, epoch, index)):
             img = self.transform(img)
-        return img, torch.tensor(label), torch.tensor(s)
+        return img, torch.tensor(label)
 
 
 class SeededSamples(Dataset):

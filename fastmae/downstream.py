@@ -65,6 +65,11 @@ def build_classifier(args, num_classes: int, probe: bool = False):
     else:
         cfg = dict(vit_config(DEFAULT_MODEL), in_chans=3)
     size = args.input_size or found.get("img_size") or 224
+    if isinstance(size, (list, tuple)):
+        if size[0] != size[1]:
+            raise ValueError(f"the checkpoint's images were {size[0]}x{size[1]}; the downstream commands take square "
+                             f"images: pass --input_size")
+        size = size[0]
     try:
         model = VisionTransformer(img_size=size, num_classes=num_classes, qkv_bias=True,
                                   drop_path_rate=getattr(args, "drop_path", 0.0), global_pool=args.global_pool,
@@ -125,6 +130,46 @@ def evaluate(model, dataset, device, amp_dtype=None, dist=None, batch_size: int 
 
 
 # ---------------------------------------------------------------------------- fine-tuning and probing
+def _check_flags(args, probe: bool) -> None:
+    """The downstream flags the engine does not check, each with an error naming it (timm would
+    only assert, some of them at the first step)."""
+    low, high = args.crop_scale
+    problems = []
+    if not 0 < low <= high <= 1:
+        problems.append(f"--crop-scale needs 0 < LOW <= HIGH <= 1, got {low} {high}")
+    if not 0 <= args.hflip <= 1:
+        problems.append(f"--hflip must be a probability, got {args.hflip}")
+    if not probe:
+        if not 0 <= args.smoothing < 1:
+            problems.append(f"--smoothing must be in [0, 1), got {args.smoothing}")
+        if not 0 < args.layer_decay <= 1:
+            problems.append(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+        if not 0 <= args.drop_path < 1:
+            problems.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
+        if not 0 < args.model_ema_decay < 1:
+            problems.append(f"--model_ema_decay must be in (0, 1), got {args.model_ema_decay}")
+        if args.cutmix_minmax is not None and (len(args.cutmix_minmax) != 2
+                                               or not 0 < args.cutmix_minmax[0] <= args.cutmix_minmax[1] <= 1):
+            problems.append(f"--cutmix_minmax takes two ratios 0 < MIN <= MAX <= 1, got {args.cutmix_minmax}")
+        mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+        if mixing and args.batch_size % 2:
+            problems.append(f"--batch_size {args.batch_size} must be even with mixup/cutmix (or turn them off: "
+                            f"--mixup 0 --cutmix 0)")
+        if args.aa:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(args.aa, {})
+            except (AssertionError, ValueError, KeyError, IndexError) as e:
+                problems.append(f"--aa {args.aa!r} is not a RandAugment policy timm reads ({type(e).__name__}: {e}); "
+                                f"e.g. rand-m9-mstd0.5-inc1, or '' for none")
+        if args.remode not in ("pixel", "rand", "const"):
+            problems.append(f"--remode must be pixel, rand or const, got {args.remode!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+
 class Classification(Recipe):
     """``fastmae finetune`` (``probe=False``) and ``fastmae linprobe`` (``probe=True``).
 
@@ -138,10 +183,7 @@ class Classification(Recipe):
     def __init__(self, args, probe: bool = False, datasets=None):
         self.args, self.probe = args, probe
         self.command = "linprobe" if probe else "finetune"
-        low, high = args.crop_scale
-        if not 0 < low <= high <= 1 or not 0 <= args.hflip <= 1:
-            raise ValueError(f"--crop-scale needs 0 < LOW <= HIGH <= 1 and --hflip a probability, got "
-                             f"{low} {high} and {args.hflip}")
+        _check_flags(args, probe)
         self.train_base, self.val_base = datasets if datasets is not None else data.labelled_folders(args.data_path)
         self.num_classes = num_classes_of(args, self.train_base)
         self.report = None
@@ -156,9 +198,6 @@ class Classification(Recipe):
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         if a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None:
-            if a.mixup_mode in ("batch", "pair") and a.batch_size % 2:
-                raise ValueError(f"--batch_size {a.batch_size} must be even with mixup/cutmix in --mixup_mode "
-                                 f"{a.mixup_mode} (or turn them off: --mixup 0 --cutmix 0)")
             mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, cutmix_minmax=a.cutmix_minmax,
                           prob=a.mixup_prob, switch_prob=a.mixup_switch_prob, mode=a.mixup_mode,
                           label_smoothing=a.smoothing, num_classes=self.num_classes)
@@ -211,9 +250,13 @@ class Classification(Recipe):
     def state_dict(self) -> dict:
         return {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.ema is not None and "ema" in state:
+    def load_state_dict(self, state: dict, model) -> None:
+        if self.ema is None:
+            return
+        if "ema" in state:
             self.ema.module.load_state_dict(state["ema"], strict=True)
+        else:  # --model_ema added on resume: the average starts from the resumed weights
+            self.ema.set(model)
 
     def train_set(self, model):
         a, size = self.args, model.patch_embed.img_size[0]
@@ -228,11 +271,9 @@ class Classification(Recipe):
         return learning_rate(epoch, self.args)
 
     def loss(self, model, batch):
-        imgs, labels, seeds = batch
-        targets = labels
-        if self.mixup is not None:  # the batch's mixing drawn from its first sample's seed: exact on resume
-            with data.seeded(int(seeds[0])):
-                imgs, targets = self.mixup(imgs, labels)
+        imgs, targets = batch
+        if self.mixup is not None:  # drawn from the step's seed (the engine's): exact on resume
+            imgs, targets = self.mixup(imgs, targets)
         return self.criterion(model(imgs), targets)
 
     def evaluate(self, model, device, amp_dtype, dist) -> dict:
@@ -274,6 +315,10 @@ def _evaluate_only(args, recipe: Classification) -> Result:
     if args.precision is None:
         args.precision = "fp16" if device.type == "cuda" else "fp32"
     torch.manual_seed(args.seed)
+    if args.resume == "auto":
+        args.resume = (ckpt_io.latest(args.output_dir) if args.output_dir else None) or ""
+        if not args.resume:
+            raise ValueError(f"--eval --resume auto: no checkpoint in --output_dir {args.output_dir!r}")
     if args.resume:  # the model the checkpoint describes, with its weights
         model, ckpt = ckpt_io.load_model(args.resume, attn_backend=args.attn_backend)
         if ckpt["model_config"].get("kind") != "vit" or model.num_classes != recipe.num_classes:

@@ -49,6 +49,9 @@ def run(args, parser) -> dict:
     acc1, "random init": acc1}}`` and writes accuracy.md / accuracy.png."""
     from . import data, downstream, train
 
+    if args.epochs < 1 or (args.pretrain_epochs < 1 and not args.finetune):
+        raise ValueError(f"--epochs and --pretrain-epochs must be at least 1, got {args.epochs} and "
+                         f"{args.pretrain_epochs}")
     out = args.output_dir
     common = ["--num_workers", str(args.num_workers), "--seed", str(args.seed)]
     if args.device:

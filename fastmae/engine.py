@@ -75,8 +75,8 @@ class Recipe:
         raise NotImplementedError
 
     def prepare(self, model) -> None:
-        """Called once the model is on its device, before the optimizer is built (e.g. to copy it
-        for an EMA of the weights)."""
+        """Called once the model is on its device with the same weights on every process, before
+        any checkpoint is resumed (e.g. to copy it for an EMA of the weights)."""
 
     def after_step(self, model) -> None:
         """Called after each optimizer step that was taken (e.g. to update an EMA of the weights)."""
@@ -85,8 +85,8 @@ class Recipe:
         """The recipe's own state, saved in checkpoints (e.g. the EMA weights)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores :meth:`state_dict` on resume."""
+    def load_state_dict(self, state: dict, model) -> None:
+        """Restores :meth:`state_dict` on resume, after ``model`` got the checkpoint's weights."""
 
     def train_set(self, model) -> torch.utils.data.Dataset:
         """The training samples, indexed by the sampler's ``(index, epoch)`` keys; each item is a
@@ -307,7 +307,6 @@ class Engine:
 
         # ---- model, optimizer, gradient scaler
         self.model = recipe.build_model().to(device)
-        recipe.prepare(self.model)
         self.global_batch = args.batch_size * args.accum_iter * world
         if args.lr is None:
             args.lr = args.blr * self.global_batch / 256
@@ -344,6 +343,7 @@ class Engine:
             self.ddp_model = DistributedDataParallel(self.model,
                                                      device_ids=[device.index] if device.type == "cuda" else None)
         self.run_model = torch.compile(self.ddp_model, mode=self.compile_mode) if args.compile else self.ddp_model
+        recipe.prepare(self.model)  # after DDP's construction gave every process rank 0's weights
 
         # ---- where the run stands (resume() may move it on)
         self.start_epoch, self.epoch_iter, self.step, self.nonfinite = args.start_epoch, 0, 0, 0
@@ -379,7 +379,7 @@ class Engine:
             self.start_epoch, self.epoch_iter, self.step = ckpt["epoch"], ckpt["epoch_iter"], ckpt["step"]
             self.nonfinite = ckpt.get("nonfinite", 0)
             self.best = ckpt.get("best")
-            self.recipe.load_state_dict(ckpt.get("recipe") or {})
+            self.recipe.load_state_dict(ckpt.get("recipe") or {}, self.model)
             if self.epoch_iter:
                 self.meters = Meters(**ckpt["meters"])
             if self.dist.rank == 0:
@@ -440,6 +440,9 @@ class Engine:
                 lr = self.recipe.learning_rate(it / self.iters_per_epoch + epoch)
                 set_lr(self.optimizer, lr)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            # the step's own random draws (drop path, mixup) come from the run's seed, the position and
+            # the process: the same after a resume, on every process, whatever the RNG states were
+            data.seed_globally(data.step_seed(args.seed, epoch, it, self.dist.rank))
             sync = (it + 1) % accum == 0
             no_sync = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
             with no_sync:
@@ -553,6 +556,11 @@ class Engine:
         """The recipe's test statistics of this epoch (with ``max_<metric>`` so far), and whether
         its best_metric improved."""
         metric = self.recipe.best_metric
+        if self.dist.enabled:  # buffers (a probe's BatchNorm statistics) as rank 0 saves them
+            import torch.distributed as tdist
+
+            for buf in self.model.buffers():
+                tdist.broadcast(buf, 0)
         self.model.eval()
         try:
             test = self.recipe.evaluate(self.model, self.device, self.amp_dtype, self.dist)

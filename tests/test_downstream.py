@@ -66,6 +66,16 @@ def test_labelled_folders_refuse_other_classes_and_a_missing_split(tmp_path):
         data.labelled_folders(str(tmp_path / "d"))
 
 
+def test_the_finetuning_transform_pickles_for_spawned_workers():
+    """DataLoader workers started by spawn (macOS, Windows) receive the transform pickled, with the
+    posterize ops it holds."""
+    import pickle
+
+    tf = pickle.loads(pickle.dumps(data.classify_train_transform(32)))
+    img = data.EmbeddedDigits("val")[0][0]
+    assert tf(img).shape == (3, 32, 32)
+
+
 def test_labelled_samples_are_seeded_per_sample_and_leave_global_rngs_alone(digits):
     tf = data.classify_train_transform(32)
     ds = data.LabelledSamples(digits[0], tf, seed=1)
@@ -213,6 +223,18 @@ def test_finetune_resume_is_exact(tmp_path, digits):
     assert {"test_acc1_ema", "test_acc5_ema", "test_loss_ema"} <= set(line)
 
 
+def test_an_ema_added_on_resume_starts_from_the_resumed_weights(tmp_path, digits):
+    common = ["--model", "vit_micro_patch8", *SMALL, "--epochs", 2, "--log_dir", "", "--output_dir", tmp_path]
+    downstream.finetune(parse("finetune", *common, "--max-steps", 3), datasets=digits)
+    res = downstream.finetune(parse("finetune", *common, "--resume", "auto", "--model_ema", "--max-steps", 4),
+                              datasets=digits)
+    ema = ckpt_io.load(str(tmp_path / "checkpoint-last.pth"))["recipe"]["ema"]
+    # one step of decay 0.9999 from the resumed weights: still within a step of the model
+    for k, v in res.model.state_dict().items():
+        if v.is_floating_point():
+            assert (ema[k] - v).abs().max() < 1e-2, k
+
+
 def test_knn_writes_its_accuracy(tmp_path, digits, mae_ckpt):
     out = tmp_path / "knn"
     stats = downstream.knn(parse("knn", "--finetune", mae_ckpt, "--num_workers", 0, "--device", "cpu",
@@ -230,10 +252,17 @@ def test_knn_writes_its_accuracy(tmp_path, digits, mae_ckpt):
     (["finetune", "--model", "vit_micro_patch8", "--input_size", "36"], "--input_size 36.*not divisible"),
     (["finetune", "--model", "vit_micro_patch8", "--batch_size", "5"], "--batch_size 5 must be even"),
     (["linprobe", "--model", "vit_micro_patch8", "--eval"], "--eval needs a model"),
+    (["finetune", "--model", "vit_micro_patch8", "--mixup_mode", "elem", "--batch_size", "5"], "must be even"),
+    (["finetune", "--model", "vit_micro_patch8", "--aa", "bogus"], "--aa 'bogus' is not a RandAugment policy"),
+    (["finetune", "--model", "vit_micro_patch8", "--cutmix_minmax", "0.3"], "--cutmix_minmax takes two ratios"),
+    (["finetune", "--model", "vit_micro_patch8", "--smoothing", "2", "--mixup", "0", "--cutmix", "0"],
+     "--smoothing must be in"),
+    (["finetune", "--model", "vit_micro_patch8", "--crop-scale", "0", "1"], "--crop-scale needs"),
+    (["downstream", "--epochs", "0"], "--epochs and --pretrain-epochs must be at least 1"),
 ])
 def test_bad_flags_are_clear_errors(tmp_path, capsys, argv, message):
-    code = cli.main([*argv, "--epochs", "1", "--num_workers", "0", "--device", "cpu", "--output_dir",
-                     str(tmp_path / "o"), "--log_dir", ""])
+    extra = [] if argv[0] == "downstream" else ["--epochs", "1", "--log_dir", ""]
+    code = cli.main([*argv, *extra, "--num_workers", "0", "--device", "cpu", "--output_dir", str(tmp_path / "o")])
     assert code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -284,3 +313,22 @@ def test_two_process_finetuning_trains_alike_and_evaluates_every_image_once(tmp_
                                        out / "checkpoint-last.pth", "--output_dir", ""))
     assert logged["test_acc1"] == pytest.approx(single.test["test_acc1"])
     assert logged["test_loss"] == pytest.approx(single.test["test_loss"], rel=1e-5)
+
+
+def test_two_process_resume_is_exact_with_drop_path(tmp_path):
+    """Drop path draws from every process's generator: a torchrun run resumed after its first
+    step ends where the uninterrupted one does."""
+    root = tmp_path / "data"
+    make_image_folder(root / "train", n=16, classes=2)
+    make_image_folder(root / "val", n=4, classes=2, seed=1)
+    flags = ["finetune", "--model", "vit_micro_patch8", "--input_size", "32", "--data_path", str(root),
+             "--num_workers", "0", "--device", "cpu", "--precision", "fp32", "--batch_size", "4", "--epochs", "2",
+             "--warmup_epochs", "0", "--drop_path", "0.3", "--log_dir", ""]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, (full, _) = run_two_processes(tmp_path / "a", "downstream", "finetune", [*flags, "--output_dir", tmp_path / "a"])
+    run_two_processes(tmp_path / "b", "downstream", "finetune", [*flags, "--output_dir", tmp_path / "b",
+                                                                  "--max-steps", "1"])
+    _, (resumed, _) = run_two_processes(tmp_path / "b", "downstream", "finetune",
+                                        [*flags, "--output_dir", tmp_path / "b", "--resume", "auto"])
+    assert_states_equal(full, resumed, "uninterrupted vs resumed")
