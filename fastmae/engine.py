@@ -15,7 +15,10 @@ bit-identically; see :mod:`fastmae.checkpoint`).
 
 Reproducibility rests on the data: the sampler hands the recipe's dataset ``(index, epoch)`` keys
 (:class:`fastmae.data.EpochSampler`) and the dataset draws every random choice of a sample from
-them, so a run's batches depend neither on the process or worker count nor on a resume.
+them, so a run's batches depend neither on the process or worker count nor on a resume. What the
+step itself draws (drop path, mixup) comes from generators seeded before each batch from the
+run's seed, the batch's position and the process (:func:`fastmae.data.step_seed`), so a resumed
+run draws the same on every process.
 """
 from __future__ import annotations
 
