@@ -125,6 +125,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def rotated_cycle(providers, calls, times):
+    """A cycle function: every provider's call once, each timed alone into ``times[provider]``,
+    the order rotated every cycle (A B C, B C A, ...), so no provider always runs first."""
+    cycle_no = [0]
+
+    def cycle():
+        k = cycle_no[0] % len(providers)
+        cycle_no[0] += 1
+        for p in providers[k:] + providers[:k]:
+            times[p].append(timed(calls[p]))
+
+    return cycle
+
+
 def matmul_rate(dtype: torch.dtype, n: int, reps: int = 3) -> float:
     """FLOP/s of a large square ``torch.mm`` (the ceiling), best of ``reps``."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

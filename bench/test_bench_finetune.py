@@ -50,7 +50,6 @@ import pytest
 import torch
 
 from fastmae.bench import finetune_step as FT
-from fastmae.bench import memory as M
 from fastmae.bench import model_step as S
 from fastmae.config import bench_setting
 
@@ -116,19 +115,6 @@ def get_bench(config: str) -> Bench:
     return _benches[config]
 
 
-def _rotated_cycle(providers, calls, times):
-    """A cycle function: every provider's call once, timed alone, the order rotated each cycle."""
-    cycle_no = [0]
-
-    def cycle():
-        k = cycle_no[0] % len(providers)
-        cycle_no[0] += 1
-        for p in providers[k:] + providers[:k]:
-            times[p].append(S.timed(calls[p]))
-
-    return cycle
-
-
 @pytest.mark.parametrize("precision", FT.PRECISIONS)
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_finetune_step(config, precision, benchmark):
@@ -141,7 +127,7 @@ def test_finetune_step(config, precision, benchmark):
             steps[p]()
     times = {p: [] for p in providers}
     mm_rates = []
-    run_providers = _rotated_cycle(providers, steps, times)
+    run_providers = S.rotated_cycle(providers, steps, times)
 
     def cycle():
         run_providers()
@@ -192,7 +178,7 @@ def test_feature_extraction(config, mode, precision, benchmark):
             calls[p]()
     times = {p: [] for p in providers}
     benchmark.group = f"features {config} {mode} {precision}"
-    benchmark.pedantic(_rotated_cycle(providers, calls, times), rounds=max(ROUNDS, 3), iterations=1,
+    benchmark.pedantic(S.rotated_cycle(providers, calls, times), rounds=max(ROUNDS, 3), iterations=1,
                        warmup_rounds=0)
     per = {}
     for p in providers:

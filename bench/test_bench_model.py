@@ -141,13 +141,10 @@ def test_train_step(config, precision, benchmark):
             steps[p]()
     times = {p: [] for p in providers}
     mm_rates = []
-    cycle_no = [0]
+    run_providers = S.rotated_cycle(providers, steps, times)
 
     def cycle():
-        k = cycle_no[0] % len(providers)
-        cycle_no[0] += 1
-        for p in providers[k:] + providers[:k]:
-            times[p].append(S.timed(steps[p]))
+        run_providers()
         mm_rates.append(S.matmul_rate(DTYPES[precision], MM_N, reps=2))
 
     benchmark.group = f"train step {config} {precision}"
