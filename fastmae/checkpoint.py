@@ -202,6 +202,23 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def check_file(path: str) -> None:
+    """A checkpoint path must name an existing, non-empty file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
+
+
+def _legacy_format(path: str) -> bool:
+    """Whether the file is in torch's pre-1.6 format (a bare pickle stream beginning with torch's
+    magic number, no zip archive and so no CRC to check); torch.load still reads it."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x80\x02\x8a\x0a"
+
+
 def _check_crc(path: str) -> None:
     """``torch.save`` writes a zip archive with a CRC-32 per record, which ``torch.load`` does not
     verify: a flipped bit in tensor data would load silently. Check every record's CRC first."""
@@ -222,13 +239,9 @@ def read(path: str, map_location="cpu"):
     """Read any checkpoint file safely: checked for existence, emptiness and damaged bytes, then
     ``torch.load(weights_only=True)`` (no code runs from the file; an ``argparse.Namespace``, as
     the official scripts store their args, is allowed). :class:`CheckpointError` says what is wrong."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} is not a file")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes)")
-    _check_crc(path)
+    check_file(path)
+    if not _legacy_format(path):
+        _check_crc(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)

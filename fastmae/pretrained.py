@@ -18,34 +18,38 @@ What was loaded, left at its initialisation and dropped is returned as a :class:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from . import checkpoint as ckpt_io
+from . import convert
 from .checkpoint import CheckpointError
 from .pos_embed import get_2d_sincos_pos_embed
 from .vit import VIT_CONFIGS, interpolate_pos_embed, sincos_pos_embed_like
 
-DECODER_PREFIXES = ("decoder_", "mask_token")
+from .convert import DECODER_PREFIXES
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_encoder` did: key lists and, for what was not loaded as it was, why."""
+    """What :func:`load_pretrained` (or :func:`load_encoder`) did: key lists and, for what was not loaded as it was, why."""
     source: str
     format: str
     loaded: list = field(default_factory=list)
     initialised: dict = field(default_factory=dict)  # key -> why it keeps the model's initialisation
     dropped: dict = field(default_factory=dict)  # key -> why the checkpoint's value was not used
     resized: dict = field(default_factory=dict)  # key -> how it was fitted to the model
+    notes: list = field(default_factory=list)  # what else the user should know
 
     def lines(self) -> list[str]:
         out = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.format})"]
         for title, what in (("resized", self.resized), ("initialised", self.initialised), ("dropped", self.dropped)):
             for reason, keys in _by_reason(what).items():
                 out.append(f"  {title}: {_short(keys)} ({reason})")
-        return out
+        return out + [f"  note: {n}" for n in self.notes]
 
     def __str__(self):
         return "\n".join(self.lines())
@@ -69,21 +73,85 @@ def _is_state_dict(obj) -> bool:
 
 @dataclass
 class Source:
-    """A checkpoint read by :func:`read_source`: its weights, its format, what describes its model
-    (``meta``: a fastmae ``model_config`` or the official ``args``) and its name in messages."""
+    """A checkpoint read by :func:`read_source`: its weights in the official layout, its format,
+    what describes its model (``meta``: a fastmae ``model_config``, the official ``args``, a Hugging
+    Face ``hf_config`` or a timm ``timm_config``) and its name in messages."""
     state: dict
     format: str
     meta: dict
     label: str
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+SAFETENSORS_CONFIG = "fastmae_model_config"  # the metadata key of a fastmae configuration in a .safetensors
+
+
+def read_safetensors(path: str) -> tuple[dict, dict]:
+    """(state_dict, metadata) of a ``.safetensors`` file, with clear errors for what is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    ckpt_io.check_file(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path!r} is not a readable .safetensors file: it is corrupt, truncated or of "
+                              f"another format ({type(e).__name__}: {ckpt_io._first_line(e)})") from None
+
+
+def _read_config_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path!r} cannot be read as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path!r} is not a model configuration (a JSON object)")
+    return cfg
+
+
+def _read_path(path: str) -> tuple[object, dict, str]:
+    """(what the file holds, meta from beside it, the library that wrote it or "") for a file or a
+    Hugging Face / timm model folder (``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``)."""
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        weights = next((os.path.join(path, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
+        if weights is None:
+            raise CheckpointError(f"the folder {path!r} holds no weights ({' or '.join(WEIGHT_FILES)})")
+        cfg = _read_config_json(cfg_path) if os.path.isfile(cfg_path) else {}
+        obj, meta, origin = _read_path(weights)
+        if "model_type" in cfg:
+            if cfg["model_type"] != "vit_mae":
+                raise CheckpointError(f"{path!r} holds a Hugging Face {cfg['model_type']!r} model; fastmae reads "
+                                      f"ViTMAE (vit_mae) models")
+            return obj, dict(meta, hf_config=cfg), "hf"
+        if "architecture" in cfg:
+            if not str(cfg["architecture"]).startswith("vit_"):
+                raise CheckpointError(f"{path!r} holds a timm {cfg['architecture']!r} model; fastmae reads timm "
+                                      f"VisionTransformers (vit_*)")
+            return obj, dict(meta, timm_config=cfg), "timm"
+        return obj, meta, origin
+    if path.endswith(".safetensors"):
+        state, metadata = read_safetensors(path)
+        if SAFETENSORS_CONFIG in metadata:
+            return {"format": ckpt_io.FORMAT, "model": state,
+                    "model_config": json.loads(metadata[SAFETENSORS_CONFIG])}, {}, ""
+        return state, {}, ""
+    return ckpt_io.read(path), {}, ""
+
+
 def read_source(source, name: str = "checkpoint") -> Source:
-    """Read a path, an in-memory checkpoint or a state_dict (a :class:`Source` is returned as it is)."""
+    """Read a path (a checkpoint file, a ``.safetensors`` file, a Hugging Face or timm model folder),
+    an in-memory checkpoint or a state_dict (a :class:`Source` is returned as it is), in any layout
+    :mod:`fastmae.convert` reads; the weights come back in the official layout."""
     if isinstance(source, Source):
         return source
-    label = source if isinstance(source, str) else f"the given {name}"
-    obj = ckpt_io.read(source) if isinstance(source, str) else source
-    meta: dict = {}
+    meta, origin = {}, ""
+    if isinstance(source, (str, os.PathLike)):
+        label = os.fspath(source)
+        obj, meta, origin = _read_path(label)
+    else:
+        label, obj = f"the given {name}", source
     if isinstance(obj, dict) and obj.get("format") == ckpt_io.FORMAT:
         state, meta = obj.get("model"), {"model_config": obj.get("model_config") or {}}
         kind = "fine-tuning" if meta["model_config"].get("kind") == "vit" else "pre-training"
@@ -91,7 +159,7 @@ def read_source(source, name: str = "checkpoint") -> Source:
     elif isinstance(obj, dict) and "model" in obj and _is_state_dict(obj["model"]):
         state, fmt = obj["model"], "official checkpoint"
         args = obj.get("args")
-        meta = {"args": vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})}
+        meta = dict(meta, args=vars(args) if isinstance(args, argparse.Namespace) else dict(args or {}))
     elif _is_state_dict(obj):
         state, fmt = obj, "state_dict"
     else:
@@ -100,14 +168,44 @@ def read_source(source, name: str = "checkpoint") -> Source:
         raise CheckpointError(f"{label} holds no weights")
     if any(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    if "patch_embed.proj.weight" not in state or "cls_token" not in state:
-        raise CheckpointError(f"{label} does not hold a ViT encoder (no patch_embed.proj.weight / cls_token); "
-                              f"its keys begin {list(state)[:4]}")
-    if fmt != "state_dict" and not fmt.startswith("fastmae"):
+    try:
+        layout = convert.detect_layout(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{label} does not hold a ViT encoder: {e}") from None
+    if layout.startswith("hf"):
+        state = convert.from_hf(state)
+        fmt = (f"Hugging Face {'ViTMAEForPreTraining' if any(k.startswith(DECODER_PREFIXES) for k in state) else 'ViTMAEModel'}"
+               f" (transformers {layout[2:]}.x keys)")
+    elif origin == "timm":
+        state, fmt = convert.from_timm(state), f"timm {meta['timm_config']['architecture']}"
+    elif fmt != "state_dict" and not fmt.startswith("fastmae"):
         fmt = ("official pre-training checkpoint" if any(k.startswith(DECODER_PREFIXES) for k in state)
                else "official fine-tuned checkpoint" if "head.weight" in state
                else "official encoder-only pre-training checkpoint")
     return Source(state, fmt, meta, label)
+
+
+def _stored_config(meta: dict) -> dict | None:
+    """The configuration a checkpoint carries (fastmae's ``model_config``, or one made from a Hugging
+    Face or timm ``config.json``), with at least ``num_heads`` and ``img_size``; None without one."""
+    if meta.get("model_config"):
+        return meta["model_config"]
+    if meta.get("hf_config"):
+        return convert.config_from_hf(meta["hf_config"])
+    if meta.get("timm_config"):
+        cfg = dict(meta["timm_config"].get("model_args") or {})
+        known = {v: k for k, v in convert.TIMM_ARCHITECTURES.items()}.get(meta["timm_config"]["architecture"])
+        cfg.setdefault("num_heads", known[3] if known else None)
+        cfg.setdefault("img_size", list((meta["timm_config"].get("pretrained_cfg") or {}).get(
+            "input_size", (3, 224, 224))[1:]))
+        return cfg
+    return None
+
+
+def _known_config(configs: dict, key: tuple, name: str | None):
+    """The configuration named by the official ``args.model``, else the only one of these shapes."""
+    return configs.get(name or "") or next(
+        (c for c in configs.values() if tuple(c[k] for k in ("patch_size", "embed_dim", "depth")) == key), None)
 
 
 def encoder_config(source: Source) -> dict:
@@ -115,25 +213,55 @@ def encoder_config(source: Source) -> dict:
     ``depth``, ``num_heads``, ``mlp_ratio``, ``in_chans``, ``img_size``, from the stored
     configuration, else the official ``args.model``, else the weights' shapes (the head count
     then from the known configuration of that width, depth and patch size)."""
-    state, meta = source.state, source.meta
+    state = source.state
     proj = state["patch_embed.proj.weight"]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     cfg = dict(patch_size=proj.shape[-1], embed_dim=proj.shape[0], depth=depth, in_chans=proj.shape[1],
                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0] if depth else 4.0)
-    mc = meta.get("model_config")
-    args = meta.get("args") or {}
-    if mc:
-        cfg["num_heads"] = mc["num_heads"]
-        cfg["img_size"] = tuple(mc["img_size"]) if isinstance(mc["img_size"], (list, tuple)) else mc["img_size"]
+    stored = _stored_config(source.meta)
+    if stored:
+        cfg["num_heads"] = stored["num_heads"]
+        size = stored["img_size"]
+        cfg["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else size
         return cfg
+    args = source.meta.get("args") or {}
     name = str(args.get("model", "")).replace("mae_", "", 1).replace("_dec512d8b", "")
-    known = VIT_CONFIGS.get(name) or next(
-        (c for c in VIT_CONFIGS.values() if (c["patch_size"], c["embed_dim"], c["depth"]) ==
-         (cfg["patch_size"], cfg["embed_dim"], cfg["depth"])), None)
+    known = _known_config(VIT_CONFIGS, (cfg["patch_size"], cfg["embed_dim"], depth), name)
     cfg["num_heads"] = known["num_heads"] if known else None  # None: the caller must be told the model
     grid = int(round((state["pos_embed"].shape[-2] - 1) ** 0.5)) if "pos_embed" in state else 224 // cfg["patch_size"]
     cfg["img_size"] = args.get("input_size") or grid * cfg["patch_size"]
     return cfg
+
+
+def mae_config(source: Source) -> dict:
+    """The MAE configuration (:func:`fastmae.checkpoint.model_config`) of a pre-training
+    checkpoint: stored, else from the official ``args``, else from the weights' shapes and the
+    known configurations. :class:`CheckpointError` when the weights hold no decoder or the head
+    counts cannot be known."""
+    from . import reference
+
+    state = source.state
+    if "decoder_embed.weight" not in state:
+        raise CheckpointError(f"{source.label} holds an encoder without the pre-training decoder, not an MAE")
+    stored = _stored_config(source.meta)
+    if stored and stored.get("kind") != "vit" and "decoder_depth" in stored:
+        return dict(stored)
+    enc = encoder_config(source)
+    dec_depth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+    dec_dim = state["decoder_embed.weight"].shape[0]
+    args = source.meta.get("args") or {}
+    configs = {**reference.MODEL_CONFIGS, **reference.SMALL_CONFIGS}
+    known = _known_config(configs, (enc["patch_size"], enc["embed_dim"], enc["depth"]), args.get("model"))
+    if enc["num_heads"] is None or known is None or (known["decoder_embed_dim"], known["decoder_depth"]) != (
+            dec_dim, dec_depth):
+        raise CheckpointError(f"{source.label}: the head counts of this MAE ({enc['embed_dim']} wide, {enc['depth']} "
+                              f"blocks, decoder {dec_dim} wide, {dec_depth} blocks) are not stored and it is no known "
+                              f"configuration; convert it from a file that carries its configuration")
+    return dict(img_size=list(enc["img_size"]) if isinstance(enc["img_size"], tuple) else enc["img_size"],
+                patch_size=enc["patch_size"], in_chans=enc["in_chans"], embed_dim=enc["embed_dim"],
+                depth=enc["depth"], num_heads=enc["num_heads"], decoder_embed_dim=dec_dim, decoder_depth=dec_depth,
+                decoder_num_heads=known["decoder_num_heads"], mlp_ratio=enc["mlp_ratio"],
+                norm_pix_loss=bool(args.get("norm_pix_loss", False)), layer_norm_eps=1e-6)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -148,7 +276,7 @@ def _is_sincos(pos_embed: torch.Tensor, grid) -> bool:
 
 def _source_grid(src: Source, patch_size: int) -> tuple[int, int]:
     """The checkpoint's patch grid: from its stored image size when it has one, else square."""
-    size = (src.meta.get("model_config") or {}).get("img_size")
+    size = (_stored_config(src.meta) or {}).get("img_size")
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else size
         return h // patch_size, w // patch_size
@@ -231,4 +359,72 @@ def load_encoder(model, source, name: str = "checkpoint") -> LoadReport:
                                  else f"{final} starts at ones and zeros, as the official fine-tuning")
     if head_missing:
         model.init_head(std=0.01 if isinstance(model.head, torch.nn.Sequential) else 2e-5)
+    return report
+
+
+def _eps_notes(src: Source, model) -> list[str]:
+    """A Hugging Face config whose ``layer_norm_eps`` is not the model's is worth a line: its default
+    (1e-12) is not the official recipe's 1e-6, and the outputs differ slightly."""
+    hf = src.meta.get("hf_config")
+    eps = (getattr(model, "final_norm", None) or model.norm).eps
+    if hf and float(hf.get("layer_norm_eps", 1e-12)) != eps:
+        return [f"its config.json has layer_norm_eps={hf.get('layer_norm_eps', 1e-12)}, this model {eps} (the "
+                f"official recipe's): outputs differ slightly from the Hugging Face model's"]
+    return []
+
+
+def load_pretrained(model, source, name: str = "checkpoint") -> LoadReport:
+    """Load ``source`` into ``model`` whatever its format: a fastmae, official (pre-training, encoder-only
+    or fine-tuned), Hugging Face ViTMAE (either key layout; a model folder, ``.safetensors`` or
+    state_dict) or timm checkpoint, detected from its keys and files.
+
+    - A classifier (:class:`fastmae.VisionTransformer`) gets the encoder as the official fine-tuning
+      loads it (:func:`load_encoder`).
+    - An MAE (:class:`fastmae.MaskedAutoencoderViT`, fast or reference) gets every weight; a
+      checkpoint without the decoder leaves the decoder at its initialisation, a classifier's head is
+      dropped, and a fixed sin-cos table of another grid is regenerated for the model's.
+
+    Returns a :class:`LoadReport`: what was loaded, resized, initialised and dropped, and why."""
+    from .vit import VisionTransformer
+
+    src = read_source(source, name)
+    if isinstance(model, VisionTransformer):
+        report = load_encoder(model, src, name)
+    else:
+        report = _load_mae(model, src)
+    report.notes += _eps_notes(src, model)
+    return report
+
+
+def _load_mae(model, src: Source) -> LoadReport:
+    state, own, label = dict(src.state), model.state_dict(), src.label
+    report = LoadReport(source=label, format=src.format)
+    for k in [k for k in state if k.startswith(("head.", "fc_norm."))]:
+        report.dropped[k] = "a classifier's; an MAE has none"
+        del state[k]
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            grid = tuple(model.patch_embed.grid_size)
+            side = int(round((state[key].shape[-2] - 1) ** 0.5))
+            if not _is_sincos(state[key], (side, side)):
+                raise CheckpointError(f"{label}: {key} is a learned table for another grid; an MAE's is the fixed "
+                                      f"sin-cos table")
+            state[key] = own[key]
+            report.resized[key] = f"the fixed sin-cos table regenerated for the {grid[0]}x{grid[1]} grid"
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise CheckpointError(f"{label} holds weights this MAE has no place for: {_short(unexpected)}")
+    wrong = [k for k in state if state[k].shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{label} holds another architecture than this MAE: {_short(wrong)} differ in shape; "
+                              f"build the model with the checkpoint's configuration")
+    missing = sorted(set(own) - set(state))
+    not_allowed = [k for k in missing if not k.startswith(DECODER_PREFIXES + ("norm.",))]
+    if not_allowed:
+        raise CheckpointError(f"{label} lacks encoder weights: {_short(not_allowed)}")
+    model.load_state_dict(state, strict=False)
+    report.loaded = sorted(state)
+    for k in missing:
+        report.initialised[k] = ("the checkpoint has no decoder: left at this model's initialisation"
+                                 if k.startswith(DECODER_PREFIXES) else "the checkpoint has no final norm")
     return report
