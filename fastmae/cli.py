@@ -11,6 +11,8 @@
     fastmae downstream           pre-train on the embedded digits, then k-NN, probe and fine-tune it
                                  and a random encoder: the accuracy table
     fastmae visualize --checkpoint CKPT [--image PATH ...] [--out grid.png]
+    fastmae convert --to fastmae|official|hf|timm IN OUT
+                                 convert weights between formats (IN's format is detected)
     fastmae bench [--quick] --out DIR   benchmark against the reference; report.md and plots in DIR
     fastmae env                  versions, the C++ extension, the kernels in use, every FASTMAE_* setting
 
@@ -22,6 +24,7 @@ import argparse
 import sys
 
 from . import train
+from .convert import HF_LAYOUTS, TARGETS
 from .vit import VIT_NAMES
 
 # The no-argument run: small enough for a few minutes on 2 CPU cores, with a clearly falling loss.
@@ -317,6 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     vis.add_argument("--device", default="cpu")
 
+    conv = sub.add_parser(
+        "convert", formatter_class=_Formatter, help="convert weights to the fastmae, official, Hugging Face or timm format",
+        description="Convert a checkpoint to another format. IN may be a fastmae or official checkpoint, a Hugging Face "
+                    "ViTMAE or timm ViT model folder (config.json and model.safetensors or pytorch_model.bin), a "
+                    ".safetensors file or a state_dict file; its format is detected. Nothing in IN is executed: .pth/"
+                    ".bin files are read weights-only. fastmae and official write one file (.pth, or .safetensors); "
+                    "hf writes a model folder for ViTMAEForPreTraining.from_pretrained (ViTMAEModel for an encoder "
+                    "without decoder); timm a folder for timm.create_model('local-dir:OUT', pretrained=True) or, given "
+                    "a .safetensors or .pth name, the bare weights.")
+    conv.add_argument("--to", required=True, choices=TARGETS, help="the format to write")
+    conv.add_argument("input", metavar="IN", help="the checkpoint file or model folder to convert")
+    conv.add_argument("output", metavar="OUT", help="the file or folder to write")
+    conv.add_argument("--hf-layout", "--hf_layout", dest="hf_layout", choices=HF_LAYOUTS, default="4",
+                      help="Hugging Face key layout: 4 (transformers 4.x keys, which transformers 5 also loads) or 5")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
     sub.add_parser("env", help="what fastmae runs on: versions, extension, kernels, settings",
                    description="Versions, whether the C++ extension loaded (and if not, why and how to fix "
                                "it), the CPU instruction set of its kernels, the fused ops' implementation "
@@ -354,6 +373,21 @@ def _run_downstream(args) -> int:
     return 0
 
 
+def _run_convert(args) -> int:
+    import os
+
+    from .convert import export
+
+    if os.path.exists(args.output) and os.path.realpath(args.output) == os.path.realpath(args.input):
+        raise ValueError("OUT is IN: write the converted weights elsewhere")
+    if os.path.exists(args.output) and not args.overwrite and not (os.path.isdir(args.output) and
+                                                                   not os.listdir(args.output)):
+        raise ValueError(f"{args.output!r} exists; pass --overwrite to replace it")
+    for line in export(args.input, args.output, args.to, args.hf_layout):
+        print(line)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
@@ -377,6 +411,8 @@ def main(argv=None) -> int:
             from .bench import cli as bench_cli
 
             return bench_cli.run(args)
+        if args.command == "convert":
+            return _run_convert(args)
         if args.command in ("pretrain", "demo"):
             return _run_pretrain(args)
         if args.command in ("finetune", "linprobe", "knn"):

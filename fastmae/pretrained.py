@@ -153,7 +153,8 @@ def read_source(source, name: str = "checkpoint") -> Source:
     else:
         label, obj = f"the given {name}", source
     if isinstance(obj, dict) and obj.get("format") == ckpt_io.FORMAT:
-        state, meta = obj.get("model"), {"model_config": obj.get("model_config") or {}}
+        state = obj.get("model")
+        meta = {"model_config": obj.get("model_config") or {}, "args": obj.get("args") or {}, "step": obj.get("step")}
         kind = "fine-tuning" if meta["model_config"].get("kind") == "vit" else "pre-training"
         fmt = f"fastmae {kind} checkpoint"
     elif isinstance(obj, dict) and "model" in obj and _is_state_dict(obj["model"]):
@@ -177,7 +178,7 @@ def read_source(source, name: str = "checkpoint") -> Source:
         fmt = (f"Hugging Face {'ViTMAEForPreTraining' if any(k.startswith(DECODER_PREFIXES) for k in state) else 'ViTMAEModel'}"
                f" (transformers {layout[2:]}.x keys)")
     elif origin == "timm":
-        state, fmt = convert.from_timm(state), f"timm {meta['timm_config']['architecture']}"
+        state, fmt = convert.from_timm(state), "timm VisionTransformer"
     elif fmt != "state_dict" and not fmt.startswith("fastmae"):
         fmt = ("official pre-training checkpoint" if any(k.startswith(DECODER_PREFIXES) for k in state)
                else "official fine-tuned checkpoint" if "head.weight" in state

@@ -182,4 +182,4 @@ def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ra
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "reconstruction.png")
     name = ckpt["args"].get("model", "MAE")
     return save_grid(model, images, out, mask_ratio=mask_ratio, seed=seed, device=device,
-                     title=f"{name}, step {ckpt['step']}")
+                     title=name if ckpt["step"] is None else f"{name}, step {ckpt['step']}")
