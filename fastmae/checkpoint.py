@@ -270,7 +270,7 @@ def load(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path!r} has format version {ckpt.get('version')}, "
                               f"this fastmae reads version {VERSION}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing and "model" in ckpt and "model_config" in ckpt and "optimizer" not in ckpt:
+    if missing and "model" in ckpt and "model_config" in ckpt and not {"optimizer", "epoch", "step"} & set(ckpt):
         raise CheckpointError(f"{path!r} holds weights only (as fastmae convert writes them), no training state: "
                               f"a run cannot resume from it, but it can start one (--finetune, or --resume with "
                               f"--eval)")
@@ -358,31 +358,6 @@ def check_resume(ckpt: dict, path: str, *, model, model_config: dict, model_flag
             f"with other settings ({'; '.join(diff)}): resuming there needs the same data, --batch_size, "
             f"--accum_iter, --seed and process count, or the batches of that epoch would be skipped or "
             f"seen twice")
-
-
-def load_model(path: str, device="cpu", reference_impl: bool = False, **kwargs):
-    """(model, info): the model a checkpoint describes (an MAE, or a classifier for one of ``fastmae
-    finetune``/``linprobe``), with its weights, in eval mode. Any checkpoint
-    :func:`fastmae.pretrained.read_source` reads will do (fastmae's, the official ones, Hugging Face
-    and timm folders, ``.safetensors``); ``info`` has ``model_config``, ``args`` (the training
-    arguments, ``{}`` when the file has none), ``step`` (None when unknown) and ``format``."""
-    from . import convert, pretrained
-
-    src = pretrained.read_source(path)
-    if src.meta.get("model_config") and src.format.startswith("fastmae"):
-        config = src.meta["model_config"]
-    elif "decoder_embed.weight" in src.state:
-        config = pretrained.mae_config(src)
-    else:
-        config = convert.vit_config_of(src)
-    try:
-        model = build_model(config, reference_impl=reference_impl, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} has an invalid model configuration: {e}") from None
-    check_state_dict(model, src.state, path)
-    model.load_state_dict(src.state, strict=True)
-    info = dict(model_config=config, args=src.meta.get("args") or {}, step=src.meta.get("step"), format=src.format)
-    return model.to(device).eval(), info
 
 
 def run_checkpoints(output_dir: str) -> list[str]:

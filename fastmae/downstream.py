@@ -320,7 +320,7 @@ def _evaluate_only(args, recipe: Classification) -> Result:
         if not args.resume:
             raise ValueError(f"--eval --resume auto: no checkpoint in --output_dir {args.output_dir!r}")
     if args.resume:  # the model the checkpoint describes, with its weights
-        model, ckpt = ckpt_io.load_model(args.resume, attn_backend=args.attn_backend)
+        model, ckpt = pretrained.load_model(args.resume, attn_backend=args.attn_backend)
         if ckpt["model_config"].get("kind") != "vit" or model.num_classes != recipe.num_classes:
             raise ckpt_io.CheckpointError(
                 f"--resume {args.resume!r} is not a classifier for these {recipe.num_classes} classes (a checkpoint "

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checkpoint as ckpt_io
-from . import convert
+from . import layouts
 from .checkpoint import CheckpointError
 from .pos_embed import get_2d_sincos_pos_embed
 from .vit import VIT_CONFIGS, interpolate_pos_embed, sincos_pos_embed_like
 
-from .convert import DECODER_PREFIXES
+from .layouts import DECODER_PREFIXES
 
 
 @dataclass
@@ -170,15 +170,15 @@ def read_source(source, name: str = "checkpoint") -> Source:
     if any(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
-        layout = convert.detect_layout(state)
+        layout = layouts.detect_layout(state)
     except CheckpointError as e:
         raise CheckpointError(f"{label} does not hold a ViT encoder: {e}") from None
     if layout.startswith("hf"):
-        state = convert.from_hf(state)
+        state = layouts.from_hf(state)
         fmt = (f"Hugging Face {'ViTMAEForPreTraining' if any(k.startswith(DECODER_PREFIXES) for k in state) else 'ViTMAEModel'}"
                f" (transformers {layout[2:]}.x keys)")
     elif origin == "timm":
-        state, fmt = convert.from_timm(state), "timm VisionTransformer"
+        state, fmt = layouts.from_timm(state), "timm VisionTransformer"
     elif fmt != "state_dict" and not fmt.startswith("fastmae"):
         fmt = ("official pre-training checkpoint" if any(k.startswith(DECODER_PREFIXES) for k in state)
                else "official fine-tuned checkpoint" if "head.weight" in state
@@ -192,10 +192,10 @@ def _stored_config(meta: dict) -> dict | None:
     if meta.get("model_config"):
         return meta["model_config"]
     if meta.get("hf_config"):
-        return convert.config_from_hf(meta["hf_config"])
+        return layouts.config_from_hf(meta["hf_config"])
     if meta.get("timm_config"):
         cfg = dict(meta["timm_config"].get("model_args") or {})
-        known = {v: k for k, v in convert.TIMM_ARCHITECTURES.items()}.get(meta["timm_config"]["architecture"])
+        known = {v: k for k, v in layouts.TIMM_ARCHITECTURES.items()}.get(meta["timm_config"]["architecture"])
         cfg.setdefault("num_heads", known[3] if known else None)
         cfg.setdefault("img_size", list((meta["timm_config"].get("pretrained_cfg") or {}).get(
             "input_size", (3, 224, 224))[1:]))
@@ -263,6 +263,49 @@ def mae_config(source: Source) -> dict:
                 depth=enc["depth"], num_heads=enc["num_heads"], decoder_embed_dim=dec_dim, decoder_depth=dec_depth,
                 decoder_num_heads=known["decoder_num_heads"], mlp_ratio=enc["mlp_ratio"],
                 norm_pix_loss=bool(args.get("norm_pix_loss", False)), layer_norm_eps=1e-6)
+
+
+def vit_config_of(source) -> dict:
+    """The :meth:`fastmae.VisionTransformer.config` of a classifier's or an encoder's weights (a
+    :class:`fastmae.pretrained.Source`): stored, else from the weights and the known configurations."""
+    stored = source.meta.get("model_config") or {}
+    if stored.get("kind") == "vit":
+        return dict(stored)
+    cfg = encoder_config(source)
+    if cfg["num_heads"] is None:
+        raise CheckpointError(f"{source.label}: the head count of this {cfg['embed_dim']}-wide encoder is not stored "
+                              f"and it is no known configuration")
+    state = source.state
+    head = state.get("head.weight", state.get("head.1.weight"))
+    return dict(kind="vit", img_size=list(cfg["img_size"]) if isinstance(cfg["img_size"], tuple) else cfg["img_size"],
+                patch_size=cfg["patch_size"], in_chans=cfg["in_chans"],
+                num_classes=0 if head is None else head.shape[0], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+                num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], qkv_bias=True,
+                global_pool="fc_norm.weight" in state, layer_norm_eps=1e-6,
+                head="bn_linear" if "head.1.weight" in state else "linear")
+
+
+def load_model(path: str, device="cpu", reference_impl: bool = False, **kwargs):
+    """(model, info): the model a checkpoint describes (an MAE, or a classifier for one of ``fastmae
+    finetune``/``linprobe``), with its weights, in eval mode. Any checkpoint
+    :func:`read_source` reads will do (fastmae's, the official ones, Hugging Face
+    and timm folders, ``.safetensors``); ``info`` has ``model_config``, ``args`` (the training
+    arguments, ``{}`` when the file has none), ``step`` (None when unknown) and ``format``."""
+    src = read_source(path)
+    if src.meta.get("model_config") and src.format.startswith("fastmae"):
+        config = src.meta["model_config"]
+    elif "decoder_embed.weight" in src.state:
+        config = mae_config(src)
+    else:
+        config = vit_config_of(src)
+    try:
+        model = ckpt_io.build_model(config, reference_impl=reference_impl, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has an invalid model configuration: {e}") from None
+    ckpt_io.check_state_dict(model, src.state, path)
+    model.load_state_dict(src.state, strict=True)
+    info = dict(model_config=config, args=src.meta.get("args") or {}, step=src.meta.get("step"), format=src.format)
+    return model.to(device).eval(), info
 
 
 # ---------------------------------------------------------------------------- loading

@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import checkpoint as ckpt_io
-from . import data
+from . import data, pretrained
 from ._checks import num_kept
 from .distributed import parse_device
 
@@ -172,7 +172,7 @@ def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ra
               seed: int = 0, device: str = "cpu") -> str:
     """``fastmae visualize``: the picture for a checkpoint; returns the PNG path."""
     device = parse_device(device)  # a clear error for a bad or unavailable --device
-    model, ckpt = ckpt_io.load_model(checkpoint, device=device)
+    model, ckpt = pretrained.load_model(checkpoint, device=device)
     if ckpt["model_config"].get("kind") == "vit":
         raise ckpt_io.CheckpointError(f"{checkpoint!r} holds a classifier (from fastmae finetune or linprobe), which "
                                       f"has no decoder to reconstruct with: pass a pre-training checkpoint")

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastmae import checkpoint as ckpt_io
-from fastmae import data, engine, train
+from fastmae import data, engine, pretrained, train
 from helpers import load_golden
 from trainkit import (TINY, assert_states_equal, assert_trained_close, make_image_folder, pretrain_args,
                       run_two_processes)
@@ -628,7 +628,7 @@ def test_saved_model_loads_into_the_official_model_strictly(tmp_path, folder):
     ckpt = ckpt_io.load(res.checkpoint)
     official = ckpt_io.build_model(ckpt["model_config"], reference_impl=True)
     official.load_state_dict(ckpt["model"], strict=True)
-    fast, _ = ckpt_io.load_model(res.checkpoint)
+    fast, _ = pretrained.load_model(res.checkpoint)
     imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
     a, b = official(imgs, noise=noise), fast(imgs, noise=noise)
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
