@@ -11,7 +11,7 @@ from .model import (
     mae_vit_large_patch16_dec512d8b,
 )
 
-from .pretrained import load_encoder
+from .pretrained import load_encoder, load_pretrained
 from .vit import (
     VisionTransformer,
     create_vit,
@@ -30,5 +30,5 @@ __all__ = [
     "mae_vit_large_patch16", "mae_vit_large_patch16_dec512d8b",
     "mae_vit_huge_patch14", "mae_vit_huge_patch14_dec512d8b",
     "VisionTransformer", "create_vit", "vit_base_patch16", "vit_large_patch16", "vit_huge_patch14",
-    "param_groups_lrd", "interpolate_pos_embed", "load_encoder",
+    "param_groups_lrd", "interpolate_pos_embed", "load_encoder", "load_pretrained",
 ]

@@ -6,6 +6,7 @@ interpreter is not forced: the Triton kernels compile for the GPU and tests/test
 (the interpreter's CPU-tensor tests then skip; set TRITON_INTERPRET=1 to run those instead).
 """
 import os
+import sys
 
 import torch
 
@@ -14,13 +15,15 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():  # co
 
 import pytest  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m pytest` puts the checkout on sys.path, where its kernels/ folder (installed as
+# fastmae.kernels) would shadow the `kernels` package that transformers imports.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != ROOT]
+
 from fastmae import config  # noqa: E402
 from fastmae.ops import _backend  # noqa: E402
 
 from helpers import available_backends  # noqa: E402
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _differing_sources(installed: str) -> list[str]:
