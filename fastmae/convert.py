@@ -113,7 +113,8 @@ def export(source, out: str, to: str, hf_layout: str = "4") -> list[str]:
         hf_state = to_hf(state, hf_layout)
         os.makedirs(out, exist_ok=True)
         _save_safetensors(hf_state, os.path.join(out, "model.safetensors"))
-        _save_json(hf_config(config), os.path.join(out, "config.json"))
+        mask_ratio = float((src.meta.get("args") or {}).get("mask_ratio", 0.75))  # the ratio it was trained with
+        _save_json(hf_config(dict(config, mask_ratio=mask_ratio)), os.path.join(out, "config.json"))
         cls = "ViTMAEForPreTraining" if kind == "mae" else "ViTMAEModel"
         return lines + [f"wrote {out}: Hugging Face {cls} (transformers {hf_layout}.x keys); load it with "
                         f"transformers.{cls}.from_pretrained({out!r})"]

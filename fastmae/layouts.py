@@ -37,6 +37,10 @@ _HF_QKV = {"4": ("attention.attention.query", "attention.attention.key", "attent
            "5": ("attention.q_proj", "attention.k_proj", "attention.v_proj")}
 _HF_ENCODER_LAYERS = {"4": "encoder.layer.", "5": "layers."}
 _HF_DECODER_LAYERS = "decoder.decoder_layers."
+# transformers 5's save_pretrained writes the 4.x keys, but its reverse renaming also turns the
+# decoder's "decoder_layers." into "decoder_encoder.layer." (transformers 5 loads that back, 4.x
+# does not): read as the decoder's blocks.
+HF5_SAVED_DECODER_LAYERS = "decoder.decoder_encoder.layer."
 # Everything outside the blocks: official key -> Hugging Face key (encoder keys under ``vit.``).
 _HF_OTHER = {
     "cls_token": "embeddings.cls_token",
@@ -136,7 +140,8 @@ def to_hf(state_dict: dict, layout: str = "4") -> dict:
 
 def from_hf(state_dict: dict) -> dict:
     """A Hugging Face ViTMAE state_dict (``ViTMAEForPreTraining`` or ``ViTMAEModel``, transformers
-    4.x or 5.x keys) in the official layout (fastmae's): qkv joined, keys renamed."""
+    4.x or 5.x keys, or what transformers 5's ``save_pretrained`` writes) in the official layout
+    (fastmae's): qkv joined, keys renamed."""
     layout = detect_layout(state_dict)
     if not layout.startswith("hf"):
         raise ConversionError("from_hf takes a Hugging Face ViTMAE state_dict; these weights are in the "
@@ -155,7 +160,9 @@ def from_hf(state_dict: dict) -> dict:
     for k, v in _HF_DECODER_OTHER.items():
         if v in state_dict:
             put(v, k)
-    for dst, src in (("blocks.", enc + _HF_ENCODER_LAYERS[layout]), ("decoder_blocks.", _HF_DECODER_LAYERS)):
+    decoder_layers = (HF5_SAVED_DECODER_LAYERS if any(k.startswith(HF5_SAVED_DECODER_LAYERS) for k in state_dict)
+                      else _HF_DECODER_LAYERS)
+    for dst, src in (("blocks.", enc + _HF_ENCODER_LAYERS[layout]), ("decoder_blocks.", decoder_layers)):
         for i in _block_indices(state_dict, src):
             s, d = f"{src}{i}.", f"{dst}{i}."
             for name, hf_name in _HF_BLOCK[layout].items():

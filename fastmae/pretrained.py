@@ -110,27 +110,44 @@ def _read_config_json(path: str) -> dict:
     return cfg
 
 
+def _folder_weights(path: str):
+    """The weights of a model folder: one file of :data:`WEIGHT_FILES`, or the shards a
+    ``*.index.json`` lists (as ``save_pretrained`` splits large models)."""
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return _read_path(os.path.join(path, name))[0]
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            weight_map = _read_config_json(os.path.join(path, name)).get("weight_map") or {}
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                part = _read_path(os.path.join(path, shard))[0]
+                if not _is_state_dict(part):
+                    raise CheckpointError(f"{os.path.join(path, shard)!r}, a shard of {path!r}, holds no state_dict")
+                state.update(part)
+            return state
+    raise CheckpointError(f"the folder {path!r} holds no weights ({' or '.join(WEIGHT_FILES)}, or shards with an "
+                          f"index)")
+
+
 def _read_path(path: str) -> tuple[object, dict, str]:
     """(what the file holds, meta from beside it, the library that wrote it or "") for a file or a
-    Hugging Face / timm model folder (``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``)."""
+    Hugging Face / timm model folder (``config.json`` beside the weights)."""
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
-        weights = next((os.path.join(path, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
-        if weights is None:
-            raise CheckpointError(f"the folder {path!r} holds no weights ({' or '.join(WEIGHT_FILES)})")
         cfg = _read_config_json(cfg_path) if os.path.isfile(cfg_path) else {}
-        obj, meta, origin = _read_path(weights)
+        if "model_type" in cfg and cfg["model_type"] != "vit_mae":
+            raise CheckpointError(f"{path!r} holds a Hugging Face {cfg['model_type']!r} model; fastmae reads "
+                                  f"ViTMAE (vit_mae) models")
+        if "architecture" in cfg and not str(cfg["architecture"]).startswith("vit_"):
+            raise CheckpointError(f"{path!r} holds a timm {cfg['architecture']!r} model; fastmae reads timm "
+                                  f"VisionTransformers (vit_*)")
+        obj = _folder_weights(path)
         if "model_type" in cfg:
-            if cfg["model_type"] != "vit_mae":
-                raise CheckpointError(f"{path!r} holds a Hugging Face {cfg['model_type']!r} model; fastmae reads "
-                                      f"ViTMAE (vit_mae) models")
-            return obj, dict(meta, hf_config=cfg), "hf"
+            return obj, {"hf_config": cfg}, "hf"
         if "architecture" in cfg:
-            if not str(cfg["architecture"]).startswith("vit_"):
-                raise CheckpointError(f"{path!r} holds a timm {cfg['architecture']!r} model; fastmae reads timm "
-                                      f"VisionTransformers (vit_*)")
-            return obj, dict(meta, timm_config=cfg), "timm"
-        return obj, meta, origin
+            return obj, {"timm_config": cfg}, "timm"
+        return obj, {}, ""
     if path.endswith(".safetensors"):
         state, metadata = read_safetensors(path)
         if SAFETENSORS_CONFIG in metadata:
@@ -174,9 +191,10 @@ def read_source(source, name: str = "checkpoint") -> Source:
     except CheckpointError as e:
         raise CheckpointError(f"{label} does not hold a ViT encoder: {e}") from None
     if layout.startswith("hf"):
+        saved_by_5 = any(k.startswith(layouts.HF5_SAVED_DECODER_LAYERS) for k in state)
         state = layouts.from_hf(state)
         fmt = (f"Hugging Face {'ViTMAEForPreTraining' if any(k.startswith(DECODER_PREFIXES) for k in state) else 'ViTMAEModel'}"
-               f" (transformers {layout[2:]}.x keys)")
+               f" (transformers {layout[2:]}.x keys{', as transformers 5 saves them' if saved_by_5 else ''})")
     elif origin == "timm":
         state, fmt = layouts.from_timm(state), "timm VisionTransformer"
     elif fmt != "state_dict" and not fmt.startswith("fastmae"):

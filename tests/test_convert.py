@@ -295,6 +295,20 @@ def test_load_pretrained_detects_every_format(tmp_path):
         assert bool(report.initialised) == (not has_decoder), name
 
 
+def test_load_pretrained_reads_what_transformers_saves_sharded(tmp_path):
+    """A folder written by transformers' own save_pretrained, split into shards with an index
+    (transformers 5 saves the 4.x keys, its decoder blocks as ``decoder.decoder_encoder.layer.N``)."""
+    torch.manual_seed(0)
+    mae = _perturbed(fastmae.create_model("mae_vit_micro_patch8", img_size=32))
+    convert.export(_fastmae_ckpt(mae.state_dict(), checkpoint.model_config(mae)), str(tmp_path / "hf"), "hf")
+    _hf_model(str(tmp_path / "hf")).save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model, info = pretrained.load_model(str(tmp_path / "sharded"))
+    assert info["format"] == ("Hugging Face ViTMAEForPreTraining (transformers 4.x keys, as transformers 5 saves "
+                              "them)")
+    _equal_state(model.state_dict(), mae.state_dict())
+
+
 def test_load_pretrained_into_an_mae_of_another_size_and_the_eps_note(tmp_path):
     """A sin-cos table of another grid is regenerated; a Hugging Face config with its default
     layer_norm_eps (1e-12) is loaded with a note, and export replaces it by the official 1e-6."""
