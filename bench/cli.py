@@ -201,7 +201,7 @@ def pytest_command(suite: Suite, json_path: str, ini_path: str) -> list[str]:
 
 
 def _output_names() -> list[str]:
-    names = ["report.md", "run.json"]
+    names = ["report.md", "run.json", "loader.json"]
     for suite in ("model", "finetune", "ops"):
         for alloc in ALLOCATORS:
             names += [f"{suite}-{alloc}.json", f"{suite}-{alloc}.log"]
@@ -270,6 +270,21 @@ def run(args) -> int:
             elif not os.path.isfile(json_path):  # every test skipped: the reason is in the log
                 record["suite_returncodes"][key] = "no results"
                 print(f"== {key}: no results (every test skipped; see {key}.log)", flush=True)
+    if args.device in ("all", "cpu") and args.only is None:  # the input pipeline, in its own worker processes
+        print("\n== fastmae bench: the input pipeline (bench/loader.py)", flush=True)
+        from fastmae.bench import loader as loader_bench
+
+        t0 = time.perf_counter()
+        try:
+            smoke = tier == "smoke"
+            loader_bench.run(None, out, batch=8 if smoke else 64, size=64 if smoke else 224,
+                             batches=1 if smoke else 4, rounds=1 if smoke else 5)
+            record["results"].append("loader.json")
+            record["suite_returncodes"]["loader"] = 0
+        except Exception as e:  # noqa: BLE001 - the report keeps the other suites' figures
+            print(f"== loader: failed: {type(e).__name__}: {e}", flush=True)
+            record["suite_returncodes"]["loader"] = f"failed: {type(e).__name__}"
+        record["suite_durations_s"]["loader"] = time.perf_counter() - t0
     record["cuda"] = _run_cuda(args, tier, out, record, suites)
     record["environment"] = environment.describe()
     record["duration_s"] = time.perf_counter() - t_start

@@ -71,6 +71,7 @@ class Results:
     finetune: list = dataclasses.field(default_factory=list)  # one row per (fine-tuning step test, provider)
     features: list = dataclasses.field(default_factory=list)  # one row per (feature test, provider)
     finetune_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the fine-tuning step
+    loader: list = dataclasses.field(default_factory=list)  # loader.json records (bench/loader.py)
     files: list = dataclasses.field(default_factory=list)
 
     def devices(self, kind: str) -> list[str]:
@@ -96,6 +97,9 @@ def load(paths) -> Results:
             continue
         if data.get("kind") == "fastmae-bench-run":
             res.runs.append(data)
+        elif data.get("kind") == "fastmae-bench-loader":
+            res.files.append(path)
+            res.loader.append(data)
         elif "benchmarks" in data:
             res.files.append(path)
             _load_pytest_benchmark(res, path, data)
@@ -733,9 +737,28 @@ def render_markdown(res: Results, plots: dict | None = None, plots_note: str | N
         lines += _finetune_section(res, "cpu", plots)
     if any(r["device"] == "cpu" for r in res.ops) or "ops" in ran:
         lines += _ops_section(res, "cpu", plots)
+    lines += _loader_section(res)
     lines += _details_section(res)
     lines += _cuda_section(res, plots)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _loader_section(res: Results) -> list[str]:
+    """The input pipeline: images/s per DataLoader worker process, PIL against the fast path."""
+    if not res.loader:
+        return []
+    lines = ["## Input pipeline (CPU)", "",
+             "Images/s per DataLoader worker process (bench/loader.py): the official per-image PIL transform "
+             "against `--loader fast` (decode in the worker, the fused crop-resize-flip-normalise in its collate), "
+             "and the fast path's workers without the crop (read, decode, draw the box): what bounds it. Medians "
+             "over rounds in alternating order.", ""]
+    rows = []
+    for r in res.loader:
+        rows.append((f"{r['images']} images ({os.path.basename(str(r['data']).rstrip('/'))}), batch {r['batch']}, "
+                     f"{r['size']} px, {r['workers']} worker(s)", _f(r["pil"], ".0f"), _f(r["fast"], ".0f"),
+                     _ratio(r["fast"], r["pil"]), _f(r["decode"], ".0f"), r.get("backend_cpu", "?")))
+    lines += markdown_table(["data", "PIL", "fast", "fast / PIL", "decode only", "op backend"], rows, numeric_from=1)
+    return lines + [""]
 
 
 # ---------------------------------------------------------------------------- plots

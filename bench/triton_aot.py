@@ -32,7 +32,7 @@ if __name__ == "__main__":
 
 import triton  # noqa: E402
 
-KERNEL_MODULES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss")
+KERNEL_MODULES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss", "resized_crop")
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)*)")
 _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 

@@ -11,9 +11,12 @@
     fastmae downstream           pre-train on the embedded digits, then k-NN, probe and fine-tune it
                                  and a random encoder: the accuracy table
     fastmae visualize --checkpoint CKPT [--image PATH ...] [--out grid.png]
+    fastmae prepare --data_path DIR --out OUT [--max-side S]
+                                 write an image folder as WebDataset shards (stream them with --data_path)
     fastmae convert --to fastmae|official|hf|timm IN OUT
                                  convert weights between formats (IN's format is detected)
     fastmae bench [--quick] --out DIR   benchmark against the reference; report.md and plots in DIR
+    fastmae bench loader [--data_path DIR] --out DIR   the input pipeline alone: loader.json
     fastmae env                  versions, the C++ extension, the kernels in use, every FASTMAE_* setting
 
 Distributed: ``torchrun --nproc_per_node=N -m fastmae pretrain ...`` (gloo on CPU, nccl on CUDA).
@@ -71,12 +74,17 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                    help="lower bound of the cosine schedule")
     g.add_argument("--warmup_epochs", type=float, default=40, metavar="N", help="epochs of linear warmup")
     g.add_argument("--data_path", default=None,
-                   help="ImageFolder root (DIR/train/<class>/<image> or DIR/<class>/<image>); "
+                   help="ImageFolder root (DIR/train/<class>/<image> or DIR/<class>/<image>), or WebDataset shards "
+                        "written by fastmae prepare (their folder, or 'OUT/shard-{000000..000099}.tar'); "
                         "default: the embedded scikit-image photographs")
     _add_run_flags(g, "checkpoints, log.txt and the picture go here")
 
     f = p.add_argument_group("fastmae flags")
     _add_fastmae_training_flags(f)
+    f.add_argument("--loader", choices=("fast", "pil"), default="fast",
+                   help="fast: the workers decode, one fused op crops, resizes, flips and normalises the batch (in "
+                        "the workers on a CPU run, on the GPU on a CUDA run); pil: the official per-image PIL "
+                        "transform. Same crop boxes, flips and masks; the pixels differ by resampler rounding")
     f.add_argument("--no-picture", dest="picture", action="store_false",
                    help="do not write output_dir/reconstruction.png at the end")
 
@@ -128,6 +136,9 @@ def _add_fastmae_training_flags(f) -> None:
     f.add_argument("--max-nonfinite", "--max_nonfinite", dest="max_nonfinite", type=int, default=10,
                    metavar="N", help="stop after N consecutive steps with a non-finite loss, or non-finite "
                                      "gradients without fp16's scaler (each is skipped)")
+    f.add_argument("--max-bad-frac", "--max_bad_frac", dest="max_bad_frac", type=float, default=0.01,
+                   metavar="FRAC", help="unreadable images are skipped (one warning each, a count per epoch in "
+                                        "log.txt); more than this fraction of an epoch stops the run")
     f.add_argument("--overwrite", action="store_true",
                    help="start afresh even if --output_dir holds an earlier run's checkpoints, replacing "
                         "them (without it such a run is refused; --resume auto continues it)")
@@ -320,6 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     vis.add_argument("--device", default="cpu")
 
+    prep = sub.add_parser(
+        "prepare", formatter_class=_Formatter, help="write an image folder as WebDataset shards for streaming",
+        description="Write an ImageFolder (DIR/train/<class>/<image> or DIR/<class>/<image>) as WebDataset tar shards "
+                    "OUT/shard-NNNNNN.tar and OUT/index.json, in a fixed shuffled order; unreadable images are left "
+                    "out and listed. Train on them with fastmae pretrain --data_path OUT (or the brace pattern "
+                    "index.json gives), streamed and split across processes and workers.")
+    prep.add_argument("--data_path", required=True, help="the image folder")
+    prep.add_argument("--out", required=True, help="the folder for the shards and index.json")
+    prep.add_argument("--max-side", "--max_side", dest="max_side", type=int, default=None, metavar="S",
+                      help="re-encode images whose longer side exceeds S as JPEG at that side (cuts decode time)")
+    prep.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=1000,
+                      help="samples per shard")
+    prep.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    prep.add_argument("--workers", type=int, default=0, help="processes decoding (and re-encoding) the images")
+    prep.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                      help="keep the folder's sorted order (shards then hold one class after another)")
+    prep.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+
     conv = sub.add_parser(
         "convert", formatter_class=_Formatter, help="convert weights to the fastmae, official, Hugging Face or timm format",
         description="Convert a checkpoint to another format. IN may be a fastmae or official checkpoint, a Hugging Face "
@@ -392,6 +421,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         argv = ["demo"]
+    if argv[:2] == ["bench", "loader"]:  # the input pipeline alone, on any folder
+        from .bench import loader as loader_bench
+
+        return loader_bench.main(argv[2:])
     parser = build_parser()
     if argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         parser.error(f"options come after a command: `fastmae demo {' '.join(argv)}` (the embedded "
@@ -413,6 +446,12 @@ def main(argv=None) -> int:
             return bench_cli.run(args)
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "prepare":
+            from .shards import prepare
+
+            prepare(args.data_path, args.out, max_side=args.max_side, shard_size=args.shard_size, quality=args.quality,
+                    shuffle=args.shuffle, workers=args.workers, overwrite=args.overwrite)
+            return 0
         if args.command in ("pretrain", "demo"):
             return _run_pretrain(args)
         if args.command in ("finetune", "linprobe", "knn"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ EMBEDDED_IMAGES = (
 EMBEDDED_PREVIEW = ("astronaut", "chelsea", "coffee", "rocket")
 # One epoch of the embedded dataset visits each image this many times (as different crops).
 EMBEDDED_REPEATS = 64
+MAX_CONSECUTIVE_BAD = 1000  # a run of this many unreadable files in a row is not a few bad files
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -296,10 +298,49 @@ def seeded(seed: int):
         random.setstate(saved[2])
 
 
+# ---------------------------------------------------------------------------- unreadable files
+class UnreadableData(ValueError):
+    """Too many files of the dataset could not be read."""
+
+
+_warned: set = set()
+
+
+def _warn_bad(name: str, error: BaseException) -> None:
+    if name not in _warned:  # once per file and process
+        _warned.add(name)
+        first = str(error).splitlines()[0] if str(error) else ""
+        warnings.warn(f"skipping unreadable image {name}: {type(error).__name__}: {first[:200]}", RuntimeWarning,
+                      stacklevel=3)
+
+
+def sample_name(base, index: int) -> str:
+    """The file behind sample ``index`` of ``base`` (an ImageFolder's path), else its index."""
+    samples = getattr(base, "samples", None)
+    return samples[index][0] if samples is not None else f"sample {index} of {base!r}"
+
+
+def first_readable(base, index: int, read):
+    """``(read(i), skipped)`` for the first ``i`` of ``index, index + 1, ...`` (wrapping around)
+    whose file can be read; ``skipped`` counts the unreadable ones passed over."""
+    n = len(base)
+    for skipped in range(min(n, MAX_CONSECUTIVE_BAD)):
+        i = (index + skipped) % n
+        try:
+            return read(i), skipped
+        except Exception as e:  # noqa: BLE001 - a decoder can raise anything for a bad file
+            _warn_bad(sample_name(base, i), e)
+    raise UnreadableData(f"{min(n, MAX_CONSECUTIVE_BAD)} files in a row from {sample_name(base, index)} on could "
+                         f"not be read as images: check --data_path")
+
+
 class LabelledSamples(Dataset):
-    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, label)``,
+    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, label,
+    skipped)`` (``skipped``: unreadable files passed over, see :func:`first_readable`),
     the transform drawn under :func:`seeded` with the sample's seed (batch-level choices, such as
     mixup's, are drawn by the training loop from :func:`step_seed`)."""
+
+    reports_skipped = True
 
     def __init__(self, base, transform, seed: int):
         if len(base) == 0:
@@ -311,20 +352,23 @@ class LabelledSamples(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        img, label = self.base[index]
+        ((img, label), index), skipped = first_readable(self.base, index, lambda i: (self.base[i], i))
         with seeded(sample_seed(self.seed, epoch, index)):
             img = self.transform(img)
-        return img, torch.tensor(label)
+        return img, torch.tensor(label), skipped
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, noise)``.
+    """Wraps a dataset of ``(PIL image, label)``: key ``(index, epoch)`` -> ``(image, noise,
+    skipped)`` (``skipped``: unreadable files passed over, see :func:`first_readable`).
 
     ``image`` is ``transform(PIL image)``; ``noise [num_patches]`` is the masking noise the model
     argsorts (uniform in [0, 1), as ``torch.rand`` in the official ``random_masking``). Both are
     drawn with torch's CPU generator seeded by :func:`sample_seed`, whose previous state is then
     restored, so that the caller's RNG stream is left untouched (this matters with ``num_workers=0``).
     """
+
+    reports_skipped = True
 
     def __init__(self, base, transform, num_patches: int, seed: int):
         if len(base) == 0:
@@ -336,7 +380,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        img, _ = self.base[index]
+        ((img, _), index), skipped = first_readable(self.base, index, lambda i: (self.base[i], i))
         saved = torch.get_rng_state()  # torchvision's transforms draw from torch's CPU generator
         try:
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
@@ -344,7 +388,7 @@ class SeededSamples(Dataset):
             noise = torch.rand(self.num_patches)
         finally:
             torch.set_rng_state(saved)
-        return img, noise
+        return img, noise, skipped
 
 
 class EpochSampler(DistributedSampler):

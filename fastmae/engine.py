@@ -36,7 +36,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import data
-from .distributed import all_reduce_mean, barrier, broadcast_from_main, init_distributed, parse_device, resolve_device
+from .distributed import all_reduce_mean, all_reduce_sum, barrier, broadcast_from_main, init_distributed, parse_device, resolve_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch.compile's modes; "reduce-overhead" replays forward and backward as CUDA graphs (on CPU
@@ -93,8 +93,14 @@ class Recipe:
 
     def train_set(self, model) -> torch.utils.data.Dataset:
         """The training samples, indexed by the sampler's ``(index, epoch)`` keys; each item is a
-        tuple of tensors (a batch is moved to the device tensor by tensor)."""
+        tuple of tensors (a batch is moved to the device tensor by tensor). A dataset whose
+        ``reports_skipped`` is true ends each item with the number of unreadable files it passed
+        over (:func:`fastmae.data.first_readable`), which the engine counts and takes off."""
         raise NotImplementedError
+
+    def collate_fn(self, device: torch.device):
+        """The DataLoader's ``collate_fn`` for a run on ``device`` (None: the default)."""
+        return None
 
     def learning_rate(self, epoch: float) -> float:
         """The schedule: the lr at fractional ``epoch`` (set at each accumulation group's first batch)."""
@@ -131,7 +137,10 @@ class Meters:
     loss_count: int = 0
     lr_sum: float = 0.0
     lr_count: int = 0
-    skipped: int = 0
+    skipped: int = 0  # optimizer steps skipped (non-finite)
+    files_skipped: int = 0  # unreadable files passed over by the data (this process's)
+    data_wait: float = 0.0  # seconds spent waiting for the next batch
+    busy: float = 0.0  # seconds spent on batches once they came
 
     def state(self) -> dict:
         return dict(self.__dict__)
@@ -319,24 +328,33 @@ class Engine:
 
         # ---- data: whole accumulation groups per epoch (a trailing partial group is not run)
         self.train_set = recipe.train_set(self.model)
-        self.sampler = data.EpochSampler(self.train_set, world, self.dist.rank, seed=args.seed)
-        self.iters_per_epoch = self.sampler.num_samples // args.batch_size
+        # a streamed dataset (shards) splits itself over the processes and is positioned by set_epoch
+        self.streaming = isinstance(self.train_set, torch.utils.data.IterableDataset)
+        self.sampler = None if self.streaming else data.EpochSampler(self.train_set, world, self.dist.rank,
+                                                                      seed=args.seed)
+        per_process = len(self.train_set) if self.streaming else self.sampler.num_samples
+        self.iters_per_epoch = per_process // args.batch_size
         self.steps_per_epoch = self.iters_per_epoch // args.accum_iter
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"the dataset has {len(self.train_set)} samples ({self.sampler.num_samples} per process): fewer "
+                f"the dataset has {len(self.train_set)} samples ({per_process} per process): fewer "
                 f"than one optimizer step of --batch_size {args.batch_size} x --accum_iter {args.accum_iter}")
         self.used_iters = self.steps_per_epoch * args.accum_iter
+        self.reports_skipped = bool(getattr(self.train_set, "reports_skipped", False))
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.num_workers,
+            collate_fn=recipe.collate_fn(device),
             pin_memory=getattr(args, "pin_mem", True) and device.type == "cuda", drop_last=True,
-            persistent_workers=args.num_workers > 0,
+            # a streamed dataset's workers are started anew each epoch: they take its set_epoch position
+            persistent_workers=args.num_workers > 0 and not self.streaming,
             generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched
         )
         # What fixes a mid-epoch position: ``epoch_iter`` counts batches of --batch_size, steps end
         # every --accum_iter batches, and the epoch's order comes from --seed and the process count.
         self.position_settings = {"--batch_size": args.batch_size, "--accum_iter": args.accum_iter,
                                   "--seed": args.seed, "process count": world}
+        if self.streaming:  # the order of a streamed epoch also depends on how the workers share it
+            self.position_settings["--num_workers"] = args.num_workers
 
         # ---- the module that trains: DDP around the model, torch.compile around that
         self.ddp_model = self.model
@@ -425,7 +443,7 @@ class Engine:
         for fp16) accumulated over ``--accum_iter`` batches, then the optimizer step, or its skip
         when the loss or the gradients are not finite. Returns whether the run stops (--max-steps)."""
         args, device, accum = self.args, self.device, self.args.accum_iter
-        self.sampler.set_epoch(epoch, start=self.epoch_iter * args.batch_size)
+        (self.train_set if self.streaming else self.sampler).set_epoch(epoch, start=self.epoch_iter * args.batch_size)
         it = self.epoch_iter
         group_bad = False
         self.bar = None
@@ -436,9 +454,12 @@ class Engine:
                             dynamic_ncols=True, leave=True)
         t_epoch, imgs_epoch = time.time(), 0
         self.optimizer.zero_grad(set_to_none=True)
-        for batch in self.loader:
+        for batch in self._timed(self.loader):
             if it >= self.used_iters:
                 break
+            if self.reports_skipped:
+                *batch, skipped = batch
+                self._count_skipped(int(skipped.sum()))
             if it % accum == 0:  # true at the first batch: a run stops (and resumes) only at a group's end
                 lr = self.recipe.learning_rate(it / self.iters_per_epoch + epoch)
                 set_lr(self.optimizer, lr)
@@ -490,6 +511,37 @@ class Engine:
         self.end_epoch(epoch, time.time() - t_epoch, imgs_epoch)
         return self.stop
 
+    def _timed(self, loader):
+        """The loader's batches, the time spent waiting for each and on each counted in the meters."""
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            t1 = time.perf_counter()
+            self.meters.data_wait += t1 - t0
+            yield batch
+            self.meters.busy += time.perf_counter() - t1
+
+    def data_wait_frac(self) -> float:
+        """The share of this epoch's time spent waiting for data (0 when the loader keeps up)."""
+        total = self.meters.data_wait + self.meters.busy
+        return self.meters.data_wait / total if total > 0 else 0.0
+
+    def _count_skipped(self, n: int) -> None:
+        """Unreadable files: counted per epoch; more than --max-bad-frac of the epoch stops the run."""
+        if not n:
+            return
+        self.meters.files_skipped += n
+        frac = getattr(self.args, "max_bad_frac", 0.01)
+        per_epoch = self.used_iters * self.args.batch_size
+        if self.meters.files_skipped > frac * per_epoch:
+            raise data.UnreadableData(
+                f"{self.meters.files_skipped} files of this epoch's {per_epoch} samples (on this process) could not be "
+                f"read as images, more than --max-bad-frac {frac:g}: check --data_path (the warnings above name them)")
+
     def _step(self, epoch: int, group_bad: bool, loss_value: float) -> None:
         """The optimizer step closing an accumulation group, or its skip (counted; too many in a row
         stop the run)."""
@@ -520,10 +572,10 @@ class Engine:
         shown = "nan" if self.last_loss is None else f"{self.last_loss:.4f}"
         if self.bar is not None:
             self.bar.update(args.accum_iter)
-            self.bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            self.bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{rate:.1f}", data=f"{self.data_wait_frac():.0%}")
         elif self.main and (self.step % PRINT_FREQ == 0):
             print(f"epoch {epoch + 1}/{args.epochs} [{it}/{self.used_iters}] step {self.step} "
-                  f"loss {shown} lr {lr:.3e} {rate:.1f} img/s", flush=True)
+                  f"loss {shown} lr {lr:.3e} {rate:.1f} img/s, data wait {self.data_wait_frac():.0%}", flush=True)
 
     def end_epoch(self, epoch: int, seconds: float, images: int) -> None:
         """The epoch's log.txt line and summary, checkpoint-last.pth, and the official archive copy
@@ -534,19 +586,23 @@ class Engine:
         self.epoch_losses.append(loss_avg)
         test, improved = self._evaluate()
         self.last_test = test
+        files_skipped = int(all_reduce_sum(torch.tensor(float(meters.files_skipped), device=self.device), self.dist).item())
+        wait = self.data_wait_frac()
         if self.writer is not None:
             for k, v in test.items():  # the official scalars: perf/test_acc1, perf/test_acc5, perf/test_loss
                 self.writer.add_scalar(f"perf/{k}", v, epoch)
         if self.main:
             stats = {"train_lr": lr_avg, "train_loss": loss_avg, **test, "epoch": epoch, "step": self.step,
-                     "skipped_steps": meters.skipped, "images_per_sec": round(images / max(seconds, 1e-9), 2),
+                     "skipped_steps": meters.skipped, "skipped_files": files_skipped,
+                     "data_wait_frac": round(wait, 4), "images_per_sec": round(images / max(seconds, 1e-9), 2),
                      "time": round(seconds, 3)}
             if self.log_path:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(stats) + "\n")
             shown = "".join(f"  {k.removeprefix('test_')} {v:.2f}" for k, v in test.items() if k.startswith("test_acc"))
+            bad = f"  {files_skipped} unreadable files skipped" if files_skipped else ""
             print(f"epoch {epoch + 1}/{args.epochs}  loss {loss_avg:.4f}  lr {lr_avg:.3e}{shown}  "
-                  f"{stats['images_per_sec']:.1f} img/s  ({_fmt_time(seconds)})", flush=True)
+                  f"{stats['images_per_sec']:.1f} img/s, data wait {wait:.0%}  ({_fmt_time(seconds)}){bad}", flush=True)
         self.meters = Meters()
         if self.main and self.last_path and self.save(epoch + 1, 0):
             self.saved = self.last_path

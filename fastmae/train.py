@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import checkpoint as ckpt_io
-from . import data, reference, visualize
+from . import data, loader, reference, shards, visualize
 from ._checks import num_kept
 from .engine import Engine, Recipe, Result
 from .engine import COMPILE_MODES, PRECISIONS, NonFiniteLossError  # noqa: F401 (the command's flags and error)
@@ -96,28 +96,54 @@ class Pretraining(Recipe):
         return torch.optim.AdamW(param_groups(model, self.args.weight_decay), lr=self.args.lr, betas=(0.9, 0.95),
                                  fused=fused)
 
+    def _loader(self) -> str:
+        name = getattr(self.args, "loader", "fast")
+        if name not in loader.LOADERS:
+            raise ValueError(f"--loader must be one of {', '.join(loader.LOADERS)}, got {name!r}")
+        return name
+
     def train_set(self, model):
-        """The images with the official augmentation, and each sample's masking noise."""
+        """The images with the official augmentation, and each sample's masking noise: decoded
+        images with their crop boxes and flips (``--loader fast``, cropped by the fused op), or
+        the official PIL transform's output (``--loader pil``)."""
+        a = self.args
+        if self.dataset is None and a.data_path is not None and shards.is_shard_source(a.data_path):
+            if self._loader() == "pil":
+                raise ValueError("--loader pil reads image folders; WebDataset shards are read by --loader fast")
+            return shards.ShardSamples(a.data_path, model.patch_embed.num_patches, a.seed, batch_size=a.batch_size)
         base = self.dataset if self.dataset is not None else data.build_dataset(self.args.data_path)
-        return data.SeededSamples(base, data.train_transform(self.args.input_size), model.patch_embed.num_patches,
-                                  self.args.seed)
+        if self._loader() == "pil":
+            return data.SeededSamples(base, data.train_transform(self.args.input_size), model.patch_embed.num_patches,
+                                      self.args.seed)
+        return loader.DecodedSamples(base, model.patch_embed.num_patches, self.args.seed)
+
+    def collate_fn(self, device):
+        """``--loader fast``: the batch is cropped in the workers' collate on a CPU run, on the
+        device after the transfer otherwise."""
+        if self._loader() == "pil":
+            return None
+        return loader.Collate(self.args.input_size, crop_here=device.type == "cpu")
 
     def learning_rate(self, epoch: float) -> float:
         return learning_rate(epoch, self.args)
 
     def loss(self, model, batch):
-        imgs, noise = batch
+        if len(batch) == 6:  # packed uint8 images, boxes and flips: cropped here, on the device
+            *packed, noise = batch
+            imgs = loader.crop(*packed, self.args.input_size)
+        else:
+            imgs, noise = batch
         loss, _, _ = model(imgs, mask_ratio=self.args.mask_ratio, noise=noise)
         return loss
 
     def describe(self, model, train_set) -> list[str]:
         a = self.args
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        base = train_set.base
+        base = getattr(train_set, "base", None)
         return [f"model {a.model} at {a.input_size}px ({n_params / 1e6:.2f}M trainable parameters, "
-                f"norm_pix_loss={a.norm_pix_loss}, mask_ratio={a.mask_ratio})",
-                f"data: {base!r}" if self.dataset is not None or a.data_path is None
-                else f"data: {a.data_path} ({len(base)} images)"]
+                f"norm_pix_loss={a.norm_pix_loss}, mask_ratio={a.mask_ratio}, --loader {self._loader()})",
+                f"data: {train_set!r}" if base is None else f"data: {base!r}"
+                if self.dataset is not None or a.data_path is None else f"data: {a.data_path} ({len(base)} images)"]
 
     def finish(self, model, device, step: int) -> dict[str, str]:
         """The reconstruction picture of the embedded photographs (unless --no-picture)."""

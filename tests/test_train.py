@@ -225,13 +225,14 @@ def test_transform_is_the_official_one():
 def test_samples_are_seeded_by_seed_epoch_index():
     ds = data.SeededSamples(data.EmbeddedImages(repeats=1), data.train_transform(32), 16, seed=3)
     before = torch.get_rng_state()
-    a_img, a_noise = ds[(2, 5)]
+    a_img, a_noise, skipped = ds[(2, 5)]
+    assert skipped == 0
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG stream is untouched
     torch.manual_seed(123)  # ... and does not influence the sample
-    b_img, b_noise = ds[(2, 5)]
+    b_img, b_noise, _ = ds[(2, 5)]
     assert torch.equal(a_img, b_img) and torch.equal(a_noise, b_noise)
     assert a_img.shape == (3, 32, 32) and a_noise.shape == (16,)
-    c_img, c_noise = ds[(2, 6)]  # next epoch: another crop and mask
+    c_img, c_noise, _ = ds[(2, 6)]  # next epoch: another crop and mask
     assert not torch.equal(a_img, c_img) and not torch.equal(a_noise, c_noise)
     assert len({data.sample_seed(0, e, i) for e in range(20) for i in range(50)}) == 1000
 
@@ -670,12 +671,13 @@ def _poison_transform(monkeypatch):
     real = data.SeededSamples.__getitem__
 
     def getitem(self, key):
-        img, noise = real(self, key)
+        img, noise, skipped = real(self, key)
         if self.base[key[0]][1]:
             img = torch.full_like(img, float("nan"))
-        return img, noise
+        return img, noise, skipped
 
     monkeypatch.setattr(data.SeededSamples, "__getitem__", getitem)
+    monkeypatch.setattr(train.Pretraining, "_loader", lambda self: "pil")  # NaN pixels need the float path
 
 
 def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, capsys):

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "triton_aot.py")
-MODULES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss")
+MODULES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss", "resized_crop")
 CCS = (80, 90)
 
 

@@ -38,6 +38,7 @@ _BUILD_HINT = (
 # The C++ ops every CPU path needs; an extension missing one is stale (built from older sources).
 REQUIRED_CPP_OPS = (
     "gather_mask_fwd", "gather_mask_bwd",
+    "resized_crop_fwd",
     "unshuffle_scatter_fwd", "unshuffle_scatter_bwd",
     "norm_mse_loss_fwd", "norm_mse_loss_bwd",
     "cpu_isa",
