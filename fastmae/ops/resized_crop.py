@@ -96,23 +96,29 @@ def resized_crop_ref(data, offsets, sizes, boxes, flips, channels: int, size: in
 # ---------------------------------------------------------------------------- registered op
 def _check(data, offsets, sizes, boxes, flips, channels, size, mean, std, dtype, bicubic):
     """The value checks every backend makes (the C++ kernel makes them itself): each image inside
-    ``data``, each box non-empty and inside its image."""
-    n = offsets.shape[0]
-    if n == 0:
+    ``data``, each box non-empty and inside its image. A ValueError naming the first bad image on
+    the CPU; on CUDA the checks are queued on the device (``torch._assert_async``), so neither the
+    loader nor a compiled graph waits for the host."""
+    if offsets.shape[0] == 0:
         return
     H, W = sizes[:, 0], sizes[:, 1]
     top, left, h, w = boxes.unbind(1)
     room = data.numel() - offsets  # written so that no sum or product of huge values can wrap around
-    bad = (offsets < 0) | (room < 0) | (H <= 0) | (W <= 0) | (H > room.clamp(min=0) // (channels * W.clamp(min=1)))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+    placed = (offsets < 0) | (room < 0) | (H <= 0) | (W <= 0) | (H > room.clamp(min=0) // (channels * W.clamp(min=1)))
+    empty = (h <= 0) | (w <= 0)
+    outside = (top < 0) | (left < 0) | (h > H - top) | (w > W - left)
+    if data.is_cuda:
+        torch._assert_async(~placed.any(), "resized_crop: an image does not lie inside the packed data")
+        torch._assert_async(~empty.any(), "resized_crop: a box (top, left, height, width) is empty")
+        torch._assert_async(~outside.any(), "resized_crop: a box (top, left, height, width) lies outside its image")
+        return
+    if bool(placed.any()):
+        i = int(placed.nonzero()[0])
         raise ValueError(f"image {i} (offset {int(offsets[i])}, size {int(H[i])}x{int(W[i])}, {channels} channels) "
                          f"does not lie inside the {data.numel()} bytes of data")
-    empty = (h <= 0) | (w <= 0)
     if bool(empty.any()):
         i = int(empty.nonzero()[0])
         raise ValueError(f"box {i} {tuple(boxes[i].tolist())} (top, left, height, width) is empty")
-    outside = (top < 0) | (left < 0) | (h > H - top) | (w > W - left)
     if bool(outside.any()):
         i = int(outside.nonzero()[0])
         raise ValueError(f"box {i} {tuple(boxes[i].tolist())} (top, left, height, width) lies outside its "
