@@ -68,7 +68,8 @@ class _DecodeOnly:
 
 def _loaders(base, size: int, batch: int, batches: int, workers: int) -> dict:
     L = (size // PATCH) ** 2
-    common = dict(batch_size=batch, num_workers=workers, persistent_workers=workers > 0)
+    common = dict(batch_size=batch, num_workers=workers, persistent_workers=workers > 0,
+                  worker_init_fn=data.init_worker)  # as the engine's loaders, for both paths
     fast = loader.DecodedSamples(base, L, seed=0)
     return {
         "pil": torch.utils.data.DataLoader(data.SeededSamples(base, data.train_transform(size), L, seed=0),

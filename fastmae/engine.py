@@ -343,7 +343,7 @@ class Engine:
         self.reports_skipped = bool(getattr(self.train_set, "reports_skipped", False))
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=args.batch_size, sampler=self.sampler, num_workers=args.num_workers,
-            collate_fn=recipe.collate_fn(device),
+            collate_fn=recipe.collate_fn(device), worker_init_fn=data.init_worker,
             pin_memory=getattr(args, "pin_mem", True) and device.type == "cuda", drop_last=True,
             # a streamed dataset's workers are started anew each epoch: they take its set_epoch position
             persistent_workers=args.num_workers > 0 and not self.streaming,
