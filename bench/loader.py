@@ -9,8 +9,10 @@ workers, batch and output size, the same sample keys and the masking noise of a 
 each is timed over whole rounds of ``--batches`` batches after a warm-up round, the two paths
 alternating (A B B A ...), and the median round is kept. ``decode`` times the fast path's workers
 without the crop (reading, decoding, drawing the box), which is what bounds it.
-Writes ``OUT/loader.json``: ``{"pil": images/s, "fast": images/s, "decode": images/s, ...}`` per
-worker process, with the settings and every round.
+``op_ms_per_image`` times the fused op alone against its reference (torchvision per image) on 256
+decoded images, one thread. Writes ``OUT/loader.json``: ``{"pil": images/s, "fast": images/s,
+"decode": images/s, "op_ms_per_image": {...}, ...}`` per worker process, with the settings and every
+round.
 """
 from __future__ import annotations
 
@@ -89,6 +91,37 @@ def _round(dl) -> float:
     return images / (time.perf_counter() - t0)
 
 
+def time_op(base, size: int, n: int = 256, rounds: int = 5) -> dict:
+    """The fused op (the CPU's kernel) against its reference (torchvision per image), one thread, on
+    ``n`` decoded images with their drawn boxes and flips: ms per image, medians of alternating rounds."""
+    from fastmae.ops.resized_crop import PackedImages, pack, resized_crop_ref
+
+    ds = loader.DecodedSamples(base, (size // PATCH) ** 2, seed=0)
+    samples = [ds[(i % len(base), i // len(base))] for i in range(n)]
+    packed = pack([x[0] for x in samples])
+    boxes, flips = torch.stack([x[1] for x in samples]), torch.tensor([x[2] for x in samples])
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    calls = {
+        "op": lambda: loader.crop(packed.data, packed.offsets, packed.sizes, boxes, flips, size),
+        "reference": lambda: resized_crop_ref(*PackedImages(*packed)[:3], boxes, flips, 3, size, mean, std,
+                                              torch.float32, True),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for f in calls.values():
+            f()
+        times = {k: [] for k in calls}
+        for r in range(rounds):
+            for k in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                t0 = time.perf_counter()
+                calls[k]()
+                times[k].append((time.perf_counter() - t0) / n * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
 def run(data_path: str | None, out: str, workers: int = 1, batch: int = 64, size: int = 224, batches: int = 4,
         rounds: int = 5) -> dict:
     """Time the loaders (see the module doc); returns and writes ``out/loader.json``."""
@@ -104,6 +137,7 @@ def run(data_path: str | None, out: str, workers: int = 1, batch: int = 64, size
         for name in (names if r % 2 == 0 else names[::-1]):
             per_round[name].append(_round(dls[name]) / max(workers, 1))
     result = {name: round(statistics.median(v), 1) for name, v in per_round.items()}
+    result["op_ms_per_image"] = time_op(base, size, n=max(batch, 8) * 4 if batch < 64 else 256, rounds=rounds)
     result.update(kind="fastmae-bench-loader", unit="images/s per worker process", workers=workers, batch=batch,
                   size=size, batches_per_round=batches, rounds=per_round, data=root, images=len(base),
                   torch_threads_in_workers=1, backend_cpu=_cpu_backend(),
@@ -132,6 +166,8 @@ def main(argv=None) -> int:
     res = run(a.data_path, a.out, a.workers, a.batch, a.size, a.batches, a.rounds)
     print(f"images/s per worker process ({a.workers} worker(s), batch {a.batch}, {a.size} px): PIL {res['pil']}, "
           f"fast {res['fast']} ({res['fast_over_pil']}x), decode alone {res['decode']}")
+    op = res["op_ms_per_image"]
+    print(f"the fused op, one thread: {op['op']} ms per image, its torchvision reference {op['reference']} ms")
     print(f"wrote {os.path.join(a.out, 'loader.json')}")
     return 0
 
