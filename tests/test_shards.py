@@ -6,7 +6,9 @@
   the dataset; an epoch covers the data once across the processes, the same number of samples on
   each, through a DataLoader with or without workers; the same seed gives the same batches, and
   ``set_epoch(e, start=k)`` gives exactly the rest of the uninterrupted epoch;
-- undecodable samples and torn shards do not stop an epoch, and are counted in ``skipped``.
+- undecodable samples and torn shards do not stop an epoch, and are counted in ``skipped``;
+- end to end: ``fastmae prepare``, then ``fastmae pretrain`` on the shards with two torchrun
+  processes (both ranks the same weights), and a run stopped mid-epoch resumes bit-identically.
 """
 import json
 import os
@@ -15,9 +17,10 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from trainkit import make_image_folder
+from trainkit import TINY, assert_states_equal, make_image_folder, run_two_processes
 
-from fastmae import data, loader, shards
+from fastmae import cli, data, loader, shards, train
+from fastmae import checkpoint as ckpt_io
 
 SEED, PATCHES, BATCH = 3, 16, 4
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -204,3 +207,36 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="do not exist"):
         shards.ShardSamples("/nonexistent/shard-{0..3}.tar", PATCHES, SEED)
     assert shards.worker_quotas(10, 4, 2) == [6, 4] and shards.worker_quotas(10, 4, 3) == [4, 4, 2]
+
+
+# ---------------------------------------------------------------------------- end to end
+def _pretrain_argv(out, source, *extra):
+    return ["pretrain", *TINY, "--data_path", str(source), "--output_dir", str(out), "--log_dir", str(out),
+            *map(str, extra)]
+
+
+def test_prepare_then_pretrain_on_two_processes(tmp_path):
+    folder = make_image_folder(tmp_path / "images", n=24)
+    assert cli.main(["prepare", "--data_path", folder, "--out", str(tmp_path / "shards"), "--shard-size", "6"]) == 0
+    proc, (r0, r1) = run_two_processes(tmp_path, "train", "pretrain",
+                                       _pretrain_argv(tmp_path / "run", tmp_path / "shards", "--batch_size", "3"))
+    assert "x 2 process(es)" in proc.stdout and "WebDataset shards" in proc.stdout
+    assert_states_equal(r0, r1, "rank0 vs rank1")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [4, 8]  # 12 samples per process, batches of 3
+    assert all(ln["skipped_files"] == 0 for ln in lines)
+
+
+def test_a_run_on_shards_resumes_mid_epoch_bit_identically(prepared, tmp_path):
+    out, _ = prepared
+    whole = train.pretrain(cli.build_parser().parse_args(_pretrain_argv(tmp_path / "a", out, "--num_workers", "2")))
+    first = cli.build_parser().parse_args(_pretrain_argv(tmp_path / "b", out, "--num_workers", "2", "--max-steps", "9"))
+    train.pretrain(first)
+    assert ckpt_io.load(str(tmp_path / "b" / ckpt_io.LAST))["epoch_iter"] == 3  # stopped inside epoch 2
+    resumed = train.pretrain(cli.build_parser().parse_args(
+        _pretrain_argv(tmp_path / "b", out, "--num_workers", "2", "--resume", "auto")))
+    assert_states_equal(whole.model.state_dict(), resumed.model.state_dict(), "resumed vs whole")
+    with pytest.raises(ckpt_io.CheckpointError, match="--num_workers"):  # a streamed order depends on it
+        train.pretrain(cli.build_parser().parse_args(_pretrain_argv(tmp_path / "c", out, "--max-steps", "9")))
+        train.pretrain(cli.build_parser().parse_args(
+            _pretrain_argv(tmp_path / "c", out, "--num_workers", "1", "--resume", "auto")))
