@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
 
     conv = sub.add_parser(
-        "convert", formatter_class=_Formatter, help="convert weights to the fastmae, official, Hugging Face or timm format",
+        "convert", formatter_class=_Formatter,
+        help="convert weights to the fastmae, official, Hugging Face or timm format",
         description="Convert a checkpoint to another format. IN may be a fastmae or official checkpoint, a Hugging Face "
                     "ViTMAE or timm ViT model folder (config.json and model.safetensors or pytorch_model.bin), a "
                     ".safetensors file or a state_dict file; its format is detected. Nothing in IN is executed: .pth/"

@@ -36,7 +36,8 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import data
-from .distributed import all_reduce_mean, all_reduce_sum, barrier, broadcast_from_main, init_distributed, parse_device, resolve_device
+from .distributed import (all_reduce_mean, all_reduce_sum, barrier, broadcast_from_main, init_distributed, parse_device,
+                          resolve_device)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torch.compile's modes; "reduce-overhead" replays forward and backward as CUDA graphs (on CPU
@@ -586,7 +587,8 @@ class Engine:
         self.epoch_losses.append(loss_avg)
         test, improved = self._evaluate()
         self.last_test = test
-        files_skipped = int(all_reduce_sum(torch.tensor(float(meters.files_skipped), device=self.device), self.dist).item())
+        files_skipped = int(all_reduce_sum(torch.tensor(float(meters.files_skipped), device=self.device),
+                                           self.dist).item())
         wait = self.data_wait_frac()
         if self.writer is not None:
             for k, v in test.items():  # the official scalars: perf/test_acc1, perf/test_acc5, perf/test_loss

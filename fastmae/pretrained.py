@@ -35,7 +35,8 @@ from .layouts import DECODER_PREFIXES
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained` (or :func:`load_encoder`) did: key lists and, for what was not loaded as it was, why."""
+    """What :func:`load_pretrained` (or :func:`load_encoder`) did: key lists and, for what was not
+    loaded as it was, why."""
     source: str
     format: str
     loaded: list = field(default_factory=list)
@@ -193,8 +194,9 @@ def read_source(source, name: str = "checkpoint") -> Source:
     if layout.startswith("hf"):
         saved_by_5 = any(k.startswith(layouts.HF5_SAVED_DECODER_LAYERS) for k in state)
         state = layouts.from_hf(state)
-        fmt = (f"Hugging Face {'ViTMAEForPreTraining' if any(k.startswith(DECODER_PREFIXES) for k in state) else 'ViTMAEModel'}"
-               f" (transformers {layout[2:]}.x keys{', as transformers 5 saves them' if saved_by_5 else ''})")
+        cls = "ViTMAEForPreTraining" if any(k.startswith(DECODER_PREFIXES) for k in state) else "ViTMAEModel"
+        fmt = (f"Hugging Face {cls} (transformers {layout[2:]}.x keys"
+               f"{', as transformers 5 saves them' if saved_by_5 else ''})")
     elif origin == "timm":
         state, fmt = layouts.from_timm(state), "timm VisionTransformer"
     elif fmt != "state_dict" and not fmt.startswith("fastmae"):

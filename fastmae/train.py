@@ -139,11 +139,14 @@ class Pretraining(Recipe):
     def describe(self, model, train_set) -> list[str]:
         a = self.args
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        base = getattr(train_set, "base", None)
+        base = getattr(train_set, "base", None)  # shards describe themselves
+        if base is None or self.dataset is not None or a.data_path is None:
+            where = repr(train_set if base is None else base)
+        else:
+            where = f"{a.data_path} ({len(base)} images)"
         return [f"model {a.model} at {a.input_size}px ({n_params / 1e6:.2f}M trainable parameters, "
                 f"norm_pix_loss={a.norm_pix_loss}, mask_ratio={a.mask_ratio}, --loader {self._loader()})",
-                f"data: {train_set!r}" if base is None else f"data: {base!r}"
-                if self.dataset is not None or a.data_path is None else f"data: {a.data_path} ({len(base)} images)"]
+                f"data: {where}"]
 
     def finish(self, model, device, step: int) -> dict[str, str]:
         """The reconstruction picture of the embedded photographs (unless --no-picture)."""
