@@ -24,12 +24,12 @@ import torch
 from torch.utils.data import Dataset
 
 from . import data
+from .ops.resized_crop import PackedImages, pack, resized_crop
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; they are what the
 # training data is decoded with until TorchCodec's are a dependency worth taking.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
                         category=DeprecationWarning)
-from .ops.resized_crop import PackedImages, pack, resized_crop
 
 SCALE, RATIO = (0.2, 1.0), (3.0 / 4.0, 4.0 / 3.0)  # the official RandomResizedCrop's
 LOADERS = ("fast", "pil")
