@@ -52,12 +52,16 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------- model config
 def model_config(model) -> dict:
-    """The constructor arguments of an MAE (fast or reference) or of a classifier
-    (:class:`fastmae.VisionTransformer`, ``kind="vit"``), as plain Python values."""
+    """The constructor arguments of an MAE (fast or reference), of a classifier
+    (:class:`fastmae.VisionTransformer`, ``kind="vit"``) or of a VideoMAE (``kind="videomae"``), as
+    plain Python values."""
+    from .video import PretrainVisionTransformer
     from .vit import VisionTransformer
 
     if isinstance(model, VisionTransformer):
         return model.config()
+    if isinstance(model, PretrainVisionTransformer):
+        return videomae_config(model)
     pe = model.patch_embed
     blocks, dblocks = model.blocks, model.decoder_blocks
     return dict(
@@ -71,9 +75,30 @@ def model_config(model) -> dict:
     )
 
 
+def videomae_config(model) -> dict:
+    """The constructor arguments of a :class:`fastmae.video.PretrainVisionTransformer` (``kind="videomae"``)."""
+    enc, dec, pe = model.encoder, model.decoder, model.encoder.patch_embed
+    blocks = enc.blocks
+    return dict(
+        kind="videomae", img_size=list(pe.img_size), patch_size=pe.patch_size[0], num_frames=pe.num_frames,
+        tubelet_size=pe.tubelet_size, encoder_in_chans=model.in_chans, encoder_embed_dim=pe.proj.out_channels,
+        encoder_depth=len(blocks), encoder_num_heads=blocks[0].attn.num_heads if len(blocks) else 1,
+        decoder_embed_dim=model.mask_token.shape[-1], decoder_depth=len(dec.blocks),
+        decoder_num_heads=dec.blocks[0].attn.num_heads if len(dec.blocks) else 1,
+        decoder_num_classes=dec.head.out_features,
+        mlp_ratio=(blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features) if len(blocks) else 4.0,
+        qkv_bias=bool(len(blocks) and blocks[0].attn.q_bias is not None), layer_norm_eps=float(enc.norm.eps),
+    )
+
+
+VIDEOMAE_CONFIG_KEYS = ("img_size", "patch_size", "num_frames", "tubelet_size", "encoder_in_chans",
+                        "encoder_embed_dim", "encoder_depth", "encoder_num_heads", "decoder_embed_dim",
+                        "decoder_depth", "decoder_num_heads", "decoder_num_classes", "mlp_ratio", "qkv_bias")
+
+
 def build_model(config: dict, reference_impl: bool = False, **kwargs):
-    """An MAE, or a classifier when ``config["kind"] == "vit"``, from a stored ``model_config``
-    (``reference_impl=True``: on the plain reference blocks)."""
+    """An MAE, a classifier when ``config["kind"] == "vit"``, or a VideoMAE when it is ``"videomae"``,
+    from a stored ``model_config`` (``reference_impl=True``: on the plain reference blocks)."""
     from functools import partial
 
     from . import reference
@@ -83,6 +108,16 @@ def build_model(config: dict, reference_impl: bool = False, **kwargs):
         from .vit import VisionTransformer
 
         return VisionTransformer.from_config(config, reference_impl=reference_impl, **kwargs)
+    if config.get("kind") == "videomae":
+        from .video import PretrainVisionTransformer
+
+        missing = [k for k in (*VIDEOMAE_CONFIG_KEYS, "layer_norm_eps") if k not in config]
+        if missing:
+            raise CheckpointError(f"VideoMAE model configuration lacks {', '.join(missing)}")
+        cfg = {k: config[k] for k in VIDEOMAE_CONFIG_KEYS}
+        cfg["img_size"] = tuple(cfg["img_size"]) if isinstance(cfg["img_size"], (list, tuple)) else cfg["img_size"]
+        return PretrainVisionTransformer(**cfg, norm_layer=partial(torch.nn.LayerNorm, eps=config["layer_norm_eps"]),
+                                         reference_impl=reference_impl, **kwargs)
 
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
@@ -277,6 +312,20 @@ def load(path: str, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
+
+
+def stored_kind(path: str) -> str | None:
+    """The ``model_config`` kind of a fastmae checkpoint file (``"vit"``, ``"videomae"``; ``"mae"``
+    without one), None for anything else: a cheap look (memory-mapped, tensors not read), no checks."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not this function's to diagnose: the loaders report it
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        return None
+    return (obj.get("model_config") or {}).get("kind", "mae")
 
 
 def _first_line(e: Exception) -> str:

@@ -170,8 +170,12 @@ def save_grid(model, images, path: str, mask_ratio: float = 0.75, seed: int = 0,
 
 def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ratio: float | None = None,
               seed: int = 0, device: str = "cpu") -> str:
-    """``fastmae visualize``: the picture for a checkpoint; returns the PNG path."""
+    """``fastmae visualize``: the picture for a checkpoint; returns the PNG path (a VideoMAE
+    checkpoint's clips are drawn by :func:`fastmae.video_train.visualize`)."""
     device = parse_device(device)  # a clear error for a bad or unavailable --device
+    if ckpt_io.stored_kind(checkpoint) == "videomae":  # its pictures are drawn by fastmae.video_train
+        raise ckpt_io.CheckpointError(f"{checkpoint!r} holds a VideoMAE: draw its clips with "
+                                      f"fastmae.video_train.visualize (the command line does)")
     model, ckpt = pretrained.load_model(checkpoint, device=device)
     if ckpt["model_config"].get("kind") == "vit":
         raise ckpt_io.CheckpointError(f"{checkpoint!r} holds a classifier (from fastmae finetune or linprobe), which "
