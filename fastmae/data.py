@@ -347,7 +347,7 @@ def first_readable(base, index: int, read):
         except Exception as e:  # noqa: BLE001 - a decoder can raise anything for a bad file
             _warn_bad(sample_name(base, i), e)
     raise UnreadableData(f"{min(n, MAX_CONSECUTIVE_BAD)} files in a row from {sample_name(base, index)} on could "
-                         f"not be read as images: check --data_path")
+                         f"not be read: check --data_path")
 
 
 class LabelledSamples(Dataset):

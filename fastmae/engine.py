@@ -541,7 +541,7 @@ class Engine:
         if self.meters.files_skipped > frac * per_epoch:
             raise data.UnreadableData(
                 f"{self.meters.files_skipped} files of this epoch's {per_epoch} samples (on this process) could not be "
-                f"read as images, more than --max-bad-frac {frac:g}: check --data_path (the warnings above name them)")
+                f"read, more than --max-bad-frac {frac:g}: check --data_path (the warnings above name them)")
 
     def _step(self, epoch: int, group_bad: bool, loss_value: float) -> None:
         """The optimizer step closing an accumulation group, or its skip (counted; too many in a row

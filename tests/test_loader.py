@@ -106,7 +106,7 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path, which, recwarn
 
 def test_too_many_unreadable_files_stop_the_run(tmp_path):
     folder, _ = _folder_with_bad_files(tmp_path / "images")
-    with pytest.raises(data.UnreadableData, match="could not be read as images, more than --max-bad-frac 0.01"):
+    with pytest.raises(data.UnreadableData, match="could not be read, more than --max-bad-frac 0.01"):
         train.pretrain(pretrain_args(tmp_path / "run", "--data_path", folder, "--batch_size", "19"))
 
 
@@ -116,5 +116,5 @@ def test_a_dataset_of_nothing_but_unreadable_files_is_a_clear_error(tmp_path):
     for i in range(4):
         (cls / f"{i}.jpg").write_bytes(b"")
     ds = loader.DecodedSamples(data.image_folder(str(tmp_path / "images")), 16, seed=0)
-    with pytest.raises(data.UnreadableData, match="4 files in a row .* could not be read as images"):
+    with pytest.raises(data.UnreadableData, match="4 files in a row .* could not be read: check --data_path"):
         ds[(0, 0)]
