@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops, reference
 from ._checks import check_noise, num_kept
-from .ops.attention import check_attn_backend
+from .ops.attention import set_attn_backend
 
 
 class Attention(reference.Attention):
@@ -71,11 +71,7 @@ class MaskedAutoencoderViT(reference.MaskedAutoencoderViT):
         self.set_attn_backend(attn_backend)
 
     def set_attn_backend(self, backend: str) -> None:
-        check_attn_backend(backend)
-        self.attn_backend = backend
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.attn_backend = backend
+        set_attn_backend(self, backend)
 
     def _run_blocks(self, blocks, x):
         return run_blocks(blocks, x, self.grad_checkpointing and self.training)

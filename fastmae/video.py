@@ -43,7 +43,7 @@ from ._checks import check_architecture, check_grid, to_2tuple
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .model import Mlp as FastMlp
 from .model import run_blocks
-from .ops.attention import check_attn_backend
+from .ops.attention import set_attn_backend
 
 
 def get_sinusoid_encoding_table(n_position: int, d_hid: int) -> torch.Tensor:
@@ -240,11 +240,7 @@ class PretrainVisionTransformer(nn.Module):
         return {"pos_embed", "cls_token", "mask_token"}
 
     def set_attn_backend(self, backend: str) -> None:
-        check_attn_backend(backend)
-        self.attn_backend = backend
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.attn_backend = backend
+        set_attn_backend(self, backend)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, mask, num_masked: int | None = None):

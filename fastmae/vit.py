@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import reference
 from ._checks import check_architecture, check_grid, check_images, to_2tuple
 from .model import Block, run_blocks
-from .ops.attention import check_attn_backend
+from .ops.attention import set_attn_backend
 from .pos_embed import get_2d_sincos_pos_embed
 
 
@@ -163,10 +163,7 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ options
     def set_attn_backend(self, backend: str) -> None:
-        check_attn_backend(backend)
-        self.attn_backend = backend
-        for blk in self.blocks:
-            blk.attn.attn_backend = backend
+        set_attn_backend(self, backend)
 
     def set_trainable_blocks(self, k: int, train_norm: bool = True) -> None:
         """Train only the last ``k`` blocks, the final norm (``fc_norm`` or ``norm``, unless

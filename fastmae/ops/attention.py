@@ -82,6 +82,15 @@ def check_attn_backend(backend: str) -> str:
     return backend
 
 
+def set_attn_backend(model: torch.nn.Module, backend: str) -> None:
+    """``model.attn_backend = backend`` and the same for every attention module inside it (each
+    fast attention module has an ``attn_backend`` attribute)."""
+    check_attn_backend(backend)
+    for m in model.modules():
+        if m is model or hasattr(m, "attn_backend"):
+            m.attn_backend = backend
+
+
 def resolve_attn_backend(backend: str, device: torch.device, dtype: torch.dtype, seq_len_k: int | None = None) -> str:
     """The concrete backend (``sdpa``, ``xformers`` or ``math``) that runs ``backend`` on tensors
     of this device and dtype (and key length, which only ``auto`` on CPU consults), or a clear
