@@ -10,6 +10,9 @@
 // threads and is bitwise reproducible.
 // Backward: dpred = grad * w * 2 (pred - t) / (P * sum(w)), one pass; dpred written with streaming
 // stores when it is 16 MiB or more (common.h, stream_output).
+// Clips (VideoMAE): imgs [N, C, T, H, W] and tubelets of t frames; row l = tubelet (ti, hi, wj),
+// target in (dt, i, j, c) order, optionally through a per-channel affine map of the pixels and
+// normalised per channel ((x - mean) / (std + eps)); load_tubelet, a plain loop, serves them.
 #include "common.h"
 
 #include <cmath>
@@ -30,6 +33,10 @@ inline void prefetch_pred_row(const pred_t* pred, int64_t row, int64_t rows, int
 
 struct Geometry {
   int64_t N, M, C, H, W, p, w, P;
+  int64_t T = 1, t = 1, h = 0;    // frames and tubelet size (1 and 1 for images), patch rows
+  bool per_channel = false;       // VideoMAE's per-channel target normalisation
+  const float* affine = nullptr;  // [2, C] pixel scale and shift, or null
+  bool tube() const { return T > 1 || t > 1 || per_channel || affine != nullptr; }
 };
 
 // Normalisation of one target patch: t = (pixel - mean) * rstd (mean 0, rstd 1 without norm_pix).
@@ -97,6 +104,43 @@ inline PatchStats load_patch(const img_t* img, int64_t l, const Geometry& g, boo
   const float sq = sum_f32(P, [&](int64_t k) { return (x[k] - mean) * (x[k] - mean); });
   const float var = sq / float(P - 1);  // unbiased, as torch.var
   return {mean, 1.f / std::sqrt(var + eps)};
+}
+
+// The target of tubelet l of one clip (img = imgs + n*C*T*H*W) into x[P] in (dt, i, j, c) order,
+// through the pixel affine map, normalised in place (per patch as load_patch, or per channel:
+// (x - mean_c) / (std_c + eps), unbiased); returns {0, 1}: x holds the target itself.
+template <typename img_t>
+inline PatchStats load_tubelet(const img_t* img, int64_t l, const Geometry& g, bool norm_pix, float eps, float* x) {
+  const int64_t C = g.C, p = g.p, t = g.t, W = g.W, HW = g.H * g.W, hw = g.h * g.w, P = g.P;
+  const img_t* base = img + (l / hw) * t * HW + ((l % hw) / g.w) * p * W + (l % g.w) * p;
+  for (int64_t c = 0; c < C; ++c) {
+    const float a = g.affine != nullptr ? g.affine[c] : 1.f, b = g.affine != nullptr ? g.affine[C + c] : 0.f;
+    for (int64_t dt = 0; dt < t; ++dt) {
+      for (int64_t i = 0; i < p; ++i) {
+        const img_t* s = base + (c * g.T + dt) * HW + i * W;
+        float* dst = x + (dt * p + i) * p * C + c;
+        for (int64_t j = 0; j < p; ++j) dst[j * C] = to_f(s[j]) * a + b;
+      }
+    }
+  }
+  if (!norm_pix) return {0.f, 1.f};
+  const int64_t groups = g.per_channel ? C : 1, n = P / groups;  // values per group, strided by groups
+  for (int64_t c = 0; c < groups; ++c) {
+    const float mean = sum_f32(n, [&](int64_t k) { return x[k * groups + c]; }) / float(n);
+    const float sq = sum_f32(n, [&](int64_t k) {
+      const float d = x[k * groups + c] - mean;
+      return d * d;
+    });
+    const float var = sq / float(n - 1);  // unbiased, as torch.var
+    if (g.per_channel) {
+      const float denom = std::sqrt(var) + eps;
+      for (int64_t k = 0; k < n; ++k) x[k * groups + c] = (x[k * groups + c] - mean) / denom;
+    } else {
+      const float rstd = 1.f / std::sqrt(var + eps);
+      for (int64_t k = 0; k < n; ++k) x[k] = (x[k] - mean) * rstd;
+    }
+  }
+  return {0.f, 1.f};
 }
 
 // Eight pixels of the three channel rows (a, b, c) interleaved into o[0, 24): one lane permute
@@ -215,7 +259,7 @@ inline bool vector_path(const Geometry& g) { return (g.C == 3 || g.C == 1) && g.
 template <typename img_t>
 inline const img_t* row_patch(const img_t* imgs, const int64_t* ids, int64_t row, const Geometry& g) {
   const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
-  return imgs + n * g.C * g.H * g.W + (l / g.w) * g.p * g.W + (l % g.w) * g.p;
+  return imgs + n * g.C * g.H * g.W + (l / g.w) * g.p * g.W + (l % g.w) * g.p;  // images only
 }
 
 // The pixels and statistics of the target of pred row `row` (patch ids[row], or row % M).
@@ -226,8 +270,9 @@ inline PatchStats load_row_patch(const img_t* imgs, const int64_t* ids, int64_t 
   // the rows in patch order, neighbouring patches share their lines, so row + 1's are often the
   // ones being read).
   constexpr int64_t ahead = 2;
-  if (row + ahead < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + ahead, g), g.C, g.p, g.H, g.W);
   const int64_t n = row / g.M, l = ids != nullptr ? ids[row] : row % g.M;
+  if (g.tube()) return load_tubelet(imgs + n * g.C * g.T * g.H * g.W, l, g, norm_pix, eps, x);
+  if (row + ahead < g.N * g.M) prefetch_patch(row_patch(imgs, ids, row + ahead, g), g.C, g.p, g.H, g.W);
   const img_t* img = imgs + n * g.C * g.H * g.W;
   if (vector_path(g)) {
     return g.C == 3 ? load_patch_vec<Isa, 3>(img, l, g, norm_pix, eps, x)
@@ -331,19 +376,31 @@ void loss_grad(float scale, const pred_t* pred, const img_t* imgs, const float* 
 
 // Checks shared by forward and backward; returns the geometry.
 Geometry check_loss_args(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& weight,
-                         const std::optional<at::Tensor>& ids, int64_t patch_size) {
+                         const std::optional<at::Tensor>& ids, int64_t patch_size, int64_t tubelet_size,
+                         bool per_channel, const std::optional<at::Tensor>& affine) {
   check_float_input(pred, "pred");
   check_float_input(imgs, "imgs");
-  TORCH_CHECK_VALUE(imgs.dim() == 4, "imgs must be [N, C, H, W], got shape ", imgs.sizes());
+  TORCH_CHECK_VALUE(imgs.dim() == 4 || imgs.dim() == 5, "imgs must be [N, C, H, W] or [N, C, T, H, W], got shape ",
+                    imgs.sizes());
   Geometry g{};
-  g.N = imgs.size(0), g.C = imgs.size(1), g.H = imgs.size(2), g.W = imgs.size(3), g.p = patch_size;
+  const bool clip = imgs.dim() == 5;
+  g.N = imgs.size(0), g.C = imgs.size(1), g.T = clip ? imgs.size(2) : 1, g.H = imgs.size(-2), g.W = imgs.size(-1);
+  g.p = patch_size, g.t = tubelet_size, g.per_channel = per_channel;
+  TORCH_CHECK_VALUE(g.t >= 1 && g.T % g.t == 0, "the ", g.T, " frames are not divisible by the tubelet size ", g.t);
   const auto [h, w] = patch_grid(g.H, g.W, g.p);
-  g.w = w;
-  g.P = g.p * g.p * g.C;
-  const int64_t L = h * w;
+  g.h = h, g.w = w;
+  g.P = g.t * g.p * g.p * g.C;
+  const int64_t L = (g.T / g.t) * h * w;
+  if (affine.has_value()) {
+    TORCH_CHECK_VALUE(affine->device().is_cpu() && affine->scalar_type() == at::kFloat && affine->is_contiguous() &&
+                          affine->dim() == 2 && affine->size(0) == 2 && affine->size(1) == g.C,
+                      "affine must be a contiguous float32 [2, C] = [2, ", g.C, "] tensor, got ",
+                      affine->scalar_type(), " ", affine->sizes());
+    g.affine = affine->const_data_ptr<float>();
+  }
   TORCH_CHECK_VALUE(pred.dim() == 3 && pred.size(0) == g.N && pred.size(2) == g.P,
-                    "pred must be [N, rows, p*p*C] = [", g.N, ", *, ", g.P, "] for images ", imgs.sizes(),
-                    " and patch size ", g.p, ", got ", pred.sizes());
+                    "pred must be [N, rows, t*p*p*C] = [", g.N, ", *, ", g.P, "] for inputs ", imgs.sizes(),
+                    ", patch size ", g.p, " and tubelet size ", g.t, ", got ", pred.sizes());
   g.M = pred.size(1);
   TORCH_CHECK_VALUE(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                         weight.dim() == 2 && weight.size(0) == g.N && weight.size(1) == g.M,
@@ -383,9 +440,10 @@ void dispatch_pred_img(const at::Tensor& pred, const at::Tensor& imgs, const Fn&
 
 at::Tensor norm_mse_loss_fwd(const at::Tensor& pred, const at::Tensor& imgs, const at::Tensor& weight,
                              const std::optional<at::Tensor>& ids, int64_t patch_size, bool norm_pix, double eps,
+                             int64_t tubelet_size, bool per_channel, const std::optional<at::Tensor>& affine,
                              int64_t isa_cap, int64_t stream_mode) {
   (void)stream_mode;  // the forward writes a scalar; the argument keeps every op's signature alike
-  const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size);
+  const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size, tubelet_size, per_channel, affine);
   const int64_t* idp = ids.has_value() ? ids->const_data_ptr<int64_t>() : nullptr;
   double total = 0.0;
   dispatch_pred_img(pred, imgs, [&](auto p0, auto i0) {
@@ -399,8 +457,9 @@ at::Tensor norm_mse_loss_fwd(const at::Tensor& pred, const at::Tensor& imgs, con
 
 at::Tensor norm_mse_loss_bwd(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& imgs,
                              const at::Tensor& weight, const std::optional<at::Tensor>& ids, int64_t patch_size,
-                             bool norm_pix, double eps, int64_t isa_cap, int64_t stream_mode) {
-  const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size);
+                             bool norm_pix, double eps, int64_t tubelet_size, bool per_channel,
+                             const std::optional<at::Tensor>& affine, int64_t isa_cap, int64_t stream_mode) {
+  const Geometry g = check_loss_args(pred, imgs, weight, ids, patch_size, tubelet_size, per_channel, affine);
   TORCH_CHECK_VALUE(grad.numel() == 1 && grad.device().is_cpu(), "grad must be a scalar CPU tensor, got shape ",
                     grad.sizes());
   const float scale = grad.item<float>() * 2.f / (float(g.P) * float(weight_sum(weight)));
@@ -420,9 +479,10 @@ at::Tensor norm_mse_loss_bwd(const at::Tensor& grad, const at::Tensor& pred, con
 
 TORCH_LIBRARY_FRAGMENT(fastmae_C, m) {
   m.def("norm_mse_loss_fwd(Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, bool norm_pix, "
-        "float eps, int isa_cap, int stream_mode) -> Tensor");
+        "float eps, int tubelet_size, bool per_channel, Tensor? affine, int isa_cap, int stream_mode) -> Tensor");
   m.def("norm_mse_loss_bwd(Tensor grad, Tensor pred, Tensor imgs, Tensor weight, Tensor? ids, int patch_size, "
-        "bool norm_pix, float eps, int isa_cap, int stream_mode) -> Tensor");
+        "bool norm_pix, float eps, int tubelet_size, bool per_channel, Tensor? affine, int isa_cap, "
+        "int stream_mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmae_C, CPU, m) {

@@ -334,17 +334,33 @@ def videomae_labels(videos, bool_masked_pos, patch_size: int, tubelet_size: int,
 def videomae_loss(videos, bool_masked_pos, outputs, patch_size: int, tubelet_size: int,
                   normalize_target: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """The official pre-training loss: ``MSE(outputs, labels)`` (mean over every element, in fp32)
-    with the labels of ``videomae_labels``; ``outputs [B, N_masked, t*p*p*C]`` as the model returns them."""
+    with the labels of ``videomae_labels``; ``outputs [B, N_masked, t*p*p*C]`` as the model returns them.
+
+    Computed by the fused ``fastmae.ops.norm_mse_loss`` straight from the clip (un-normalisation,
+    per-tubelet per-channel statistics and the squared error in one pass, the gradient in another):
+    the labels are never stored."""
     if not isinstance(outputs, torch.Tensor) or outputs.dim() != 3:
         raise ValueError(f"outputs must have shape [B, N_masked, D], got "
                          f"{tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__}")
-    want = videos.shape[1] * tubelet_size * patch_size ** 2 if isinstance(videos, torch.Tensor) else None
-    if want is not None and (outputs.shape[0] != videos.shape[0] or outputs.shape[2] != want):
+    if not isinstance(videos, torch.Tensor) or videos.dim() != 5:
+        raise ValueError(f"expected clips of shape [B, C, T, H, W], got "
+                         f"{tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__}")
+    B, C, T, H, W = videos.shape
+    want = C * tubelet_size * patch_size ** 2
+    if outputs.shape[0] != B or outputs.shape[2] != want:
         raise ValueError(f"outputs {tuple(outputs.shape)} do not fit clips {tuple(videos.shape)}: expected "
-                         f"[{videos.shape[0]}, N_masked, {want}] (C * tubelet_size * patch_size**2)")
-    labels = videomae_labels(videos, bool_masked_pos, patch_size, tubelet_size, normalize_target, mean, std,
-                             num_masked=outputs.shape[1])
-    return F.mse_loss(outputs.float(), labels)
+                         f"[{B}, N_masked, {want}] (C * tubelet_size * patch_size**2)")
+    check_clip(videos, C, (T, H, W), patch_size, tubelet_size)
+    num_masked = check_mask(bool_masked_pos, B, T // tubelet_size * (H // patch_size) * (W // patch_size),
+                            videos.device, outputs.shape[1])
+    std, mean = (torch.as_tensor(v, dtype=torch.float32, device=videos.device) for v in (std, mean))
+    if mean.shape != (C,) or std.shape != (C,):
+        raise ValueError(f"mean and std must hold one value per channel ({C}), got shapes "
+                         f"{tuple(mean.shape)} and {tuple(std.shape)}")
+    affine = torch.stack([std, mean])
+    ids = token_order(~bool_masked_pos)[:, :num_masked]  # the masked tubelets, in token order
+    return ops.norm_mse_loss(outputs, videos.detach(), None, patch_size, normalize_target, 1e-6, ids=ids,
+                             tubelet_size=tubelet_size, per_channel=normalize_target, affine=affine)
 
 
 # ============================================================================ masking

@@ -16,6 +16,12 @@ Forward: each program writes ``weight[n, m] * mean_k (pred - t)^2`` to an fp32 `
 a single-program kernel then sums it and the weights in a fixed order (deterministic) and writes
 the 0-d loss. Backward: the weight sum first (same small kernel), then one pass writing
 ``dpred = grad * weight * 2 (pred - t) / (P * sum(weight))``. Nothing of target size is stored.
+
+Clips (VideoMAE: ``imgs [N, C, T, H, W]``, tubelets of ``t`` frames, targets in ``(dt, i, j, c)``
+order, an optional per-channel affine map of the pixels, per-channel normalisation) take the
+``_norm_mse_tube_*`` kernels: one program per row as well, the row held as one ``[Q, C]`` tile
+(``Q = t*p*p``), so the per-channel statistics are column reductions. Simpler than the image path
+(pixels fetched through the offset table, no vector-width claims); its GPU speed is not measured.
 """
 from __future__ import annotations
 
@@ -196,14 +202,100 @@ def _norm_mse_loss_sum_kernel(
         tl.store(out_ptr, tl.sum(acc_w, axis=0))
 
 
+@triton.jit
+def _norm_mse_tube_target(imgs_ptr, ids_ptr, poff_ptr, affine_ptr, pid, M, C, hw, w, p, t, Q,
+                          s_img_n, s_img_t, s_img_h, s_ids_n, eps, NORM_PIX: tl.constexpr,
+                          PER_CHANNEL: tl.constexpr, HAS_AFFINE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                          C_PAD: tl.constexpr):
+    """Row ``pid`` = (n, m): its target as a ``[BLOCK_Q, C_PAD]`` fp32 tile (element ``q*C + c`` of
+    the row at ``(q, c)``), the tile's element indices and mask."""
+    n = pid // M
+    m = pid % M
+    tube = tl.load(ids_ptr + n * s_ids_n + m)
+    ti = tube // hw
+    hi = (tube % hw) // w
+    wj = tube % w
+    src = imgs_ptr + n * s_img_n + ti * t * s_img_t + hi * p * s_img_h + wj * p
+    q = tl.arange(0, BLOCK_Q)[:, None]
+    c = tl.arange(0, C_PAD)[None, :]
+    ok = (q < Q) & (c < C)
+    e = q * C + c
+    off = tl.load(poff_ptr + e, mask=ok, other=0)
+    x = tl.load(src + off, mask=ok, other=0.0).to(tl.float32)
+    if HAS_AFFINE:
+        x = x * tl.load(affine_ptr + c, mask=c < C, other=1.0) + tl.load(affine_ptr + C + c, mask=c < C, other=0.0)
+    if NORM_PIX:
+        if PER_CHANNEL:  # VideoMAE: (x - mean) / (std + eps) per channel, unbiased
+            mean = tl.sum(tl.where(ok, x, 0.0), axis=0) / Q
+            d = tl.where(ok, x - mean[None, :], 0.0)
+            var = tl.sum(d * d, axis=0) / (Q - 1)
+            x = d / (tl.sqrt(var) + eps)[None, :]
+        else:  # MAE: (x - mean) / sqrt(var + eps) over the whole patch
+            count = Q * C
+            mean = tl.sum(tl.sum(tl.where(ok, x, 0.0), axis=1), axis=0) / count
+            d = tl.where(ok, x - mean, 0.0)
+            var = tl.sum(tl.sum(d * d, axis=1), axis=0) / (count - 1)
+            x = d / tl.sqrt(var + eps)
+    return n, m, e, ok, x
+
+
+@triton.jit
+def _norm_mse_tube_fwd_kernel(
+    pred_ptr,  # [N, M, P] predictions, P = t*p*p*C in (dt, i, j, c) order, unit stride along P
+    imgs_ptr,  # [N, C, T, H, W] pixels, unit stride along W
+    weight_ptr,  # [N, M] fp32 row weights
+    ids_ptr,  # [N, M] int64 tubelet index of each row (stride 0 along N for the identity)
+    poff_ptr,  # [P] int64 offset, from the tubelet's first pixel, of the pixel of each prediction element
+    affine_ptr,  # [2, C] fp32 pixel scale and shift (read only with HAS_AFFINE)
+    rows_ptr,  # [N * M] fp32 output: weight * mean squared error of each row
+    M, C, hw, w, p, t, Q,  # rows per sample, channels, tubelets per time slice, per patch row, sizes, Q = t*p*p
+    s_pred_n, s_pred_m, s_img_n, s_img_t, s_img_h, s_w_n, s_ids_n,  # strides (elements)
+    eps,
+    NORM_PIX: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, C_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n, m, e, ok, x = _norm_mse_tube_target(imgs_ptr, ids_ptr, poff_ptr, affine_ptr, pid, M, C, hw, w, p, t, Q,
+                                           s_img_n, s_img_t, s_img_h, s_ids_n, eps, NORM_PIX, PER_CHANNEL,
+                                           HAS_AFFINE, BLOCK_Q, C_PAD)
+    pr = tl.load(pred_ptr + n * s_pred_n + m * s_pred_m + e, mask=ok, other=0.0).to(tl.float32)
+    diff = tl.where(ok, pr - x, 0.0)
+    weight = tl.load(weight_ptr + n * s_w_n + m)
+    tl.store(rows_ptr + pid, weight * (tl.sum(tl.sum(diff * diff, axis=1), axis=0) / (Q * C)))
+
+
+@triton.jit
+def _norm_mse_tube_bwd_kernel(
+    grad_ptr,  # [] fp32 gradient of the loss
+    wsum_ptr,  # [1] fp32 sum of the weights
+    pred_ptr, imgs_ptr, weight_ptr, ids_ptr, poff_ptr, affine_ptr,  # as the forward
+    dpred_ptr,  # [N, M, P] output gradient, same strides as pred
+    M, C, hw, w, p, t, Q,
+    s_pred_n, s_pred_m, s_img_n, s_img_t, s_img_h, s_w_n, s_ids_n,
+    eps,
+    NORM_PIX: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, C_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n, m, e, ok, x = _norm_mse_tube_target(imgs_ptr, ids_ptr, poff_ptr, affine_ptr, pid, M, C, hw, w, p, t, Q,
+                                           s_img_n, s_img_t, s_img_h, s_ids_n, eps, NORM_PIX, PER_CHANNEL,
+                                           HAS_AFFINE, BLOCK_Q, C_PAD)
+    row = n * s_pred_n + m * s_pred_m
+    pr = tl.load(pred_ptr + row + e, mask=ok, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + n * s_w_n + m)
+    scale = tl.load(grad_ptr) * weight * 2.0 / (Q * C * tl.load(wsum_ptr))
+    tl.store(dpred_ptr + row + e, (scale * (pr - x)).to(dpred_ptr.dtype.element_ty), mask=ok)
+
+
 # ---------------------------------------------------------------------------- launchers
 @functools.cache  # never evicted: a recorded CUDA graph copies from the pinned table's address
-def _pixel_offsets(C: int, p: int, s_c: int, s_h: int, pinned: bool) -> torch.Tensor:
-    """[P] int64 on the host: offset, from a patch's first pixel, of the pixel that prediction
-    element ``e = (i*p + j)*C + c`` targets (``c*s_c + i*s_h + j``). Small, one per geometry: cached."""
-    e = torch.arange(C * p * p, device="cpu")  # whatever the default device
-    i, j, c = e // (p * C), (e // C) % p, e % C
-    table = c * s_c + i * s_h + j
+def _pixel_offsets(C: int, p: int, s_c: int, s_h: int, pinned: bool, t: int = 1, s_t: int = 0) -> torch.Tensor:
+    """[P] int64 on the host: offset, from a patch's (tubelet's) first pixel, of the pixel that
+    prediction element ``e = ((dt*p + i)*p + j)*C + c`` targets (``c*s_c + dt*s_t + i*s_h + j``).
+    Small, one per geometry: cached."""
+    e = torch.arange(t * C * p * p, device="cpu")  # whatever the default device
+    dt, i, j, c = e // (p * p * C), (e // (p * C)) % p, (e // C) % p, e % C
+    table = c * s_c + dt * s_t + i * s_h + j
     return table.pin_memory() if pinned else table
 
 
@@ -214,7 +306,7 @@ def _identity(M: int, pinned: bool) -> torch.Tensor:
     return table.pin_memory() if pinned else table
 
 
-def _on_device(table_fn, device: torch.device, *key: int) -> torch.Tensor:
+def _on_device(table_fn, device: torch.device, *key: int, **extra: int) -> torch.Tensor:
     """A cached host table on ``device``: for CUDA one small asynchronous copy from pinned memory
     per call, never a cached CUDA tensor. One first made while ``torch.compile(mode=
     "reduce-overhead")`` warms up or records a CUDA graph would live in that graph's private
@@ -222,10 +314,10 @@ def _on_device(table_fn, device: torch.device, *key: int) -> torch.Tensor:
     outputs"). While torch.compile traces the op (fake tensors), the table is made afresh, not
     cached: the graph computes it."""
     if torch._guards.detect_fake_mode() is not None:
-        return table_fn.__wrapped__(*key, False).to(device)
+        return table_fn.__wrapped__(*key, False, **extra).to(device)
     if device.type == "cpu":
-        return table_fn(*key, False)
-    return table_fn(*key, True).to(device, non_blocking=True)
+        return table_fn(*key, False, **extra)
+    return table_fn(*key, True, **extra).to(device, non_blocking=True)
 
 
 def _prepare(pred, imgs, weight, ids, patch_size):
@@ -263,29 +355,103 @@ def _prepare(pred, imgs, weight, ids, patch_size):
     return N * M, ids, poff, ints, vec_i, vec_p
 
 
+TUBE_MAX_TILE = 8192  # elements of a row's [BLOCK_Q, C_PAD] tile (ViT video rows: 512 x 4)
+
+
+def _tube_warps(block_q: int, c_pad: int) -> int:
+    return 4 if block_q * c_pad <= 2048 else 8
+
+
+def _prepare_tube(pred, imgs, weight, ids, patch_size, tubelet_size, affine):
+    """Checks and kernel arguments of the tubelet kernels (clips, or images through an affine map
+    or per-channel statistics)."""
+    x = imgs if imgs.dim() == 5 else imgs.unsqueeze(2)
+    if x.dim() != 5 or x.stride(-1) != 1:
+        raise ValueError(f"imgs must be [N, C, T, H, W] with unit stride along W, got {tuple(imgs.shape)}")
+    N, C, T, H, W = x.shape
+    p, t = int(patch_size), int(tubelet_size)
+    if p <= 0 or H % p or W % p or t <= 0 or T % t:
+        raise ValueError(f"clip {T}x{H}x{W} is not divisible into tubelets of {t}x{p}x{p}")
+    Q = t * p * p
+    P = Q * C
+    if pred.dim() != 3 or pred.shape[0] != N or pred.shape[2] != P or not unit_last(pred):
+        raise ValueError(f"pred must be [N={N}, M, P={P}] with unit stride along P, got {tuple(pred.shape)}")
+    M = pred.shape[1]
+    if tuple(weight.shape) != (N, M) or weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous float32 [{N}, {M}] tensor, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if pred.dtype not in FLOAT_DTYPES or imgs.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"pred and imgs must be float32, bfloat16 or float16, got {pred.dtype} and {imgs.dtype}")
+    hw = (H // p) * (W // p)
+    if ids is None:
+        if M != (T // t) * hw:
+            raise ValueError(f"pred has {M} rows but the clips have {(T // t) * hw} tubelets and no ids")
+        ids, s_ids_n = _on_device(_identity, pred.device, M), 0
+    else:
+        if tuple(ids.shape) != (N, M) or ids.dtype != torch.int64 or not unit_last(ids):
+            raise ValueError(f"ids must be int64 [{N}, {M}] with unit stride, got {ids.dtype} {tuple(ids.shape)}")
+        s_ids_n = ids.stride(0)
+    block_q, c_pad = triton.next_power_of_2(Q), triton.next_power_of_2(C)
+    if block_q * c_pad > TUBE_MAX_TILE:
+        raise ValueError(f"tubelets of {t}x{p}x{p}x{C} values are too large for the Triton tubelet kernel "
+                         f"(a row is one tile of at most {TUBE_MAX_TILE} elements); use the torch backend")
+    if affine is None:
+        affine = weight  # never read (HAS_AFFINE is False); any fp32 pointer
+    poff = _on_device(_pixel_offsets, imgs.device, C, p, x.stride(1), x.stride(3), t=t, s_t=x.stride(2))
+    ints = (M, C, hw, W // p, p, t, Q, pred.stride(0), pred.stride(1), x.stride(0), x.stride(2), x.stride(3),
+            weight.stride(0), s_ids_n)
+    return N * M, ids, poff, affine, ints, block_q, c_pad
+
+
+def _tube(imgs, tubelet_size, per_channel, affine) -> bool:
+    return imgs.dim() == 5 or tubelet_size != 1 or per_channel or affine is not None
+
+
+def _tube_constexprs(norm_pix, per_channel, has_affine, block_q, c_pad) -> dict:
+    return {"NORM_PIX": bool(norm_pix), "PER_CHANNEL": bool(per_channel), "HAS_AFFINE": bool(has_affine),
+            "BLOCK_Q": block_q, "C_PAD": c_pad}
+
+
 def _constexprs(norm_pix: bool, vec_i: int, vec_p: int) -> dict:
     return {"NORM_PIX": bool(norm_pix), "VEC_I": vec_i, "VEC_P": vec_p, "BLOCK_S": TILE // vec_i, "BLOCK_E": TILE}
 
 
 def norm_mse_loss_forward(pred, imgs, weight, ids: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
-                          eps: float) -> torch.Tensor:
+                          eps: float, tubelet_size: int = 1, per_channel: bool = False,
+                          affine: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The MAE loss (0-d fp32) of ``pred [N, M, p*p*C]`` against the patches ``ids [N, M]`` (all
-    patches when None) of ``imgs [N, C, H, W]``, rows weighted by ``weight [N, M]`` fp32."""
-    rows, ids, poff, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+    patches when None) of ``imgs [N, C, H, W]``, rows weighted by ``weight [N, M]`` fp32 (clips:
+    see the module doc)."""
+    if _tube(imgs, tubelet_size, per_channel, affine):
+        rows, ids, poff, aff, ints, block_q, c_pad = _prepare_tube(pred, imgs, weight, ids, patch_size,
+                                                                   tubelet_size, affine)
+        row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
+        if rows:
+            launch(_norm_mse_tube_fwd_kernel, (rows,), pred, imgs, weight, ids, poff, aff, row_loss, *ints,
+                   float(eps), **_tube_constexprs(norm_pix, per_channel, affine is not None, block_q, c_pad),
+                   num_warps=_tube_warps(block_q, c_pad))
+    else:
+        rows, ids, poff, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+        row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
+        if rows:
+            launch(_norm_mse_loss_fwd_kernel, (rows,), pred, imgs, weight, ids, poff, row_loss, *ints, float(eps),
+                   **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
     loss = torch.empty((), dtype=torch.float32, device=pred.device)
-    row_loss = torch.empty(rows, dtype=torch.float32, device=pred.device)
-    if rows:
-        launch(_norm_mse_loss_fwd_kernel, (rows,), pred, imgs, weight, ids, poff, row_loss, *ints, float(eps),
-               **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
     launch(_norm_mse_loss_sum_kernel, (1,), row_loss, weight, loss, rows, HAS_ROWS=True, BLOCK=SUM_BLOCK,
            num_warps=SUM_WARPS)
     return loss
 
 
 def norm_mse_loss_backward(grad, pred, imgs, weight, ids: Optional[torch.Tensor], patch_size: int, norm_pix: bool,
-                           eps: float) -> torch.Tensor:
+                           eps: float, tubelet_size: int = 1, per_channel: bool = False,
+                           affine: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dpred`` (``pred.dtype``, ``pred``'s shape) for the 0-d fp32 loss gradient ``grad``."""
-    rows, ids, poff, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
+    tube = _tube(imgs, tubelet_size, per_channel, affine)
+    if tube:
+        rows, ids, poff, aff, ints, block_q, c_pad = _prepare_tube(pred, imgs, weight, ids, patch_size,
+                                                                   tubelet_size, affine)
+    else:
+        rows, ids, poff, ints, vec_i, vec_p = _prepare(pred, imgs, weight, ids, patch_size)
     if grad.numel() != 1:
         raise ValueError(f"grad must hold one value (the loss is a scalar), got shape {tuple(grad.shape)}")
     grad = grad.reshape(()).to(torch.float32)
@@ -297,8 +463,13 @@ def norm_mse_loss_backward(grad, pred, imgs, weight, ids: Optional[torch.Tensor]
     wsum = torch.empty(1, dtype=torch.float32, device=pred.device)
     launch(_norm_mse_loss_sum_kernel, (1,), weight, weight, wsum, rows, HAS_ROWS=False, BLOCK=SUM_BLOCK,
            num_warps=SUM_WARPS)
-    launch(_norm_mse_loss_bwd_kernel, (rows,), grad, wsum, pred, imgs, weight, ids, poff, dpred, *ints, float(eps),
-           **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
+    if tube:
+        launch(_norm_mse_tube_bwd_kernel, (rows,), grad, wsum, pred, imgs, weight, ids, poff, aff, dpred, *ints,
+               float(eps), **_tube_constexprs(norm_pix, per_channel, affine is not None, block_q, c_pad),
+               num_warps=_tube_warps(block_q, c_pad))
+    else:
+        launch(_norm_mse_loss_bwd_kernel, (rows,), grad, wsum, pred, imgs, weight, ids, poff, dpred, *ints,
+               float(eps), **_constexprs(norm_pix, vec_i, vec_p), num_warps=NUM_WARPS)
     return dpred
 
 
@@ -336,6 +507,27 @@ def launch_configs() -> list[KernelConfig]:
                             ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "poff_ptr", "dpred_ptr", "grad_ptr",
                              "wsum_ptr"),
                             NUM_WARPS, need_ld, vec_p * pdt.itemsize))
+    # The tubelet kernels at the VideoMAE row (t=2, p=16, C=3: a [512, 4] tile), every prediction
+    # dtype against fp32 clips, in the three target forms the models use. No width claims.
+    tube_ints = dict.fromkeys(["M", "C", "hw", "w", "p", "t", "Q", "s_pred_n", "s_pred_m", "s_img_n", "s_img_t",
+                               "s_img_h", "s_w_n", "s_ids_n"], "i32")
+    for pdt in FLOAT_DTYPES:
+        tp = "*" + dtype_name(pdt)
+        for norm_pix, per_channel, has_affine in ((True, True, True), (False, False, True), (True, False, False)):
+            ce = _tube_constexprs(norm_pix, per_channel, has_affine, 512, 4)
+            base = {"pred_ptr": tp, "imgs_ptr": "*fp32", "weight_ptr": "*fp32", "ids_ptr": "*i64", "poff_ptr": "*i64",
+                    "affine_ptr": "*fp32", **tube_ints, "eps": "fp32"}
+            configs.append(KernelConfig(
+                "norm_mse_tube_fwd", _norm_mse_tube_fwd_kernel,
+                signature_of(_norm_mse_tube_fwd_kernel, {**base, "rows_ptr": "*fp32"}, ce), ce,
+                ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "poff_ptr", "affine_ptr", "rows_ptr"),
+                _tube_warps(512, 4)))
+            configs.append(KernelConfig(
+                "norm_mse_tube_bwd", _norm_mse_tube_bwd_kernel,
+                signature_of(_norm_mse_tube_bwd_kernel, {**base, "grad_ptr": "*fp32", "wsum_ptr": "*fp32",
+                                                         "dpred_ptr": tp}, ce), ce,
+                ("pred_ptr", "imgs_ptr", "weight_ptr", "ids_ptr", "poff_ptr", "affine_ptr", "dpred_ptr", "grad_ptr",
+                 "wsum_ptr"), _tube_warps(512, 4)))
     for has_rows in (False, True):
         ce = {"HAS_ROWS": has_rows, "BLOCK": SUM_BLOCK}
         configs.append(KernelConfig(

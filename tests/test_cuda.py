@@ -205,6 +205,40 @@ def test_norm_mse_loss(case, dtype, mode, norm_pix, request):
     assert_op_close("norm_mse_loss dpred", pred_dev.grad.cpu(), pred64.grad, base_pred.grad, dtype)
 
 
+@pytest.mark.parametrize("target", list(NL.CLIP_TARGETS))
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", NL.CLIP_CASES + [(8, 3, 16, 224, 224, 16, 2)], ids=case_id)
+def test_norm_mse_loss_clips(case, dtype, target, request):
+    """The Triton tubelet kernels (VideoMAE's targets) against the fp64 per-tubelet loop; the last
+    case is VideoMAE's 16x224x224 clip with 90% of its tubelets masked."""
+    N, C, T, H, W, p, t = case
+    norm_pix, per_channel, has_affine = NL.CLIP_TARGETS[target]
+    L, P = (T // t) * (H // p) * (W // p), t * p * p * C
+    gen = seeded(request)
+    videos = (randn(gen, N, C, T, H, W) * 0.5 + 0.3).to(dtype)
+    affine = torch.stack([torch.rand(C, generator=gen) + 0.1, randn(gen, C)]) if has_affine else None
+    K = max(1, L // 10)
+    ids = random_masking(gen, N, L, K)[0][:, K:].contiguous()
+    pred = randn(gen, N, L - K, P, dtype=dtype)
+    g = torch.rand((), generator=gen) + 0.5
+    if dtype == torch.float16:
+        g = g * 2.0**16  # as GradScaler does: dpred would be subnormal in fp16
+    pred_dev = _leaf(pred)
+    loss = ops.norm_mse_loss(pred_dev, videos.to(CUDA), None, p, norm_pix, NL.EPS, ids=ids.to(CUDA),
+                             tubelet_size=t, per_channel=per_channel,
+                             affine=None if affine is None else affine.to(CUDA))
+    (loss * g.to(CUDA)).backward()
+    pred64 = pred.double().requires_grad_()
+    truth = NL.clip_loss64(pred64, videos, ids, p, t, norm_pix, per_channel, affine)
+    (truth * g.double()).backward()
+    base_pred = pred.clone().requires_grad_()
+    base = norm_mse_loss_ref(base_pred, videos, torch.ones(N, L - K), ids, p, norm_pix, NL.EPS, t, per_channel,
+                             affine)
+    (base * g).backward()
+    assert_op_close("norm_mse_loss clips", loss.cpu(), truth, base, torch.float32)
+    assert_op_close("norm_mse_loss clips dpred", pred_dev.grad.cpu(), pred64.grad, base_pred.grad, dtype)
+
+
 def test_norm_mse_loss_deterministic():
     N, C, H, W, p = VITB
     imgs = torch.rand(N, C, H, W, device=CUDA)

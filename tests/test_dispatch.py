@@ -146,18 +146,25 @@ def test_stale_extension_lacking_an_op(monkeypatch, fresh_loader):
 
 
 def test_stale_extension_with_old_signatures(monkeypatch, fresh_loader):
-    """An extension whose ops have the names but the old arguments (no CPU settings) is stale."""
-    def op(n_args):
-        schema = types.SimpleNamespace(arguments=list(range(n_args)))
+    """An extension whose ops have the names but the old arguments (no CPU settings, or a loss
+    without the clip arguments) is stale."""
+    def op(*names):
+        schema = types.SimpleNamespace(arguments=[types.SimpleNamespace(name=n) for n in names])
         return types.SimpleNamespace(default=types.SimpleNamespace(_schema=schema))
 
-    old = types.SimpleNamespace(**{name: op(3) for name in _backend.REQUIRED_CPP_OPS})
+    def extension(*names):
+        return types.SimpleNamespace(**{name: op(*names) for name in _backend.REQUIRED_CPP_OPS})
+
     monkeypatch.setattr(_backend, "importlib", types.SimpleNamespace(import_module=lambda name: None))
-    monkeypatch.setattr(_backend, "torch", types.SimpleNamespace(ops=types.SimpleNamespace(fastmae_C=old)))
-    assert _backend.extension_error() == "the built extension's ops take the old arguments (built from older sources)"
+    current = ("a", "b", "c", "tubelet_size", "isa_cap")
+    for old in (extension("a", "b", "c"), extension("a", "b", "c", "isa_cap", "stream_mode")):
+        monkeypatch.setattr(_backend, "_ext_state", {})
+        monkeypatch.setattr(_backend, "torch", types.SimpleNamespace(ops=types.SimpleNamespace(fastmae_C=old)))
+        assert _backend.extension_error() == ("the built extension's ops take the old arguments (built from older "
+                                              "sources)")
     monkeypatch.setattr(_backend, "_ext_state", {})
-    new = types.SimpleNamespace(**{name: op(5) for name in _backend.REQUIRED_CPP_OPS})
-    monkeypatch.setattr(_backend, "torch", types.SimpleNamespace(ops=types.SimpleNamespace(fastmae_C=new)))
+    monkeypatch.setattr(_backend, "torch", types.SimpleNamespace(ops=types.SimpleNamespace(
+        fastmae_C=extension(*current))))
     assert _backend.extension_error() is None
 
 

@@ -7,7 +7,9 @@ several per patch row); predictions for every patch with a mask, or for some row
 with or without row weights; raw and normalised targets, flat patches where eps weighs in, mixed
 dtypes. Outputs are allocated on NaN-filled memory; the loss is deterministic for any thread
 count; an index out of range is refused the same way on every backend; the C++ kernel's
-instruction-set variants and streaming stores both ways; ``torch.library.opcheck``.
+instruction-set variants and streaming stores both ways; ``torch.library.opcheck``. Clips
+(VideoMAE's targets: tubelets of 1 to 3 frames, per-channel statistics, the pixel affine map)
+against a per-tubelet loop in fp64.
 (``torch.compile(fullgraph=True)`` of the three ops together: tests/test_dispatch.py.)
 """
 import re
@@ -21,6 +23,7 @@ from fastmae import config, ops
 from fastmae.ops.norm_mse_loss import norm_mse_loss_backward_ref, norm_mse_loss_ref
 
 EPS = 1e-6
+IMAGE = (1, False, None)  # the op's clip arguments for images: tubelet_size, per_channel, affine
 # (N, C, H, W, p)
 LOSS_CASES = [
     (1, 1, 8, 8, 4),
@@ -107,6 +110,81 @@ def _check_norm_pix_loss(loss, pred, imgs, mask, p, eps):
     assert_op_close("norm_mse_loss dpred", pred.grad, pred64.grad, base_pred.grad, pred.dtype)
 
 
+# ============================================================================ clips (VideoMAE)
+# (N, C, T, H, W, p, t)
+CLIP_CASES = [
+    (2, 3, 4, 16, 24, 8, 2),
+    (1, 1, 6, 8, 12, 4, 3),
+    (2, 3, 2, 32, 16, 16, 1),
+    (1, 3, 4, 32, 32, 16, 2),  # VideoMAE's tubelet: 2 x 16 x 16 x 3 = 1536 values
+]
+# target: (norm_pix, per_channel, affine): VideoMAE's two, and the MAE normalisation on clips
+CLIP_TARGETS = {"videomae": (True, True, True), "videomae_raw": (False, False, True), "patch": (True, False, False),
+                "channel": (True, True, False)}
+
+
+def clip_loss64(pred, videos, ids, p, t, norm_pix, per_channel, affine, eps=EPS):
+    """VideoMAE's loss in fp64, one tubelet at a time: slice it from the clip, order its values
+    (dt, i, j, c), normalise (per channel: (x - mean) / (std + eps); else MAE's), mean squared error."""
+    x = videos.double()
+    if affine is not None:
+        x = x * affine[0].double().view(1, -1, 1, 1, 1) + affine[1].double().view(1, -1, 1, 1, 1)
+    N, C, T, H, W = x.shape
+    h, w = H // p, W // p
+    rows = []
+    for n in range(N):
+        for m, l in enumerate(ids[n].tolist()):
+            ti, hi, wj = l // (h * w), (l % (h * w)) // w, l % w
+            tube = x[n, :, ti * t:(ti + 1) * t, hi * p:(hi + 1) * p, wj * p:(wj + 1) * p]  # [C, t, p, p]
+            v = tube.permute(1, 2, 3, 0).reshape(-1, C)  # (dt, i, j) x c
+            if norm_pix and per_channel:
+                v = (v - v.mean(0)) / (v.var(0).sqrt() + eps)
+            elif norm_pix:
+                v = (v - v.mean()) / (v.var() + eps) ** 0.5
+            rows.append(((pred[n, m] - v.reshape(-1)) ** 2).mean())
+    return torch.stack(rows).mean()
+
+
+@pytest.mark.parametrize("target", list(CLIP_TARGETS))
+@pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CLIP_CASES, ids=case_id)
+def test_norm_mse_loss_clips(case, dtype, target, backend, request):
+    N, C, T, H, W, p, t = case
+    norm_pix, per_channel, has_affine = CLIP_TARGETS[target]
+    L, P = (T // t) * (H // p) * (W // p), t * p * p * C
+    gen = seeded(request)
+    videos = (randn(gen, N, C, T, H, W) * 0.5 + 0.3).to(dtype)
+    affine = torch.stack([torch.rand(C, generator=gen) + 0.1, randn(gen, C)]) if has_affine else None
+    K = max(1, L // 4)
+    ids = random_masking(gen, N, L, K)[0][:, K:].contiguous()  # the masked tubelets
+    pred = randn(gen, N, L - K, P, dtype=dtype, requires_grad=True)
+    g = torch.rand((), generator=gen) + 0.5
+    loss = ops.norm_mse_loss(pred, videos, None, p, norm_pix, EPS, ids=ids, tubelet_size=t, per_channel=per_channel,
+                             affine=affine)
+    (loss * g).backward()
+    pred64 = pred.detach().double().requires_grad_()
+    truth = clip_loss64(pred64, videos, ids, p, t, norm_pix, per_channel, affine)
+    (truth * g.double()).backward()
+    base_pred = pred.detach().clone().requires_grad_()
+    base = norm_mse_loss_ref(base_pred, videos, torch.ones(N, L - K), ids, p, norm_pix, EPS, t, per_channel, affine)
+    (base * g).backward()
+    assert loss.dtype == torch.float32 and pred.grad.dtype == dtype
+    assert_op_close("norm_mse_loss clips", loss, truth, base, torch.float32)
+    assert_op_close("norm_mse_loss clips dpred", pred.grad, pred64.grad, base_pred.grad, dtype)
+
+
+def test_norm_mse_loss_clip_of_one_frame_is_the_image_loss(backend, request):
+    """A clip of one frame in tubelets of 1 gives the image loss of that frame (same op, T = t = 1)."""
+    gen = seeded(request)
+    imgs, p = randn(gen, 2, 3, 16, 24), 8
+    pred = randn(gen, 2, 6, 192)
+    mask = (torch.rand(2, 6, generator=gen) > 0.5).float()
+    mask[:, 0] = 1
+    want = ops.norm_mse_loss(pred, imgs, mask, p)
+    got = ops.norm_mse_loss(pred, imgs.unsqueeze(2), mask, p, tubelet_size=1)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("eps", [EPS, 1e-2])
 def test_norm_mse_loss_flat_patches(eps, backend, request):
     """Flat and near-flat patches (sky, borders), where eps weighs in the divisor
@@ -173,7 +251,8 @@ def test_norm_mse_loss_refuses_out_of_range_ids(backend):
         with pytest.raises(IndexError, match=message):
             ops.norm_mse_loss(pred, imgs, None, p, ids=ids)
         with pytest.raises(IndexError, match=message):
-            torch.ops.fastmae.norm_mse_loss_backward(torch.tensor(1.0), pred.detach(), imgs, weight, ids, p, True, EPS)
+            torch.ops.fastmae.norm_mse_loss_backward(torch.tensor(1.0), pred.detach(), imgs, weight, ids, p, True, EPS,
+                                                     *IMAGE)
     assert pred.grad is None
 
 
@@ -285,10 +364,10 @@ def test_norm_mse_loss_outputs_fully_written(which, backend, request):
     pred = torch.randn(N, L, p * p * C, generator=gen)
     f = torch.ops.fastmae
     if which == "norm_mse_loss":
-        out, ref = f.norm_mse_loss(pred, imgs, mask, None, p, True, EPS), norm_mse_loss_ref(pred, imgs, mask, None, p)
+        out, ref = f.norm_mse_loss(pred, imgs, mask, None, p, True, EPS, *IMAGE), norm_mse_loss_ref(pred, imgs, mask, None, p)
         assert out.shape == ()
     else:
-        out = f.norm_mse_loss_backward(torch.tensor(1.0), pred, imgs, mask, None, p, True, EPS)
+        out = f.norm_mse_loss_backward(torch.tensor(1.0), pred, imgs, mask, None, p, True, EPS, *IMAGE)
         ref = norm_mse_loss_backward_ref(torch.tensor(1.0), pred, imgs, mask, None, p, True, EPS)
         assert out.shape == pred.shape
     assert not out.isnan().any(), f"{which}: output elements left unwritten (NaN fill survived)"
@@ -310,9 +389,9 @@ def _bad_inputs():
         ("index_dtype", lambda: nl(pred_rm, imgs, None, p, ids=ids_rm.int()), ValueError, "ids must be int64"),
         ("index_shape", lambda: nl(pred_rm, imgs, None, p, ids=ids_rm[:, :-1]), ValueError,
          r"ids must have shape \[2, 4\]"),
-        ("batch", lambda: nl(pred[:1], imgs, mask, p), ValueError, r"pred must be \[N, rows, p\*p\*C\]"),
+        ("batch", lambda: nl(pred[:1], imgs, mask, p), ValueError, r"pred must be \[N, rows, t\*p\*p\*C\]"),
         ("pred_rows", lambda: nl(pred[:, :-1], imgs, mask[:, :-1], p), ValueError,
-         "pred has 5 rows but the images have L = 6 patches"),
+         "pred has 5 rows but the inputs have L = 6 patches"),
         ("pred_width", lambda: nl(pred[..., :-1], imgs, mask, p), ValueError, r"= \[2, \*, 192\]"),
         ("mask_shape", lambda: nl(pred, imgs, mask[:, :-1], p), ValueError, "mask must have shape"),
         ("patch_not_dividing", lambda: nl(pred, imgs, mask, 7), ValueError, "not divisible by the patch size 7"),
@@ -327,6 +406,18 @@ def _bad_inputs():
         # another device than the rest ("meta" stands for one on a machine without a GPU)
         ("devices", lambda: nl(pred, imgs, mask.to("meta"), p), ValueError,
          "pred, imgs, mask must be on one device: .*mask on meta"),
+        ("clip_frames", lambda: nl(torch.randn(N, 6, 384), imgs.unsqueeze(2).expand(-1, -1, 3, -1, -1), None, p,
+                                   ids=ids_rm[:, :2].repeat(1, 3).contiguous(), tubelet_size=2), ValueError,
+         "3 frames are not divisible by the tubelet size 2"),
+        ("tubelet_bool", lambda: nl(pred, imgs, mask, p, tubelet_size=True), ValueError,
+         "tubelet_size must be a positive integer"),
+        ("clip_pred_width", lambda: nl(pred, imgs.unsqueeze(2).expand(-1, -1, 2, -1, -1), torch.ones(N, 3), p,
+                                       tubelet_size=2), ValueError, r"t\*p\*p\*C\] = \[2, \*, 384\]"),
+        ("per_channel_raw", lambda: nl(pred, imgs, mask, p, False, per_channel=True), ValueError,
+         "per_channel normalises the target: it needs norm_pix_loss=True"),
+        ("affine_shape", lambda: nl(pred, imgs, mask, p, affine=torch.ones(2, 2)), ValueError,
+         r"affine must be \[2, C\] = \[2, 3\]"),
+        ("imgs_rank", lambda: nl(pred, imgs[0], mask, p), ValueError, "imgs must be images"),
     ]
 
 
@@ -347,13 +438,24 @@ def _opcheck_cases():
     imgs = torch.randn(N, C, H, W)
     rg = lambda t: t.requires_grad_()  # noqa: E731
     f = torch.ops.fastmae
+    clips = torch.randn(N, C, 4, H, W)  # tubelets of 2 frames: 2 * L of them
+    ids_clip = torch.rand(N, 2 * L).argsort(1)[:, K:].contiguous()
+    affine = torch.stack([torch.rand(C) + 0.1, torch.randn(C)])
+    image = IMAGE
     return {
         "norm_mse_loss": (f.norm_mse_loss, (rg(torch.randn(N, L, p * p * C)), imgs, torch.rand(N, L), None, p, True,
-                                            EPS)),
+                                            EPS, *image)),
         "norm_mse_loss_ids": (f.norm_mse_loss, (rg(torch.randn(N, L - K, p * p * C)), imgs, torch.ones(N, L - K),
-                                                ids_rm, p, False, EPS)),
+                                                ids_rm, p, False, EPS, *image)),
         "norm_mse_loss_backward": (f.norm_mse_loss_backward, (torch.tensor(0.7), torch.randn(N, L - K, p * p * C),
-                                                              imgs, torch.ones(N, L - K), ids_rm, p, True, EPS)),
+                                                              imgs, torch.ones(N, L - K), ids_rm, p, True, EPS,
+                                                              *image)),
+        "norm_mse_loss_clips": (f.norm_mse_loss, (rg(torch.randn(N, 2 * L - K, 2 * p * p * C)), clips,
+                                                  torch.ones(N, 2 * L - K), ids_clip, p, True, EPS, 2, True, affine)),
+        "norm_mse_loss_clips_backward": (f.norm_mse_loss_backward, (torch.tensor(0.7),
+                                                                    torch.randn(N, 2 * L - K, 2 * p * p * C), clips,
+                                                                    torch.ones(N, 2 * L - K), ids_clip, p, False, EPS,
+                                                                    2, False, affine)),
     }
 
 
@@ -374,9 +476,9 @@ def test_cpp_norm_mse_loss_kernels_validate_indices():
     bad = torch.tensor([[0, 1], [2, 4]])
     message = re.escape("ids holds index 4, outside [0, 4)")
     with pytest.raises(IndexError, match=message):
-        c.norm_mse_loss_fwd(pred, imgs, weight, bad, p, True, EPS, *args)
+        c.norm_mse_loss_fwd(pred, imgs, weight, bad, p, True, EPS, *IMAGE, *args)
     with pytest.raises(IndexError, match=message):
-        c.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, weight, bad, p, True, EPS, *args)
+        c.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, weight, bad, p, True, EPS, *IMAGE, *args)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "base"])
@@ -424,7 +526,7 @@ def test_cpp_norm_mse_loss_streamed_outputs_are_bitwise_equal(dtype, isa):
         L = (32 // p) * (64 // p)
         pred = torch.randn(2, L, 3 * p * p, generator=gen).to(dtype)
         mask = (torch.rand(2, L, generator=gen) > 0.25).float()
-        args = (torch.tensor(1.0), pred, imgs, mask, None, p, True, EPS)
+        args = (torch.tensor(1.0), pred, imgs, mask, None, p, True, EPS, *IMAGE)
         plain, streamed = f.norm_mse_loss_bwd(*args, cap, never), f.norm_mse_loss_bwd(*args, cap, always)
         bits = torch.int16 if plain.element_size() == 2 else torch.int32
         assert torch.equal(plain.view(bits), streamed.view(bits)), f"backward p={p}: streamed output differs"
@@ -446,9 +548,9 @@ def test_cpp_norm_mse_loss_avx512_bf16_rounding_matches_avx2():
     f, mode = torch.ops.fastmae_C, config.STREAM_MODES["auto"]
 
     def outputs(cap):
-        return (f.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, mask, None, 8, True, EPS, cap, mode),
-                f.norm_mse_loss_bwd(torch.tensor(1.0), pred16, imgs, mask16, None, 16, True, EPS, cap, mode),
-                f.norm_mse_loss_fwd(pred16, imgs, mask16, None, 16, True, EPS, cap, mode).view(1))
+        return (f.norm_mse_loss_bwd(torch.tensor(1.0), pred, imgs, mask, None, 8, True, EPS, *IMAGE, cap, mode),
+                f.norm_mse_loss_bwd(torch.tensor(1.0), pred16, imgs, mask16, None, 16, True, EPS, *IMAGE, cap, mode),
+                f.norm_mse_loss_fwd(pred16, imgs, mask16, None, 16, True, EPS, *IMAGE, cap, mode).view(1))
 
     assert torch.ops.fastmae_C.cpu_isa(config.ISA_CAPS["avx512"]) == config.ISA_CAPS["avx512"]
     native, avx2 = outputs(config.ISA_CAPS["avx512"]), outputs(config.ISA_CAPS["avx2"])

@@ -35,7 +35,7 @@ def f(imgs, ids_keep, x, tok, ids_restore, pos, pred, mask):
     c = ops.norm_mse_loss(pred, imgs, mask, 8)
     da = gm_mod._gather_mask_backward_op(a, ids_keep, 8, 32, 32)
     dx, dtok, dpos = us_mod._unshuffle_scatter_backward_op(b, ids_restore, x.shape[1] - 1, True)
-    dpred = nm_mod._norm_mse_loss_backward_op(c, pred, imgs, mask, None, 8, True, 1e-6)
+    dpred = nm_mod._norm_mse_loss_backward_op(c, pred, imgs, mask, None, 8, True, 1e-6, 1, False, None)
     return a, b, c, da, dx, dtok, dpos, dpred
 
 with FakeTensorMode(allow_non_fake_inputs=True):

@@ -2,7 +2,8 @@
 
 - the reference twin and the fast model (every attention backend that runs on CPU, and with
   gradient checkpointing) against the official code's golden outputs: predictions, labels, loss and
-  every gradient; the official ViT-B layout and parameter count;
+  every gradient; the loss (the fused ``norm_mse_loss`` on clips) on every op backend; the official
+  ViT-B layout and parameter count;
 - the fast model against the reference on odd shapes (1 channel, non-square frames, tubelets of 3
   frames), the clip's gradient included, and under bf16 autocast;
 - tube and random masking; the bad-input errors; torch.compile(fullgraph=True) of forward + loss.
@@ -78,6 +79,21 @@ def test_golden_official_outputs(golden, impl):
         assert rel_err(labels, case["labels"]) <= 1e-5, (name, rel_err(labels, case["labels"]))
         assert rel_err(loss, case["loss"]) <= 1e-5, (name, loss.item(), case["loss"].item())
         _assert_grads_close(grads, case["grads"], 1e-4, name)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_golden_every_op_backend(golden, impl, backend):
+    """The loss and every gradient on each op backend (torch, C++, Triton under the interpreter);
+    the loss also fed the official outputs directly."""
+    for name, case in golden["cases"].items():
+        cfg = case["config"]
+        p, t, norm = cfg["patch_size"], cfg["tubelet_size"], cfg["normalize_target"]
+        model = _golden_model(case, reference_impl=impl == "reference").train()
+        _, loss, grads, _ = _step(model, case["videos"], case["bool_masked_pos"], norm, p, t)
+        assert rel_err(loss, case["loss"]) <= 1e-5, (name, loss.item(), case["loss"].item())
+        _assert_grads_close(grads, case["grads"], 1e-4, name)
+        direct = videomae_loss(case["videos"], case["bool_masked_pos"], case["outputs"], p, t, norm)
+        assert rel_err(direct, case["loss"]) <= 1e-5, (name, direct.item(), case["loss"].item())
 
 
 def test_golden_masks_are_tube_masks(golden):
@@ -314,8 +330,6 @@ def _train_step(model, videos, mask):
     return videomae_loss(videos, mask, outputs, 8, 2, True)
 
 
-# the video model calls no fused custom op (its ops are torch's), so one op backend suffices
-@pytest.mark.parametrize("backend", ["torch"], indirect=True)
 @pytest.mark.parametrize("dynamo_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_forward_and_loss(golden, compile_backend, dynamo_backend):
     """fullgraph: one graph, no break (the mask-count check runs on the device, no host sync), and

@@ -54,9 +54,9 @@ def _load_extension() -> str | None:
     missing = [op for op in REQUIRED_CPP_OPS if not hasattr(torch.ops.fastmae_C, op)]
     if missing:
         return f"the built extension lacks {', '.join(missing)} (built from older sources)"
-    try:  # a stale build has the names but the old signatures
-        torch.ops.fastmae_C.gather_mask_fwd.default._schema.arguments[4]  # noqa: B018
-    except IndexError:
+    # a stale build has the names but the old signatures
+    loss_args = {a.name for a in torch.ops.fastmae_C.norm_mse_loss_fwd.default._schema.arguments}
+    if len(torch.ops.fastmae_C.gather_mask_fwd.default._schema.arguments) < 5 or "tubelet_size" not in loss_args:
         return "the built extension's ops take the old arguments (built from older sources)"
     return None
 
