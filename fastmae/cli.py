@@ -117,6 +117,9 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                         "True)")
     v.add_argument("--no-normlize_target", "--no-normalize_target", dest="normlize_target", action="store_false",
                    help="regress the pixels themselves")
+    v.add_argument("--decoder_mask_ratio", type=float, default=0.0,
+                   help="VideoMAE V2's decoder masking: the decoder reconstructs only a running-cell share "
+                        "1 - RATIO of the tubelets (0.5 halves its tokens); default 0: V1, every masked tubelet")
 
     f = p.add_argument_group("fastmae flags")
     _add_fastmae_training_flags(f)

@@ -26,9 +26,10 @@ Under autocast both follow the official precision policy: the encoder's residual
 autocast dtype (the official ``pos_embed.type_as(x)``), the decoder's is fp32 (the official
 ``cat`` with the fp32 mask token and positions).
 
-``videomae_loss`` is the official training step's loss (``engine_for_pretraining``): it builds the
-targets of the masked tubelets only (``videomae_labels``). ``tube_mask`` and ``random_mask`` draw
-masks as the official generators do, from a ``torch.Generator``.
+``videomae_loss`` is the official training step's loss (``engine_for_pretraining``), fused
+(``fastmae.ops.norm_mse_loss`` on clips); ``videomae_labels`` builds its targets for inspection.
+``tube_mask``, ``random_mask`` and VideoMAE V2's ``running_cell_mask`` (``fastmae.masking``, re-exported
+here) draw masks as the official generators do, from a ``torch.Generator``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from . import ops, reference
 from ._checks import check_architecture, check_grid, to_2tuple
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .masking import random_mask, running_cell_mask, tube_mask  # noqa: F401  (video masking lives there)
 from .model import Mlp as FastMlp
 from .model import run_blocks
 from .ops.attention import set_attn_backend
@@ -243,32 +245,44 @@ class PretrainVisionTransformer(nn.Module):
         set_attn_backend(self, backend)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, mask, num_masked: int | None = None):
+    def forward(self, x, mask, num_masked: int | None = None, *, decode_mask=None, num_decoded: int | None = None):
         """``x [B, C, T, H, W]``, ``mask [B, N]`` bool (True = masked) -> ``[B, N_masked, decoder_num_classes]``.
 
         ``num_masked`` (the masked count of every sample) is optional; without it the count is read
         from the mask (a host sync on CUDA, as the official boolean indexing is). Under
         ``torch.compile`` pass it, so the shapes are known when tracing.
+
+        ``decode_mask [B, N]`` bool: VideoMAE V2's decoder masking (``forward(x, mask, decode_mask)``
+        there; e.g. ``fastmae.masking.running_cell_mask``): True = the decoder drops the token. The
+        decoder then gets mask tokens at the positions ``~decode_mask`` (visible ones included, as
+        officially) and returns their ``[B, N_decoded, ...]`` predictions; ``num_decoded`` is that
+        count, as ``num_masked`` is for the mask.
         """
         pe = self.encoder.patch_embed
         check_clip(x, self.in_chans, (pe.num_frames, *pe.img_size), pe.patch_size[0], pe.tubelet_size)
         num_masked = check_mask(mask, x.shape[0], self.num_patches, x.device, num_masked)
+        if decode_mask is not None:
+            num_decoded = self.num_patches - check_mask(decode_mask, x.shape[0], self.num_patches, x.device,
+                                                        None if num_decoded is None else self.num_patches - num_decoded,
+                                                        name="decode_mask")
         ckpt = self.grad_checkpointing and self.training
         if self.reference_impl:
-            return self.forward_reference(x, mask, ckpt)
-        return self.forward_fast(x, mask, num_masked, ckpt)
+            return self.forward_reference(x, mask, ckpt, decode_mask)
+        return self.forward_fast(x, mask, num_masked, ckpt, decode_mask, num_decoded)
 
-    def forward_reference(self, x, mask, grad_checkpointing=False):
-        """The official ``PretrainVisionTransformer.forward``."""
+    def forward_reference(self, x, mask, grad_checkpointing=False, decode_mask=None):
+        """The official ``PretrainVisionTransformer.forward`` (VideoMAE V2's with ``decode_mask``)."""
+        decode_vis = mask if decode_mask is None else ~decode_mask
         x_vis = self.encoder_to_decoder(self.encoder(x, mask, grad_checkpointing))
         B, N, C = x_vis.shape
         expand_pos_embed = self.pos_embed.expand(B, -1, -1).type_as(x)
         pos_emd_vis = expand_pos_embed[~mask].reshape(B, -1, C)
-        pos_emd_mask = expand_pos_embed[mask].reshape(B, -1, C)
+        pos_emd_mask = expand_pos_embed[decode_vis].reshape(B, -1, C)
         x_full = torch.cat([x_vis + pos_emd_vis, self.mask_token + pos_emd_mask], dim=1)
         return self.decoder(x_full, pos_emd_mask.shape[1], grad_checkpointing)
 
-    def forward_fast(self, x, mask, num_masked: int, grad_checkpointing=False):
+    def forward_fast(self, x, mask, num_masked: int, grad_checkpointing=False, decode_mask=None,
+                     num_decoded: int | None = None):
         B = x.shape[0]
         pe, enc = self.encoder.patch_embed, self.encoder
         num_visible = self.num_patches - num_masked
@@ -279,6 +293,9 @@ class PretrainVisionTransformer(nn.Module):
         x = x + enc.pos_embed[0, ids_vis].type_as(x)
         x = run_blocks(enc.blocks, x, grad_checkpointing)
         x = self.encoder_to_decoder(enc.head(enc.norm(x)))
+        if decode_mask is not None:  # mask tokens at the decoded positions, in token order
+            order = torch.cat([ids_vis, token_order(decode_mask)[:, :num_decoded]], dim=1)
+            num_masked = num_decoded
         # the decoder input: visible tokens, then mask tokens, plus the positions in that order
         x = torch.cat([x, self.mask_token.expand(B, num_masked, -1)], dim=1) + self.pos_embed[0, order]
         return self.decoder(x, num_masked, grad_checkpointing)
@@ -332,9 +349,12 @@ def videomae_labels(videos, bool_masked_pos, patch_size: int, tubelet_size: int,
 
 
 def videomae_loss(videos, bool_masked_pos, outputs, patch_size: int, tubelet_size: int,
-                  normalize_target: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+                  normalize_target: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  decode_mask=None) -> torch.Tensor:
     """The official pre-training loss: ``MSE(outputs, labels)`` (mean over every element, in fp32)
     with the labels of ``videomae_labels``; ``outputs [B, N_masked, t*p*p*C]`` as the model returns them.
+    With VideoMAE V2's ``decode_mask`` the targets are the tubelets at ``~decode_mask`` (V2's
+    ``labels = videos_patch[~decode_masked_pos]``) and ``outputs`` the model's predictions for them.
 
     Computed by the fused ``fastmae.ops.norm_mse_loss`` straight from the clip (un-normalisation,
     per-tubelet per-channel statistics and the squared error in one pass, the gradient in another):
@@ -351,8 +371,12 @@ def videomae_loss(videos, bool_masked_pos, outputs, patch_size: int, tubelet_siz
         raise ValueError(f"outputs {tuple(outputs.shape)} do not fit clips {tuple(videos.shape)}: expected "
                          f"[{B}, N_masked, {want}] (C * tubelet_size * patch_size**2)")
     check_clip(videos, C, (T, H, W), patch_size, tubelet_size)
-    num_masked = check_mask(bool_masked_pos, B, T // tubelet_size * (H // patch_size) * (W // patch_size),
-                            videos.device, outputs.shape[1])
+    N = T // tubelet_size * (H // patch_size) * (W // patch_size)
+    if decode_mask is None:
+        num_masked = check_mask(bool_masked_pos, B, N, videos.device, outputs.shape[1])
+    else:  # the rows are the decoded tubelets: ~decode_mask
+        num_masked = N - check_mask(decode_mask, B, N, videos.device, N - outputs.shape[1], "decode_mask")
+        bool_masked_pos = ~decode_mask
     std, mean = (torch.as_tensor(v, dtype=torch.float32, device=videos.device) for v in (std, mean))
     if mean.shape != (C,) or std.shape != (C,):
         raise ValueError(f"mean and std must hold one value per channel ({C}), got shapes "
@@ -361,46 +385,6 @@ def videomae_loss(videos, bool_masked_pos, outputs, patch_size: int, tubelet_siz
     ids = token_order(~bool_masked_pos)[:, :num_masked]  # the masked tubelets, in token order
     return ops.norm_mse_loss(outputs, videos.detach(), None, patch_size, normalize_target, 1e-6, ids=ids,
                              tubelet_size=tubelet_size, per_channel=normalize_target, affine=affine)
-
-
-# ============================================================================ masking
-def _num_masks(name: str, total: int, mask_ratio) -> int:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
-    n = int(mask_ratio * total)  # the official rounding
-    if n < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} masks no tubelet of {total} {name}: the loss would be undefined")
-    return n
-
-
-def _grid(num_frames_tokens, grid_h, grid_w) -> None:
-    for name, v in (("num_frames_tokens", num_frames_tokens), ("grid_h", grid_h), ("grid_w", grid_w)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def tube_mask(num_frames_tokens: int, grid_h: int, grid_w: int, mask_ratio: float,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """The official ``TubeMaskingGenerator``: one random spatial mask of ``int(mask_ratio * h*w)``
-    positions, the same in every time slice. Returns one sample's ``[T' * h * w]`` bool (True = masked)."""
-    _grid(num_frames_tokens, grid_h, grid_w)
-    hw = grid_h * grid_w
-    n = _num_masks("positions per frame", hw, mask_ratio)
-    frame = torch.zeros(hw, dtype=torch.bool)
-    frame[torch.randperm(hw, generator=generator)[:n]] = True
-    return frame.repeat(num_frames_tokens)
-
-
-def random_mask(num_frames_tokens: int, grid_h: int, grid_w: int, mask_ratio: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain random masking of ``int(mask_ratio * T'*h*w)`` tubelets anywhere in the clip (the
-    official ``RandomMaskingGenerator``). Returns one sample's ``[T' * h * w]`` bool (True = masked)."""
-    _grid(num_frames_tokens, grid_h, grid_w)
-    total = num_frames_tokens * grid_h * grid_w
-    n = _num_masks("tubelets", total, mask_ratio)
-    mask = torch.zeros(total, dtype=torch.bool)
-    mask[torch.randperm(total, generator=generator)[:n]] = True
-    return mask
 
 
 # ============================================================================ input checks
@@ -425,18 +409,18 @@ def check_clip(x, in_chans: int, size: tuple[int, int, int], patch_size: int, tu
         raise ValueError(f"clips must be floating point, got {x.dtype}")
 
 
-def check_mask(mask, B: int, N: int, device, num_masked: int | None = None) -> int:
+def check_mask(mask, B: int, N: int, device, num_masked: int | None = None, name: str = "bool_masked_pos") -> int:
     """``mask [B, N]`` bool on ``device`` masking the same count of tubelets in every sample, at least
     one and not all; returns that count. With ``num_masked`` given (or under torch.compile) the counts
     are checked on the device (``torch._assert_async``), without a host sync."""
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, N):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"bool_masked_pos must have shape [B, N] = [{B}, {N}] (N tubelets in (t, h, w) order), "
+        raise ValueError(f"{name} must have shape [B, N] = [{B}, {N}] (N tubelets in (t, h, w) order), "
                          f"got {shape}")
     if mask.dtype != torch.bool:
-        raise ValueError(f"bool_masked_pos must be a bool tensor (True = masked), got {mask.dtype}")
+        raise ValueError(f"{name} must be a bool tensor (True = masked), got {mask.dtype}")
     if mask.device != torch.device(device):
-        raise ValueError(f"bool_masked_pos is on {mask.device} but the clips are on {device}")
+        raise ValueError(f"{name} is on {mask.device} but the clips are on {device}")
     counts = mask.sum(dim=1)
     given = num_masked is not None
     if not given:
@@ -447,13 +431,13 @@ def check_mask(mask, B: int, N: int, device, num_masked: int | None = None) -> i
     elif isinstance(num_masked, bool) or not isinstance(num_masked, (int, torch.SymInt)):
         raise ValueError(f"num_masked must be an integer, got {num_masked!r}")
     if not 0 < num_masked < N:
-        raise ValueError(f"{'num_masked' if given else 'bool_masked_pos'} masks {num_masked} of {N} tubelets per "
+        raise ValueError(f"{'num_masked' if given else name} masks {num_masked} of {N} tubelets per "
                          f"sample; at least one must be masked and one visible")
     want = f"{num_masked} tubelets in every sample" + (" (num_masked)" if given else "")
     if torch.compiler.is_compiling() or mask.device.type != "cpu":
-        torch._assert_async((counts == num_masked).all(), f"bool_masked_pos must mask {want}")
+        torch._assert_async((counts == num_masked).all(), f"{name} must mask {want}")
     elif not bool((counts == num_masked).all()):
-        raise ValueError(f"bool_masked_pos must mask the same number of tubelets in every sample, as tube and "
+        raise ValueError(f"{name} must mask the same number of tubelets in every sample, as tube and "
                          f"random masking do: {want}, but its samples mask {counts.tolist()}")
     return num_masked
 

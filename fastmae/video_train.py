@@ -244,15 +244,17 @@ class VideoFiles(Dataset):
 
 
 class ClipSamples(Dataset):
-    """Key ``(index, epoch)`` -> ``(clip [C, T, H, W], mask [N] bool)`` (``, skipped`` for files):
-    the clip of ``base.clip`` normalised, and its tube mask, both drawn from a generator seeded by
+    """Key ``(index, epoch)`` -> ``(clip [C, T, H, W], mask [N] bool)`` (``, decode_mask`` with
+    ``decoder_mask_ratio``; ``, skipped`` for files): the clip of ``base.clip`` normalised, its tube
+    mask and VideoMAE V2's running-cell decoder mask, drawn from a generator seeded by
     :func:`fastmae.data.sample_seed` of the sample."""
 
-    def __init__(self, base, grid: tuple[int, int, int], mask_ratio: float, seed: int, reports_skipped: bool):
+    def __init__(self, base, grid: tuple[int, int, int], mask_ratio: float, seed: int, reports_skipped: bool,
+                 decoder_mask_ratio: float = 0.0):
         if len(base) == 0:
             raise ValueError("the training dataset is empty")
         self.base, self.grid, self.mask_ratio, self.seed = base, grid, mask_ratio, seed
-        self.reports_skipped = reports_skipped
+        self.reports_skipped, self.decoder_mask_ratio = reports_skipped, decoder_mask_ratio
 
     def __len__(self):
         return len(self.base)
@@ -268,6 +270,8 @@ class ClipSamples(Dataset):
         else:
             frames, gen = self._read(index, epoch)
         out = normalize(frames), video.tube_mask(*self.grid, self.mask_ratio, generator=gen)
+        if self.decoder_mask_ratio:
+            out = (*out, video.running_cell_mask(*self.grid, self.decoder_mask_ratio, generator=gen))
         return (*out, skipped) if self.reports_skipped else out
 
 
@@ -292,6 +296,10 @@ class VideoPretraining(Recipe):
                              "(--normlize_target, off with --no-normlize_target)")
 
     @property
+    def decoder_mask_ratio(self) -> float:
+        return float(getattr(self.args, "decoder_mask_ratio", 0.0) or 0.0)
+
+    @property
     def normalize_target(self) -> bool:
         return bool(getattr(self.args, "normlize_target", True))
 
@@ -301,6 +309,10 @@ class VideoPretraining(Recipe):
                                  a.attn_backend, **self.overrides)
         self.num_masked = num_masked(model, a.mask_ratio)  # a clear error now, not at the first step
         self.grid = _grid(model)
+        self.num_decoded = None
+        if self.decoder_mask_ratio:  # VideoMAE V2's decoder masking: the decoder predicts ~decode_mask
+            t, h, w = self.grid[:3]
+            self.num_decoded = int((~video.running_cell_mask(t, h, w, self.decoder_mask_ratio, offset=0)).sum())
         return model
 
     def model_config(self, model) -> dict:
@@ -319,16 +331,20 @@ class VideoPretraining(Recipe):
                 base = PanningClips(a.num_frames, a.input_size)
             else:
                 base, files = VideoFiles(a.data_path, a.num_frames, a.sampling_rate, a.input_size), True
-        return ClipSamples(base, _grid(model)[:3], a.mask_ratio, a.seed, reports_skipped=files)
+        return ClipSamples(base, _grid(model)[:3], a.mask_ratio, a.seed, reports_skipped=files,
+                           decoder_mask_ratio=self.decoder_mask_ratio)
 
     def learning_rate(self, epoch: float) -> float:
         return train.learning_rate(epoch, self.args)
 
     def loss(self, model, batch):
-        videos, mask = batch
-        outputs = model(videos, mask, num_masked=self.num_masked)
+        videos, mask, *decode = batch
+        decode_mask = decode[0] if decode else None
+        outputs = model(videos, mask, num_masked=self.num_masked, decode_mask=decode_mask,
+                        num_decoded=self.num_decoded)
         _, _, _, p, ts = self.grid
-        return video.videomae_loss(videos, mask, outputs, p, ts, normalize_target=self.normalize_target)
+        return video.videomae_loss(videos, mask, outputs, p, ts, normalize_target=self.normalize_target,
+                                   decode_mask=decode_mask)
 
     def describe(self, model, train_set) -> list[str]:
         a = self.args

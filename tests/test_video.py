@@ -357,3 +357,42 @@ def test_compiled_forward_and_loss(golden, compile_backend, dynamo_backend):
     # reports the ValueError inside its own Unsupported error)
     with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="under torch.compile pass num_masked"):
         torch.compile(lambda m, x, k: m(x, k), fullgraph=True, backend="eager")(model, videos, mask)
+
+
+# ============================================================================ VideoMAE V2 decoder masking
+@pytest.mark.parametrize("attn", ["auto", "math"])
+def test_decoder_masking_fast_vs_reference(golden, attn):
+    """VideoMAE V2's dual masking: the decoder predicts only the tokens at ~decode_mask (a running
+    cell at 0.5), the loss is taken there; fast and reference agree on outputs, loss and gradients,
+    and the decoded count follows the running cell (half the tokens)."""
+    from fastmae.masking import running_cell_mask
+    case = golden["cases"]["p8_32px_t4_norm1_mask0.75"]
+    cfg = case["config"]
+    p, t = cfg["patch_size"], cfg["tubelet_size"]
+    T, h = cfg["num_frames"] // t, cfg["img_size"] // p
+    gen = torch.Generator().manual_seed(3)
+    decode = torch.stack([running_cell_mask(T, h, h, 0.5, generator=gen) for _ in range(3)])
+    videos, mask = case["videos"], case["bool_masked_pos"]
+    results = []
+    for kw in (dict(reference_impl=True), dict(attn_backend=attn)):
+        model = _golden_model(case, **kw).train()
+        model.zero_grad(set_to_none=True)
+        out = model(videos, mask, decode_mask=decode)
+        loss = videomae_loss(videos, mask, out, p, t, True, decode_mask=decode)
+        loss.backward()
+        results.append((out.detach(), loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters()
+                                                      if q.grad is not None}))
+    (ref_out, ref_loss, ref_grads), (out, loss, grads) = results
+    assert out.shape == (3, T * h * h // 2, 3 * t * p * p)
+    assert rel_err(out, ref_out) <= 1e-5 and rel_err(loss, ref_loss) <= 1e-5
+    _assert_grads_close(grads, ref_grads, 1e-4)
+    # the targets are the decoded tubelets: the labels of the mask ~decode_mask
+    labels = videomae_labels(videos, ~decode, p, t, True)
+    assert rel_err(loss, torch.nn.functional.mse_loss(ref_out, labels)) <= 1e-5
+    # without decode_mask: the decoder predicts the masked tubelets (V1), a different loss
+    v1 = videomae_loss(videos, mask, _golden_model(case)(videos, mask), p, t, True)
+    assert rel_err(v1, case["loss"]) <= 1e-5 and abs(v1 - loss) > 1e-3
+    with pytest.raises(ValueError, match="decode_mask must mask the same number of tubelets"):
+        bad = decode.clone()
+        bad[0, 0] = ~bad[0, 0]
+        _golden_model(case)(videos, mask, decode_mask=bad)
