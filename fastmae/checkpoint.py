@@ -55,10 +55,11 @@ def model_config(model) -> dict:
     """The constructor arguments of an MAE (fast or reference), of a classifier
     (:class:`fastmae.VisionTransformer`, ``kind="vit"``) or of a VideoMAE (``kind="videomae"``), as
     plain Python values."""
+    from .maskalign import MaskAlignViT
     from .video import PretrainVisionTransformer
     from .vit import VisionTransformer
 
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, (VisionTransformer, MaskAlignViT)):
         return model.config()
     if isinstance(model, PretrainVisionTransformer):
         return videomae_config(model)
@@ -108,6 +109,13 @@ def build_model(config: dict, reference_impl: bool = False, **kwargs):
         from .vit import VisionTransformer
 
         return VisionTransformer.from_config(config, reference_impl=reference_impl, **kwargs)
+    if config.get("kind") == "maskalign":
+        from .maskalign import MaskAlignViT
+
+        try:
+            return MaskAlignViT.from_config(config, reference_impl=reference_impl, **kwargs)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if config.get("kind") == "videomae":
         from .video import PretrainVisionTransformer
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import train, video_train
+from . import maskalign_train, train, video_train
 from .convert import HF_LAYOUTS, TARGETS
 from .vit import VIT_NAMES
 
@@ -58,7 +58,10 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
         if self.model_mask_ratio and getattr(ns, "mask_ratio", 0) is None:
-            ns.mask_ratio = video_train.DEFAULT_MASK_RATIO if video_train.is_video_model(ns.model) else 0.75
+            if getattr(ns, "objective", "mae") == "maskalign":
+                ns.mask_ratio = maskalign_train.RECIPE["mask_ratio"]
+            else:
+                ns.mask_ratio = video_train.DEFAULT_MASK_RATIO if video_train.is_video_model(ns.model) else 0.75
         return ns, rest
 
 
@@ -120,6 +123,8 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     v.add_argument("--decoder_mask_ratio", type=float, default=0.0,
                    help="VideoMAE V2's decoder masking: the decoder reconstructs only a running-cell share "
                         "1 - RATIO of the tubelets (0.5 halves its tokens); default 0: V1, every masked tubelet")
+
+    maskalign_train.add_flags(p)
 
     f = p.add_argument_group("fastmae flags")
     _add_fastmae_training_flags(f)
@@ -446,7 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_pretrain(args) -> int:
     try:
-        if video_train.is_video_model(args.model):
+        if getattr(args, "objective", "mae") == "maskalign":
+            if video_train.is_video_model(args.model) or args.command == "video-demo":
+                raise ValueError("--objective maskalign trains an image student; --model must be an MAE model name")
+            maskalign_train.pretrain(args)
+        elif video_train.is_video_model(args.model):
             video_train.pretrain(args)
         elif args.command == "video-demo":
             raise ValueError(f"video-demo trains a VideoMAE: --model must be one of "

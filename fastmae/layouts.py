@@ -55,7 +55,9 @@ _HF_DECODER_OTHER = {k: "decoder." + k for k in (
     "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias")}
 HF_LAYOUTS = ("4", "5")
 
-DECODER_PREFIXES = ("decoder_", "mask_token")
+# what a pre-training model holds beside its encoder: the MAE decoder, MaskAlign's adapters and
+# level mixture (and an official MaskAlign checkpoint's teacher)
+DECODER_PREFIXES = ("decoder_", "mask_token", "distill_heads.", "distill_weights", "clip_model.", "dino_model.")
 
 
 class ConversionError(CheckpointError):

@@ -382,7 +382,7 @@ def load_encoder(model, source, name: str = "checkpoint") -> LoadReport:
     own = model.state_dict()
 
     for k in [k for k in state if k.startswith(DECODER_PREFIXES)]:
-        report.dropped[k] = "the pre-training decoder"
+        report.dropped[k] = "the pre-training decoder (or MaskAlign adapters)"
         del state[k]
     final, other = ("fc_norm", "norm") if model.global_pool else ("norm", "fc_norm")
     for k in [k for k in state if k.startswith(other + ".")]:
