@@ -3,13 +3,15 @@
     python -m fastmae.bench.memory --config vitb --impl fast --compiled --precision fp32 --batch 16
         [--grad-checkpointing] [--optimizer-in-backward]
     python -m fastmae.bench.memory --model finetune --config vitb --impl timm --compiled --precision bf16 --batch 8
+    python -m fastmae.bench.memory --model video --config vits --impl ref --precision fp32 --batch 2
 
 prints one JSON object. ``--model mae`` (the default): the MAE pre-training step
 (bench/model_step.py; ``--impl`` fast or ref). ``--model finetune``: the fine-tuning step of the
 classifier (bench/finetune_step.py; ``--impl`` fast, timm or ref; its own ``vitb`` and ``small``
-configurations). The process builds the model and its fused AdamW, runs
-warm-up steps (compilation, optimizer state creation, first-touch of every buffer), then measures
-one steady-state step two ways:
+configurations). ``--model video``: the VideoMAE pre-training step (bench/video_step.py; ``--impl``
+fast or ref; its own ``vits``, ``vitb`` and ``small`` configurations). The process builds the model
+and its fused AdamW, runs warm-up steps (compilation, optimizer state creation, first-touch of
+every buffer), then measures one steady-state step two ways:
 
 - ``tensor_peak_bytes`` (the figure the comparison uses): bytes of live CPU tensors at the step's
   high-water mark. The resting state (``resting_bytes``: parameters, buffers, optimizer state,
@@ -41,6 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fastmae.bench import finetune_step as FT
 from fastmae.bench import model_step as S
+from fastmae.bench import video_step as VS
 
 
 def _vm_kib(field: str) -> int | None:
@@ -162,14 +165,48 @@ def measure_finetune(config: str, impl: str, compiled: bool, precision: str, bat
     )
 
 
+def measure_video(config: str, impl: str, compiled: bool, precision: str, batch: int, warmup: int = 2) -> dict:
+    """``measure`` for the VideoMAE pre-training step (bench/video_step.py)."""
+    model = VS.build_model(config, impl)
+    opt = VS.make_optimizer(model)
+    runner = VS.compile_model(model, impl) if compiled else model
+    videos, mask, num_masked = VS.make_batch(config, batch)
+
+    def step():
+        VS.train_step(runner, opt, videos, mask, num_masked, precision)
+
+    t0 = time.perf_counter()
+    step()  # compiles when asked
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    opt.zero_grad(set_to_none=True)
+    rest = resting_bytes(model, opt)
+    rss_before = _vm_kib("VmRSS")
+    rss_reset = _reset_rss_peak()
+    peak = step_tensor_peak(step)
+    rss_peak = _vm_kib("VmHWM") if rss_reset else None
+    return dict(
+        model="video", config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
+        threads=torch.get_num_threads(),
+        resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
+        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
+        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
+        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        first_step_s=first_step_s,
+    )
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step or one fine-tuning step "
-                                                 "(fresh process).")
-    parser.add_argument("--model", choices=["mae", "finetune"], default="mae",
-                        help="mae: the MAE pre-training step (default); finetune: the classifier's fine-tuning step")
-    parser.add_argument("--config", choices=sorted(set(S.CONFIGS) | set(FT.CONFIGS)), default="vitb")
+    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step, one fine-tuning step or "
+                                                 "one VideoMAE pre-training step (fresh process).")
+    parser.add_argument("--model", choices=["mae", "finetune", "video"], default="mae",
+                        help="mae: the MAE pre-training step (default); finetune: the classifier's fine-tuning "
+                             "step; video: the VideoMAE pre-training step")
+    parser.add_argument("--config", choices=sorted(set(S.CONFIGS) | set(FT.CONFIGS) | set(VS.CONFIGS)),
+                        default="vitb")
     parser.add_argument("--impl", choices=["fast", "ref", "timm"], default="fast",
-                        help="fast or ref (either model); timm (--model finetune only)")
+                        help="fast or ref (any model); timm (--model finetune only)")
     parser.add_argument("--compiled", action="store_true")
     parser.add_argument("--precision", choices=list(S.PRECISIONS), default="fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: the configuration's benchmark batch")
@@ -183,6 +220,15 @@ def main(argv=None) -> int:
                          "--grad-checkpointing nor --optimizer-in-backward")
         result = measure_finetune(args.config, args.impl, args.compiled, args.precision,
                                   args.batch or FT.batch_size(args.config))
+        print(json.dumps(result))
+        return 0
+    if args.model == "video":
+        if args.config not in VS.CONFIGS or args.impl == "timm" or args.grad_checkpointing \
+                or args.optimizer_in_backward:
+            parser.error(f"--model video takes --config {' or '.join(VS.CONFIGS)}, --impl fast or ref and neither "
+                         "--grad-checkpointing nor --optimizer-in-backward")
+        result = measure_video(args.config, args.impl, args.compiled, args.precision,
+                               args.batch or VS.batch_size(args.config))
         print(json.dumps(result))
         return 0
     if args.impl == "timm" or args.config not in S.CONFIGS:

@@ -3,7 +3,7 @@
     python -m fastmae.bench.report RESULTS [RESULTS ...] --out DIR
 
 ``RESULTS`` are JSON files, or folders whose ``*.json`` are read: pytest-benchmark JSON of
-``test_bench_model.py``, ``test_bench_finetune.py`` and ``test_bench_ops.py``
+``test_bench_model.py``, ``test_bench_finetune.py``, ``test_bench_video.py`` and ``test_bench_ops.py``
 (``--benchmark-json``), the JSON of ``gpu.py ops``
 and ``gpu.py model`` (``--json``), and the ``run.json`` that ``fastmae bench`` writes (the command,
 its tier, its duration, whether CUDA was asked for and present). ``fastmae bench`` calls
@@ -22,6 +22,9 @@ What ``report.md`` holds:
   bf16): step time, images/s, speed-ups over timm, the share of the matmul ceiling, compile time
   and the step's peak memory in a fresh process (``memory.py --model finetune``); and feature
   extraction (eval, ``no_grad``: what linear probing and k-NN run), images/s, fastmae against timm;
+- the VideoMAE pre-training step, fast against its reference twin (eager and compiled, fp32 and
+  bf16): clips/s, step time, speed-ups, the share of the matmul ceiling, compile time and the
+  step's peak memory in a fresh process (``memory.py --model video``);
 - the fused ops against their eager and compiled references: median times, speed-ups, the op's
   minimal bytes per second against the copy bandwidth measured in the same test, page faults per
   call, and the byte floor projected for an H100 (3.35 TB/s datasheet: a projection, never a
@@ -31,7 +34,8 @@ What ``report.md`` holds:
 - CUDA: the same tables from ``gpu.py``, or "no CUDA device".
 
 Plots (``train_step_<device>.png``, ``peak_memory_<device>.png``, ``ops_<device>.png``,
-``finetune_step_<device>.png``, ``finetune_peak_memory_<device>.png``, ``features_<device>.png``) need
+``finetune_step_<device>.png``, ``finetune_peak_memory_<device>.png``, ``features_<device>.png``,
+``video_step_<device>.png``, ``video_peak_memory_<device>.png``) need
 matplotlib (``pip install "fastmae[bench]"``); without it the report says so and keeps its tables.
 """
 from __future__ import annotations
@@ -50,6 +54,7 @@ H100_BYTES_PER_S = 3.35e12
 STEP_PROVIDERS = ("fast-compiled", "ref-compiled", "fast-eager", "ref-eager")
 FINETUNE_PROVIDERS = ("fast-compiled", "timm-compiled", "fast-eager", "timm-eager")
 FEATURE_PROVIDERS = ("fast", "timm")
+VIDEO_PROVIDERS = STEP_PROVIDERS
 OP_NAMES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss")
 OP_PROVIDERS = ("fastmae", "eager", "compiled")
 NO_MATPLOTLIB = "matplotlib is not installed (pip install \"fastmae[bench]\"): no plots"
@@ -71,6 +76,8 @@ class Results:
     finetune: list = dataclasses.field(default_factory=list)  # one row per (fine-tuning step test, provider)
     features: list = dataclasses.field(default_factory=list)  # one row per (feature test, provider)
     finetune_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the fine-tuning step
+    video: list = dataclasses.field(default_factory=list)  # one row per (VideoMAE step test, provider)
+    video_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the VideoMAE step
     loader: list = dataclasses.field(default_factory=list)  # loader.json records (bench/loader.py)
     files: list = dataclasses.field(default_factory=list)
 
@@ -133,6 +140,10 @@ def _load_pytest_benchmark(res: Results, path: str, data: dict) -> None:
             _add_features(res, info)
         elif kind == "finetune_memory":
             res.finetune_memory.append(dict(info, device="cpu", allocator=allocator_label(info.get("env", {}))))
+        elif kind == "video_step":
+            _add_video_steps(res, info)
+        elif kind == "video_memory":
+            res.video_memory.append(dict(info, device="cpu", allocator=allocator_label(info.get("env", {}))))
         elif kind in ("gemm_bound", "attention", "optimizer"):
             getattr(res, kind).append(dict(info, allocator=allocator_label(info.get("env", {}))))
         elif "op" in info and "providers" in info:
@@ -173,6 +184,28 @@ def _add_features(res: Results, info: dict) -> None:
             batch=info["batch"], precision=info["precision"], mode=info["mode"], provider=provider,
             call_s=s["median_s"], images_per_s=s["images_per_s"], feature_diff=info.get("max_abs_feature_diff"),
             timm=info.get("timm"), rounds=info.get("rounds"), warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def _add_video_steps(res: Results, info: dict) -> None:
+    """One row per provider; ``images_per_s`` and ``flops_per_image`` hold clips/s and FLOPs per
+    clip, so the step plots serve both."""
+    alloc = allocator_label(info.get("env", {}))
+    for provider, s in info["providers"].items():
+        res.video.append(dict(
+            device="cpu", allocator=alloc, config=info["config"], config_title=info.get("config_title"),
+            batch=info["batch"], precision=info["precision"], provider=provider, step_s=s["median_s"],
+            images_per_s=s["clips_per_s"], pct_ceiling=s.get("pct_of_ceiling"), compile_s=s.get("compile_s"),
+            mm_rate=info.get("mm_rate"), mm_desc=f"{info['precision']} torch.mm {info.get('mm_n')}^3",
+            mm_samples=len(info.get("mm_rates", [])), flops_per_image=info.get("flops_per_clip"),
+            loss_rel_diff=info.get("loss_rel_diff"), output_diff=info.get("max_abs_output_diff"),
+            num_masked=info.get("num_masked"),
+            num_tokens=info.get("num_tokens"), rounds=info.get("rounds"), warmup=info.get("warmup"),
+            tier=info.get("tier")))
+
+
+def video_peaks(res: Results) -> dict:
+    """``{(config, batch, precision, allocator, variant): fresh-process memory row}``."""
+    return {(m["config"], m["batch"], m["precision"], m["allocator"], m["variant"]): m for m in res.video_memory}
 
 
 def finetune_peaks(res: Results) -> dict:
@@ -305,10 +338,10 @@ def _header(res: Results, plots_note: str | None) -> list[str]:
     if paths:
         rows.append(("fastmae from", ", ".join(paths)))
     allocs = sorted({r["allocator"] for r in res.steps + res.ops + res.memory + res.finetune + res.features
-                     + res.finetune_memory if r["device"] == "cpu"})
+                     + res.finetune_memory + res.video + res.video_memory if r["device"] == "cpu"})
     rows.append(("allocator (CPU)", "; ".join(_allocator_text(a) for a in allocs) or "n/a"))
     backends = []
-    if any(r["device"] == "cpu" for r in res.steps):
+    if any(r["device"] == "cpu" for r in res.steps + res.video):
         forced = cpu_env.get("forced_backend")
         backends.append(f"training step on CPU: {cpu_env.get('cpu_backend', '?')} (fastmae's choice for CPU "
                         f"tensors{'; FASTMAE_BACKEND=' + forced if forced else ''})")
@@ -340,7 +373,7 @@ def _header(res: Results, plots_note: str | None) -> list[str]:
     title = "# fastmae benchmarks" + (f" ({run['tier']} tier)" if run.get("tier") else "")
     lines = [title, ""] + markdown_table(["", ""], rows, numeric_from=2) + [""]
     lines += ["What this run measured:", ""] + [f"- {t}" for t in _measured(res, run)] + [""]
-    if any(r["device"] == "cpu" for r in res.steps + res.ops + res.finetune + res.features):
+    if any(r["device"] == "cpu" for r in res.steps + res.ops + res.finetune + res.features + res.video):
         lines += ["Every CPU figure is a median over rounds in which the compared providers ran side by side, in "
                   "an order rotated every round; compare ratios within one table, not across runs (PERF.md).", ""]
     return lines
@@ -393,6 +426,21 @@ def _measured(res: Results, run: dict) -> list[str]:
         out.append(f"peak memory of the fine-tuning step in a fresh process (memory.py --model finetune): "
                    f"{', '.join(variants)}; inductor cache "
                    f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.finetune_memory}))}")
+    vid = [r for r in res.video if r["device"] == "cpu"]
+    for config, batch in sorted({(r["config"], r["batch"]) for r in vid}):
+        rs = [r for r in vid if r["config"] == config and r["batch"] == batch]
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
+        out.append(f"VideoMAE pre-training step (CPU): {config} = {title}, batch {batch} clip(s), "
+                   f"{' and '.join(precisions)}; providers "
+                   f"{', '.join(_ordered({r['provider'] for r in rs}, VIDEO_PROVIDERS))}; timed rounds: "
+                   f"{_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
+                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round")
+    if res.video_memory:
+        variants = _ordered({m["variant"] for m in res.video_memory}, VIDEO_PROVIDERS)
+        out.append(f"peak memory of the VideoMAE step in a fresh process (memory.py --model video): "
+                   f"{', '.join(variants)}; inductor cache "
+                   f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.video_memory}))}")
     if res.memory:
         variants = sorted({m["variant"] for m in res.memory})
         out.append(f"peak memory in a fresh process (memory.py): {len(variants)} variants ({', '.join(variants)})")
@@ -575,6 +623,99 @@ def _finetune_section(res: Results, device: str, plots: dict) -> list[str]:
     return lines + _features_section(res, device, plots)
 
 
+def _video_section(res: Results, device: str, plots: dict) -> list[str]:
+    """The VideoMAE pre-training step, fast against reference: a table per configuration,
+    precision (and allocator), with the fresh-process peak of each provider."""
+    rows = [r for r in res.video if r["device"] == device]
+    lines = [f"## VideoMAE pre-training step ({device.upper()}): fastmae's model against its reference twin", ""]
+    if not rows:
+        return lines + ["No VideoMAE results (the suite's log is beside this report).", ""]
+    multi = _multi_alloc(rows)
+    peaks = video_peaks(res)
+    lines += ["Forward on tube-masked clips (ratio 0.9) + videomae_loss (normalised targets) + backward + fused "
+              "AdamW, fastmae's PretrainVisionTransformer against its plain-PyTorch twin (reference_impl=True: "
+              "the official computation), same weights, clips and masks; both compute the loss with the same "
+              "fused videomae_loss, so the figures compare the models. \"x ref-eager\" and \"x ref-compiled\" "
+              "are speed-ups over the reference in the same precision (above 1: fastmae faster); \"% of "
+              "ceiling\" is the step's counted FLOPs per second as a share of the matmul rate measured in the "
+              "same run; \"peak MiB\" is bytes of live tensors at the step's high-water mark in a fresh process "
+              "(memory.py --model video: resting state plus the step's own peak from the profiler), \"peak x "
+              "ref\" against the reference in the same mode (eager or compiled).", ""]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+    headers = ["provider", "clips/s", "step ms", "x ref-eager", "x ref-compiled", "% of ceiling", "compile s",
+               "peak MiB", "peak x ref"]
+    for (config, batch, precision, alloc), rs in order:
+        by = {r["provider"]: r for r in rs}
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        lines += [f"### {config}, batch {batch}, {precision}" + (f", {alloc} allocator" if multi else ""), "",
+                  f"{title}.", ""]
+        table = []
+        for name in _ordered(set(by), VIDEO_PROVIDERS):
+            r = by[name]
+            ref_e, ref_c = by.get("ref-eager"), by.get("ref-compiled")
+            mode = "compiled" if "compiled" in name else "eager"
+            peak = peaks.get((config, batch, precision, alloc, name))
+            ref_peak = peaks.get((config, batch, precision, alloc, f"ref-{mode}"))
+            peak_b = peak and peak["tensor_peak_bytes"]
+            table.append([name, _sig(r["images_per_s"]), _sig(r["step_s"] * 1e3),
+                          _f(_ratio(ref_e and ref_e["step_s"], r["step_s"])),
+                          _f(_ratio(ref_c and ref_c["step_s"], r["step_s"])),
+                          _f(r["pct_ceiling"], ".0f"), _f(r["compile_s"], ".1f"),
+                          _f(peak_b and peak_b / 2**20, ".0f"),
+                          _f(_ratio(peak_b, ref_peak and ref_peak["tensor_peak_bytes"]))])
+        lines += markdown_table(headers, table, numeric_from=1) + [""]
+        step = {p: by[p]["step_s"] for p in by}
+        speedups = [(label, _ratio(step.get(b), step.get(a))) for label, a, b in (
+            ("fast-compiled / ref-eager", "fast-compiled", "ref-eager"),
+            ("fast-compiled / ref-compiled", "fast-compiled", "ref-compiled"),
+            ("fast-eager / ref-eager", "fast-eager", "ref-eager"))]
+        lines.append("- speed-ups (clips/s over clips/s): " + "; ".join(f"{label} **{_f(v)}x**" for label, v in speedups
+                                                                      if v is not None) + ".")
+        r = rs[0]
+        if r.get("mm_rate"):
+            ceil_cps = r["mm_rate"] / r["flops_per_image"] if r.get("flops_per_image") else None
+            lines.append(f"- matmul ceiling: {r['mm_desc']} at {r['mm_rate'] / 1e9:.1f} GFLOP/s"
+                         + (f" (median of {r['mm_samples']} samples)" if r.get("mm_samples") else "")
+                         + (f"; the step costs {r['flops_per_image'] / 1e9:.2f} GFLOP per clip (counted), so the "
+                            f"ceiling is {_sig(ceil_cps)} clips/s" if ceil_cps else "") + ".")
+        if r.get("loss_rel_diff") is not None:
+            lines.append(f"- check: fp32 losses of the fast and the reference model on the batch differ by "
+                         f"{r['loss_rel_diff']:.2g} (relative)"
+                         + (f", their outputs by at most {r['output_diff']:.2g}" if r.get("output_diff") is not None
+                            else "")
+                         + (f"; {r['num_masked']} of {r['num_tokens']} tubelets masked per clip"
+                            if r.get("num_masked") and r.get("num_tokens") else "") + ".")
+        lines.append("")
+    for key in ("video_step", "video_peak_memory"):
+        if plots.get((key, device)):
+            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
+    mem = [m for m in res.video_memory if m["device"] == device]
+    if mem:
+        lines += ["Peak memory of the VideoMAE step, one fresh process per variant (memory.py --model video; "
+                  "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
+                  "interpreter, libraries and what malloc keeps):", ""]
+        mrows = []
+        for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
+                                            VIDEO_PROVIDERS.index(m["variant"])
+                                            if m["variant"] in VIDEO_PROVIDERS else 9)):
+            mode = "compiled" if "compiled" in m["variant"] else "eager"
+            ref = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"ref-{mode}"))
+            rss = m.get("rss_step_peak_bytes")
+            mrows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
+                m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
+                _f(_ratio(m["tensor_peak_bytes"], ref and ref["tensor_peak_bytes"])),
+                f"{m['resting_bytes'] / 2**20:.0f}", f"{m['step_peak_bytes'] / 2**20:.0f}",
+                _f(rss and rss / 2**20, ".0f"), _f(m.get("first_step_s"), ".1f"), m.get("inductor_cache", "fresh")])
+        mheaders = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+            "variant", "tensor peak MiB", "x ref", "resting MiB", "step peak MiB", "RSS step peak MiB",
+            "first step s", "inductor cache"]
+        lines += markdown_table(mheaders, mrows, numeric_from=4 + multi) + [""]
+    return lines
+
+
 def _features_section(res: Results, device: str, plots: dict) -> list[str]:
     rows = [r for r in res.features if r["device"] == device]
     if not rows:
@@ -735,6 +876,8 @@ def render_markdown(res: Results, plots: dict | None = None, plots_note: str | N
         lines += _step_section(res, "cpu", plots)
     if any(r["device"] == "cpu" for r in res.finetune + res.features) or "finetune" in ran:
         lines += _finetune_section(res, "cpu", plots)
+    if any(r["device"] == "cpu" for r in res.video) or "video" in ran:
+        lines += _video_section(res, "cpu", plots)
     if any(r["device"] == "cpu" for r in res.ops) or "ops" in ran:
         lines += _ops_section(res, "cpu", plots)
     lines += _loader_section(res)
@@ -827,21 +970,23 @@ def _limits(ax, values, markers=(), log=False):
 
 def plot_steps(res: Results, device: str, path: str, what: str, kind: str = "mae") -> bool:
     """``what``: ``images_per_s`` (with the matmul ceiling) or ``peak_bytes``; ``kind``: ``mae``
-    (the MAE training step, fast against reference) or ``finetune`` (the fine-tuning step, fastmae
-    against timm; its peak is the fresh-process one)."""
-    if kind == "finetune":
-        peaks = finetune_peaks(res)
+    (the MAE training step, fast against reference), ``finetune`` (the fine-tuning step, fastmae
+    against timm) or ``video`` (the VideoMAE pre-training step, fast against reference, in clips/s);
+    the peak of the last two is the fresh-process one."""
+    if kind in ("finetune", "video"):
+        peaks = finetune_peaks(res) if kind == "finetune" else video_peaks(res)
         rows = []
-        for r in res.finetune:
+        for r in (res.finetune if kind == "finetune" else res.video):
             m = peaks.get((r["config"], r["batch"], r["precision"], r["allocator"], r["provider"]))
             rows.append(dict(r, peak_bytes=m and m["tensor_peak_bytes"]))
-        order = FINETUNE_PROVIDERS
+        order = FINETUNE_PROVIDERS if kind == "finetune" else VIDEO_PROVIDERS
     else:
         rows, order = res.steps, STEP_PROVIDERS
     rows = [r for r in rows if r["device"] == device and r.get(what) is not None]
     if not rows:
         return False
     env = _env_for(res, device)
+    unit = "clips" if kind == "video" else "images"
     configs = sorted({(r["config"], r["batch"]) for r in rows})
     fig, axes = _figure(len(configs), 6.5, 4.8)
     multi = _multi_alloc(rows)
@@ -876,20 +1021,20 @@ def plot_steps(res: Results, device: str, path: str, what: str, kind: str = "mae
                                 ha="right", va="bottom", fontsize=7,
                                 bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
                 else:
-                    ax.annotate(f"matmul ceiling {_sig(ceil)} images/s (off scale)", (g, top), xytext=(0, -4),
+                    ax.annotate(f"matmul ceiling {_sig(ceil)} {unit}/s (off scale)", (g, top), xytext=(0, -4),
                                 textcoords="offset points", ha="center", va="top", fontsize=7,
                                 arrowprops=None)
-            ax.set_ylabel("images / s (higher is better)")
+            ax.set_ylabel(f"{unit} / s (higher is better)")
         else:
             ax.set_ylabel("peak memory, MiB of live tensors (lower is better)"
-                          + ("\nfresh process" if kind == "finetune" else ""))
+                          + ("\nfresh process" if kind in ("finetune", "video") else ""))
         ax.set_ylim(0, top)
         ax.set_xlabel("precision" + (" | allocator" if multi else ""))
         ax.set_title(f"{config}, batch {batch}", fontsize=10)
     _legend(fig, axes)
-    name = "images/s" if what == "images_per_s" else "peak memory"
-    what_text = ("MAE training step", "fast vs reference") if kind == "mae" else (
-        "Fine-tuning step", "fastmae vs timm")
+    name = f"{unit}/s" if what == "images_per_s" else "peak memory"
+    what_text = {"mae": ("MAE training step", "fast vs reference"), "finetune": ("Fine-tuning step", "fastmae vs timm"),
+                 "video": ("VideoMAE pre-training step", "fast vs reference")}[kind]
     fig.suptitle(f"{what_text[0]} {name} on {device.upper()}, {what_text[1]}\n{machine_line(env, device)}",
                  fontsize=11)
     fig.savefig(path, dpi=110)
@@ -985,12 +1130,14 @@ def render_plots(res: Results, out_dir: str) -> tuple[dict, str | None]:
     except ImportError:
         return {}, NO_MATPLOTLIB
     plots = {}
-    for device in sorted({r["device"] for r in res.steps + res.ops + res.finetune + res.features}):
+    for device in sorted({r["device"] for r in res.steps + res.ops + res.finetune + res.features + res.video}):
         for kind, fn in (("train_step", lambda p: plot_steps(res, device, p, "images_per_s")),
                          ("peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes")),
                          ("finetune_step", lambda p: plot_steps(res, device, p, "images_per_s", "finetune")),
                          ("finetune_peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes", "finetune")),
                          ("features", lambda p: plot_features(res, device, p)),
+                         ("video_step", lambda p: plot_steps(res, device, p, "images_per_s", "video")),
+                         ("video_peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes", "video")),
                          ("ops", lambda p: plot_ops(res, device, p))):
             name = f"{kind}_{device}.png"
             if fn(os.path.join(out_dir, name)):

@@ -152,6 +152,59 @@ def test_render_finetune_tables(tmp_path):
         assert f"]({name})" in text
 
 
+VIDEO_STEP_S = {"fast-compiled": 0.5, "ref-compiled": 0.8, "fast-eager": 0.625, "ref-eager": 1.0}
+VIDEO_PEAK_MB = {"fast-compiled": 300, "ref-compiled": 400, "fast-eager": 320, "ref-eager": 500}
+
+
+def _video_results():
+    """Synthetic results of test_bench_video.py: the step (fp32) and its fresh-process memory."""
+    providers = {p: dict(median_s=s, min_s=s, times_s=[s] * 5, clips_per_s=4 / s, pct_of_ceiling=10 / s,
+                         compile_s=40.0 if "compiled" in p else None, first_call_s=41.0)
+                 for p, s in VIDEO_STEP_S.items()}
+    med = VIDEO_STEP_S
+    step = dict(kind="video_step", config="small", config_title="a small VideoMAE", precision="fp32", batch=4,
+                frames=8, img=64, mask_ratio=0.9, num_masked=56, num_tokens=64, rounds=5, warmup=1,
+                flops_per_clip=2e9, mm_n=2048, mm_rate=100e9, mm_rates=[100e9] * 5, providers=providers,
+                loss_fast=1.2, loss_ref=1.2, loss_rel_diff=0.0, max_abs_output_diff=1.5e-6,
+                speedup_fast_compiled_vs_ref_eager=med["ref-eager"] / med["fast-compiled"],
+                speedup_fast_compiled_vs_ref_compiled=med["ref-compiled"] / med["fast-compiled"],
+                speedup_fast_eager_vs_ref_eager=med["ref-eager"] / med["fast-eager"], env={}, tier="quick")
+    benchmarks = [dict(name="test_video_step[small-fp32]", extra_info=step)]
+    for variant, mb in VIDEO_PEAK_MB.items():
+        benchmarks.append(dict(name=f"test_video_peak_memory[small-{variant}-fp32]", extra_info=dict(
+            kind="video_memory", variant=variant, model="video", config="small", precision="fp32", batch=4,
+            impl=variant.split("-")[0], compiled="compiled" in variant, resting_bytes=100 * 2**20,
+            step_peak_bytes=(mb - 100) * 2**20, tensor_peak_bytes=mb * 2**20, rss_step_peak_bytes=900 * 2**20,
+            first_step_s=5.0, inductor_cache="shared", env={}, tier="quick")))
+    return dict(machine_info=dict(fastmae=MACHINE), datetime=MACHINE["date"], benchmarks=benchmarks)
+
+
+def test_render_video_tables(tmp_path):
+    (tmp_path / "video-default.json").write_text(json.dumps(_video_results()))
+    written = report.render([str(tmp_path)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## VideoMAE pre-training step (CPU): fastmae's model against its reference twin" in text
+    assert "VideoMAE pre-training step (CPU): small = a small VideoMAE, batch 4 clip(s), fp32" in text
+    assert "### small, batch 4, fp32" in text
+    # clips/s = batch / median; speed-ups over the reference; peak (fresh process) and its ratio in the same mode
+    assert "| fast-compiled | 8.00 | 500 | 2.00 | 1.60 | 20 | 40.0 | 300 | 0.75 |" in text
+    assert "| ref-eager | 4.00 | 1000 | 1.00 | 0.80 | 10 | n/a | 500 | 1.00 |" in text
+    assert "| fast-eager | 6.40 | 625 | 1.60 | 1.28 | 16 | n/a | 320 | 0.64 |" in text
+    assert ("fast-compiled / ref-eager **2.00x**; fast-compiled / ref-compiled **1.60x**; "
+            "fast-eager / ref-eager **1.60x**") in text
+    assert "the step costs 2.00 GFLOP per clip (counted), so the ceiling is 50.0 clips/s" in text
+    assert "differ by 0 (relative), their outputs by at most 1.5e-06; 56 of 64 tubelets masked per clip" in text
+    assert "| small | 4 | fp32 | ref-compiled | 400 | 1.00 | 100 | 300 | 900 | 5.0 | shared |" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    pngs = sorted(os.path.basename(p) for p in written if p.endswith(".png"))
+    assert pngs == ["video_peak_memory_cpu.png", "video_step_cpu.png"]
+    for name in pngs:
+        assert f"]({name})" in text
+
+
 def test_render_without_results_says_so(tmp_path):
     report.render([str(tmp_path)], str(tmp_path))
     text = (tmp_path / "report.md").read_text()
@@ -195,8 +248,8 @@ def test_render_only_reads_the_folder(tmp_path):
 
 def test_suites_import_from_the_package():
     """The suites ship in fastmae.bench and import each other from there (no sys.path edits)."""
-    for name in ("model_step", "finetune_step", "memory", "environment", "report", "test_bench_model",
-                 "test_bench_finetune", "test_bench_ops"):
+    for name in ("model_step", "finetune_step", "video_step", "memory", "environment", "report", "test_bench_model",
+                 "test_bench_finetune", "test_bench_video", "test_bench_ops"):
         importlib.import_module(f"fastmae.bench.{name}")
     folder = os.path.dirname(bench_cli.__file__)
     for name in os.listdir(folder):

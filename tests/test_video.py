@@ -396,3 +396,15 @@ def test_decoder_masking_fast_vs_reference(golden, attn):
         bad = decode.clone()
         bad[0, 0] = ~bad[0, 0]
         _golden_model(case)(videos, mask, decode_mask=bad)
+
+
+def test_bench_official_loss_is_the_official_loss(golden):
+    """The video benchmark's reference step computes the loss as the official script does; it gives
+    the golden loss (the fused videomae_loss is compared with it there)."""
+    from fastmae.bench.video_step import official_loss
+
+    for name, case in golden["cases"].items():
+        cfg = case["config"]
+        got = official_loss(case["videos"], case["bool_masked_pos"], case["outputs"], cfg["patch_size"],
+                            cfg["tubelet_size"], cfg["normalize_target"])
+        assert rel_err(got, case["loss"]) <= 1e-5, (name, got.item(), case["loss"].item())
