@@ -58,10 +58,12 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         ns, rest = super().parse_known_args(args, namespace)
         if self.model_mask_ratio and getattr(ns, "mask_ratio", 0) is None:
-            if getattr(ns, "objective", "mae") == "maskalign":
+            if video_train.is_video_model(ns.model):
+                ns.mask_ratio = video_train.DEFAULT_MASK_RATIO
+            elif getattr(ns, "objective", "mae") == "maskalign" and getattr(ns, "mask_type", None) != "uniform":
                 ns.mask_ratio = maskalign_train.RECIPE["mask_ratio"]
             else:
-                ns.mask_ratio = video_train.DEFAULT_MASK_RATIO if video_train.is_video_model(ns.model) else 0.75
+                ns.mask_ratio = 0.75
         return ns, rest
 
 
@@ -93,6 +95,13 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                    help="fraction of patches removed (default: 0.75); 0.9, tube masking, for a VideoMAE model")
     g.add_argument("--norm_pix_loss", action="store_true",
                    help="use per-patch normalised pixels as the targets of the loss")
+    g.add_argument("--mask_type", choices=("random", "uniform", "block", "attention"), default=None,
+                   help="which patches are removed: random (the official MAE's; the default), uniform (UM-MAE: one "
+                        "kept patch per 2x2 window, ratio 0.75), block (BEiT's rectangles), attention (MaskAlign: "
+                        "sampled by the teacher's cls attention; its default there)")
+    g.add_argument("--mask_ratio_schedule", default=None, metavar="START:END[:cosine]",
+                   help="vary the mask ratio over training, linearly (or cosine) from START to END (random or "
+                        "attention masking); overrides --mask_ratio step by step")
     g.add_argument("--weight_decay", type=float, default=0.05,
                    help="AdamW weight decay (not applied to biases, norms, cls/mask/position parameters)")
     g.add_argument("--lr", type=float, default=None, metavar="LR",
@@ -399,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--mask_ratio", "--mask-ratio", dest="mask_ratio", type=float, default=None,
                      help="default: the ratio the checkpoint was trained with")
     vis.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    vis.add_argument("--mask_type", "--mask-type", dest="mask_type", choices=("random", "uniform", "block"),
+                     default=None, help="how the masks are drawn (default: as the checkpoint was trained)")
     vis.add_argument("--device", default="cpu")
 
     prep = sub.add_parser(
@@ -548,10 +559,13 @@ def main(argv=None) -> int:
             if args.image:
                 raise ValueError(f"{args.checkpoint!r} holds a VideoMAE: its picture shows the embedded clips, "
                                  f"not --image")
+            if args.mask_type:
+                raise ValueError(f"{args.checkpoint!r} holds a VideoMAE: its masks are tube masks, not --mask_type")
             path = video_train.visualize(args.checkpoint, args.out, args.mask_ratio, args.seed, args.device)
             print(f"wrote {path} and {path.removesuffix('.png')}.gif")
             return 0
-        path = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.device)
+        path = visualize(args.checkpoint, args.image, args.out, args.mask_ratio, args.seed, args.device,
+                         args.mask_type)
         print(f"wrote {path}")
         return 0
     except (ValueError, IndexError, OSError, CheckpointError, train.NonFiniteLossError) as e:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from . import masking
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -401,7 +403,7 @@ class SeededSamples(Dataset):
         try:
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             img = self.transform(img)
-            noise = torch.rand(self.num_patches)
+            noise = masking.sample_noise(self.num_patches)
         finally:
             torch.set_rng_state(saved)
         return img, noise, skipped

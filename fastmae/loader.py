@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch.utils.data import Dataset
 
-from . import data
+from . import data, masking
 from .ops.resized_crop import PackedImages, pack, resized_crop
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; they are what the
@@ -67,7 +67,7 @@ def draw(img: torch.Tensor, num_patches: int):
 
     top, left, h, w = RandomResizedCrop.get_params(img, SCALE, RATIO)
     flip = bool(torch.rand(1) < 0.5)
-    noise = torch.rand(num_patches)
+    noise = masking.sample_noise(num_patches)
     return torch.tensor([top, left, h, w], dtype=torch.int64), flip, noise
 
 

@@ -20,14 +20,13 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from . import reference, train
+from . import masking, reference, train
 from .engine import Engine, Result
-from .maskalign import (FUSION_TYPES, HEAD_TYPES, LOSS_TYPES, MASK_TYPES, TARGET_NORMS, MaskAlignViT, Teacher,
-                        num_kept)
+from .maskalign import FUSION_TYPES, HEAD_TYPES, LOSS_TYPES, TARGET_NORMS, MaskAlignViT, Teacher
 
 RECIPE = dict(mask_type="attention", mask_ratio=0.7, target_norm="whiten", loss_type="smoothl1", loss_weights="top5",
               fusion_type="linear", head_type="linear", drop_path=0.1)
-CHOICES = dict(mask_type=MASK_TYPES, target_norm=TARGET_NORMS, loss_type=LOSS_TYPES, fusion_type=FUSION_TYPES,
+CHOICES = dict(target_norm=TARGET_NORMS, loss_type=LOSS_TYPES, fusion_type=FUSION_TYPES,
                head_type=HEAD_TYPES)
 
 
@@ -41,9 +40,7 @@ def add_flags(p) -> None:
     g.add_argument("--teacher", "--teacher_model", dest="teacher", default=None, metavar="PATH",
                    help="the frozen teacher: a Hugging Face CLIP or ViT folder, a timm folder, or a fastmae "
                         "checkpoint (e.g. fastmae_demo/checkpoint-last.pth); nothing is downloaded")
-    for name, help_text in (("mask_type", "which patches the student keeps: random, or attention (sampled by the "
-                                          "teacher's cls attention)"),
-                            ("target_norm", "normalisation of each teacher layer"),
+    for name, help_text in (("target_norm", "normalisation of each teacher layer"),
                             ("loss_type", "the alignment loss"),
                             ("fusion_type", "how student blocks mix into each teacher level (sum for a student of "
                                             "another depth than the teacher)"),
@@ -62,12 +59,13 @@ class MaskAlignPretraining(train.Pretraining):
 
     model_flags = "--model/--input_size/--teacher/--fusion_type/--head_type/--loss_weights"
     output_files = ()
+    mask_types = ("attention", *masking.IMAGE_MASK_TYPES)
 
     def __init__(self, args, dataset=None):
-        super().__init__(args, dataset)
         for name, value in RECIPE.items():
             if getattr(args, name, None) is None:
                 setattr(args, name, value)
+        super().__init__(args, dataset)
         if not args.teacher:
             raise ValueError("--objective maskalign needs --teacher PATH (a Hugging Face CLIP or ViT folder, a timm "
                              "folder or a fastmae checkpoint such as fastmae_demo/checkpoint-last.pth)")
@@ -86,12 +84,14 @@ class MaskAlignPretraining(train.Pretraining):
         model = MaskAlignViT(img_size=a.input_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
                              depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=a.drop_path,
-                             loss_weights=a.loss_weights, mask_type=a.mask_type, fusion_type=a.fusion_type,
+                             loss_weights=a.loss_weights,  # uniform and block masks come as noise, as random's
+                             mask_type="attention" if a.mask_type == "attention" else "random",
+                             fusion_type=a.fusion_type,
                              target_norm=a.target_norm, loss_type=a.loss_type, head_type=a.head_type,
                              teacher_dim=self.teacher.dim, teacher_depth=self.teacher.depth,
                              attn_backend=a.attn_backend)
         model.check_teacher(self.teacher)  # patch grid and image size: a clear error before any step
-        num_kept(model.num_patches, a.mask_ratio)
+        self.check_masking(model.num_patches)
         return model
 
     def model_config(self, model) -> dict:
@@ -121,8 +121,8 @@ class MaskAlignPretraining(train.Pretraining):
         else:
             imgs, noise = batch
         teacher_out = self.teacher(imgs)  # frozen, no_grad, under the step's autocast
-        random = self.args.mask_type == "random"
-        return model(imgs, teacher_out, self.args.mask_ratio, noise=noise if random else None).loss
+        attentive = self.args.mask_type == "attention"  # drawn from the teacher's attention in the model
+        return model(imgs, teacher_out, self.mask_ratio(), noise=None if attentive else noise).loss
 
     def describe(self, model, train_set) -> list[str]:
         a = self.args
@@ -130,7 +130,7 @@ class MaskAlignPretraining(train.Pretraining):
         t = self.teacher
         lines[0] = (f"MaskAlign student {a.model} at {a.input_size}px "
                     f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable), "
-                    f"mask {a.mask_type} {a.mask_ratio}, target_norm {a.target_norm}, loss {a.loss_type} "
+                    f"{self.describe_masking()}, target_norm {a.target_norm}, loss {a.loss_type} "
                     f"{a.loss_weights}, fusion {a.fusion_type}, heads {a.head_type}, drop_path {a.drop_path}")
         return [lines[0], f"teacher: {a.teacher} ({t.kind}, {t.dim} wide, {t.depth} layers; frozen)", *lines[1:]]
 

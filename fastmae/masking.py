@@ -23,7 +23,8 @@ Strategies:
 - ``cls_attention``, ``attentive_keep``, ``attentive_noise``: MaskAlign's attentive masking;
 - ``tube_mask``, ``random_mask``: VideoMAE's tube and plain spatio-temporal masking (one clip);
 - ``running_cell_mask``: VideoMAE V2's running-cell decoder masking (one clip);
-- ``MaskRatioSchedule``: a linear or cosine mask-ratio schedule over training.
+- ``MaskRatioSchedule``: a linear or cosine mask-ratio schedule over training;
+- ``ImageMasking`` / ``sample_noise``: one image's noise for ``fastmae pretrain --mask_type``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from ._checks import num_kept
 
 __all__ = [
-    "MaskRatioSchedule", "attentive_keep", "attentive_noise", "block_mask", "cls_attention", "exact_mask_ratio",
+    "IMAGE_MASK_TYPES", "ImageMasking", "MaskRatioSchedule", "sample_noise", "attentive_keep", "attentive_noise", "block_mask", "cls_attention", "exact_mask_ratio",
     "fix_mask_count", "mask_to_noise", "random_mask", "random_noise", "running_cell_mask", "tube_mask",
     "uniform_mask",
 ]
@@ -401,3 +402,56 @@ class MaskRatioSchedule:
                 num_kept(num_patches, ratio)
             except ValueError as e:
                 raise ValueError(f"the schedule's {name} ratio: {e}") from None
+
+
+# ============================================================================ 8. per-sample noise for training
+IMAGE_MASK_TYPES = ("random", "uniform", "block")
+
+
+@dataclass(frozen=True)
+class ImageMasking:
+    """One image's masking noise ``[L]`` for the MAE's ``forward(noise=...)``, by ``--mask_type``:
+    ``random`` (``torch.rand``: the official masking), ``uniform`` (UM-MAE: one kept patch per 2x2
+    window; the mask ratio is 0.75) or ``block`` (BEiT's blocks, topped up to exactly the
+    ``L - int(L * (1 - mask_ratio))`` patches the model removes). Drawn from ``generator`` (None:
+    torch's default generator, which the data pipeline seeds per sample)."""
+
+    mask_type: str
+    grid: tuple[int, int]
+    mask_ratio: float = 0.75
+
+    def __post_init__(self):
+        if self.mask_type not in IMAGE_MASK_TYPES:
+            raise ValueError(f"unknown image mask type {self.mask_type!r}; choose one of {', '.join(IMAGE_MASK_TYPES)}")
+        h, w = (_int("grid_h", self.grid[0]), _int("grid_w", self.grid[1]))
+        keep = num_kept(h * w, self.mask_ratio)
+        if self.mask_type == "uniform":
+            _even_grid(h, w, "uniform masking")
+            if keep != h * w // 4:
+                raise ValueError(f"uniform masking keeps one patch of every 2x2 window (a quarter): --mask_ratio must "
+                                 f"be 0.75, got {self.mask_ratio}")
+        if self.mask_type == "block" and h * w - keep < 4:
+            raise ValueError(f"block masking places blocks of at least 4 patches, but mask_ratio={self.mask_ratio} "
+                             f"removes {h * w - keep} of the {h}x{w} grid")
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        h, w = self.grid
+        if self.mask_type == "random":
+            return torch.rand(h * w, generator=generator)
+        if self.mask_type == "uniform":
+            mask, _ = uniform_mask(1, h, w, 0.0, generator)
+        else:
+            masked = h * w - num_kept(h * w, self.mask_ratio)
+            mask = block_mask(1, h, w, masked, exact=True, generator=generator)
+        return mask_to_noise(mask, generator)[0]
+
+
+def sample_noise(masking) -> torch.Tensor:
+    """One sample's masking noise ``[L]`` from torch's default generator: ``masking`` is the patch
+    count (random masking: ``torch.rand(L)``, as the official ``random_masking``) or an
+    :class:`ImageMasking`."""
+    return masking() if isinstance(masking, ImageMasking) else torch.rand(masking)

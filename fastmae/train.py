@@ -27,7 +27,7 @@ import os
 import torch
 
 from . import checkpoint as ckpt_io
-from . import data, loader, reference, shards, visualize
+from . import data, loader, masking, reference, shards, visualize
 from ._checks import num_kept
 from .engine import Engine, Recipe, Result
 from .engine import COMPILE_MODES, PRECISIONS, NonFiniteLossError  # noqa: F401 (the command's flags and error)
@@ -79,14 +79,45 @@ class Pretraining(Recipe):
     model_flags = "--model/--input_size/--norm_pix_loss"
     output_files = ("reconstruction.png",)
 
+    mask_types = masking.IMAGE_MASK_TYPES  # what --mask_type may be for this objective
+
     def __init__(self, args, dataset=None):
         self.args, self.dataset = args, dataset
+        if getattr(args, "mask_type", None) is None:
+            args.mask_type = "random"
+        if args.mask_type not in self.mask_types:
+            raise ValueError(f"--mask_type {args.mask_type} is not available here; choose one of "
+                             f"{', '.join(self.mask_types)}" + (" (attention needs a teacher: --objective maskalign)"
+                                                                 if args.mask_type == "attention" else ""))
+        spec = getattr(args, "mask_ratio_schedule", None)
+        self.schedule = masking.MaskRatioSchedule.parse(spec) if spec else None
+        if self.schedule is not None and args.mask_type in ("uniform", "block"):
+            raise ValueError(f"--mask_ratio_schedule varies the ratio step by step; --mask_type {args.mask_type} "
+                             f"fixes it (uniform masking keeps a quarter, block masks are drawn for --mask_ratio)")
+        self.progress = 0.0  # training progress in [0, 1], for the schedule
 
     def build_model(self):
         a = self.args
         model = make_model(a.model, a.input_size, a.norm_pix_loss, a.attn_backend)
-        num_kept(model.patch_embed.num_patches, a.mask_ratio)  # a clear error now, not at the first step
+        self.check_masking(model.patch_embed.num_patches)
         return model
+
+    def check_masking(self, num_patches: int) -> None:
+        """A clear error now, not at the first step: every ratio the run uses keeps and masks a patch."""
+        num_kept(num_patches, self.args.mask_ratio)
+        if self.schedule is not None:
+            self.schedule.check(num_patches)
+
+    def masking(self, model):
+        """What the data draws each sample's masking noise with (:func:`fastmae.masking.sample_noise`)."""
+        grid = model.patch_embed.grid_size
+        if self.args.mask_type in ("random", "attention"):
+            return grid[0] * grid[1]
+        return masking.ImageMasking(self.args.mask_type, tuple(grid), self.args.mask_ratio)
+
+    def mask_ratio(self) -> float:
+        """This step's mask ratio: ``--mask_ratio``, or the schedule's at the current progress."""
+        return self.args.mask_ratio if self.schedule is None else self.schedule.ratio_at(self.progress)
 
     def model_config(self, model) -> dict:
         return ckpt_io.model_config(model)
@@ -110,12 +141,12 @@ class Pretraining(Recipe):
         if self.dataset is None and a.data_path is not None and shards.is_shard_source(a.data_path):
             if self._loader() == "pil":
                 raise ValueError("--loader pil reads image folders; WebDataset shards are read by --loader fast")
-            return shards.ShardSamples(a.data_path, model.patch_embed.num_patches, a.seed, batch_size=a.batch_size)
+            return shards.ShardSamples(a.data_path, self.masking(model), a.seed, batch_size=a.batch_size)
         base = self.dataset if self.dataset is not None else data.build_dataset(self.args.data_path)
         if self._loader() == "pil":
-            return data.SeededSamples(base, data.train_transform(self.args.input_size), model.patch_embed.num_patches,
+            return data.SeededSamples(base, data.train_transform(self.args.input_size), self.masking(model),
                                       self.args.seed)
-        return loader.DecodedSamples(base, model.patch_embed.num_patches, self.args.seed)
+        return loader.DecodedSamples(base, self.masking(model), self.args.seed)
 
     def collate_fn(self, device):
         """``--loader fast``: the batch is cropped in the workers' collate on a CPU run, on the
@@ -125,6 +156,7 @@ class Pretraining(Recipe):
         return loader.Collate(self.args.input_size, crop_here=device.type == "cpu")
 
     def learning_rate(self, epoch: float) -> float:
+        self.progress = min(1.0, max(0.0, epoch / self.args.epochs))  # called at each step's first batch
         return learning_rate(epoch, self.args)
 
     def loss(self, model, batch):
@@ -133,7 +165,7 @@ class Pretraining(Recipe):
             imgs = loader.crop(*packed, self.args.input_size)
         else:
             imgs, noise = batch
-        loss, _, _ = model(imgs, mask_ratio=self.args.mask_ratio, noise=noise)
+        loss, _, _ = model(imgs, mask_ratio=self.mask_ratio(), noise=noise)
         return loss
 
     def describe(self, model, train_set) -> list[str]:
@@ -145,8 +177,14 @@ class Pretraining(Recipe):
         else:
             where = f"{a.data_path} ({len(base)} images)"
         return [f"model {a.model} at {a.input_size}px ({n_params / 1e6:.2f}M trainable parameters, "
-                f"norm_pix_loss={a.norm_pix_loss}, mask_ratio={a.mask_ratio}, --loader {self._loader()})",
+                f"norm_pix_loss={a.norm_pix_loss}, {self.describe_masking()}, --loader {self._loader()})",
                 f"data: {where}"]
+
+    def describe_masking(self) -> str:
+        a = self.args
+        ratio = f"mask_ratio={a.mask_ratio}" if self.schedule is None else (
+            f"mask ratio {self.schedule.start} -> {self.schedule.end} ({self.schedule.mode})")
+        return f"{a.mask_type} masking, {ratio}"
 
     def finish(self, model, device, step: int) -> dict[str, str]:
         """The reconstruction picture of the embedded photographs (unless --no-picture)."""
@@ -155,7 +193,7 @@ class Pretraining(Recipe):
             return {}
         path = os.path.join(a.output_dir, self.output_files[0])
         visualize.save_grid(model, visualize.embedded_images(), path, mask_ratio=a.mask_ratio, seed=a.seed,
-                            device=device, title=f"{a.model}, step {step}")
+                            device=device, title=f"{a.model}, step {step}", mask_type=a.mask_type)
         return {"reconstructions": path}
 
 

@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import checkpoint as ckpt_io
-from . import data, pretrained
+from . import data, masking, pretrained
 from ._checks import num_kept
 from .distributed import parse_device
 
@@ -43,14 +43,20 @@ def load_images(paths):
 
 
 @torch.no_grad()
-def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0):
+def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0, mask_type: str = "random"):
     """Normalised images [N, C, H, W] -> dict of display-ready [N, C, H, W] tensors in [0, 1]
-    (``original``, ``masked``, ``reconstruction``, ``pasted``) and the per-image loss."""
+    (``original``, ``masked``, ``reconstruction``, ``pasted``) and the per-image loss. The masks are
+    drawn by ``mask_type`` (:class:`fastmae.masking.ImageMasking`) from a generator seeded by ``seed``."""
     model.eval()
     N = images.shape[0]
     L = model.patch_embed.num_patches
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.rand(N, L, generator=gen).to(images.device)
+    if mask_type == "random":
+        noise = torch.rand(N, L, generator=gen)
+    else:
+        draw = masking.ImageMasking(mask_type, tuple(model.patch_embed.grid_size), mask_ratio)
+        noise = torch.stack([draw(gen) for _ in range(N)])
+    noise = noise.to(images.device)
     _, pred, mask = model(images, mask_ratio=mask_ratio, noise=noise)
     pred = pred.float()
     target = model.patchify(images)
@@ -132,13 +138,14 @@ def render(out: dict, names, caption: str, tile: int = 192):
     return img
 
 
-def caption_for(model, mask_ratio: float, seed: int, title: str | None = None) -> str:
+def caption_for(model, mask_ratio: float, seed: int, title: str | None = None, mask_type: str = "random") -> str:
     L = model.patch_embed.num_patches
     K = num_kept(L, mask_ratio)
     p = model.patch_embed.patch_size[0]
     H, W = model.patch_embed.img_size
+    kind = "" if mask_type == "random" else f"{mask_type} masking, "
     lines = [f"MAE reconstructions{f' ({title})' if title else ''}: {H}x{W} images, {p}x{p} patches, "
-             f"mask ratio {mask_ratio:g} ({K} of {L} patches visible to the encoder, removed ones "
+             f"{kind}mask ratio {mask_ratio:g} ({K} of {L} patches visible to the encoder, removed ones "
              f"shown grey; masks drawn with seed {seed}). The loss covers only removed patches, so the "
              f"reconstruction of visible ones is untrained; the last column pastes the visible input back."]
     if model.norm_pix_loss:
@@ -149,7 +156,7 @@ def caption_for(model, mask_ratio: float, seed: int, title: str | None = None) -
 
 
 def save_grid(model, images, path: str, mask_ratio: float = 0.75, seed: int = 0, device="cpu",
-              title: str | None = None) -> str:
+              title: str | None = None, mask_type: str = "random") -> str:
     """Write the picture for ``images`` ([(name, PIL image)]) to ``path`` (PNG); returns the path."""
     if not images:
         raise ValueError("no images to visualize")
@@ -159,9 +166,9 @@ def save_grid(model, images, path: str, mask_ratio: float = 0.75, seed: int = 0,
     tf = data.eval_transform(H)
     batch = torch.stack([tf(im) for _, im in images]).to(device)
     was_training = model.training
-    out = reconstruct(model, batch, mask_ratio, seed)
+    out = reconstruct(model, batch, mask_ratio, seed, mask_type)
     model.train(was_training)
-    pic = render(out, [n for n, _ in images], caption_for(model, mask_ratio, seed, title))
+    pic = render(out, [n for n, _ in images], caption_for(model, mask_ratio, seed, title, mask_type))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     pic.save(path)
@@ -169,7 +176,7 @@ def save_grid(model, images, path: str, mask_ratio: float = 0.75, seed: int = 0,
 
 
 def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ratio: float | None = None,
-              seed: int = 0, device: str = "cpu") -> str:
+              seed: int = 0, device: str = "cpu", mask_type: str | None = None) -> str:
     """``fastmae visualize``: the picture for a checkpoint; returns the PNG path (a VideoMAE
     checkpoint's clips are drawn by :func:`fastmae.video_train.visualize`)."""
     device = parse_device(device)  # a clear error for a bad or unavailable --device
@@ -180,10 +187,16 @@ def visualize(checkpoint: str, image_paths=None, out: str | None = None, mask_ra
     if ckpt["model_config"].get("kind") == "vit":
         raise ckpt_io.CheckpointError(f"{checkpoint!r} holds a classifier (from fastmae finetune or linprobe), which "
                                       f"has no decoder to reconstruct with: pass a pre-training checkpoint")
+    if ckpt["model_config"].get("kind") == "maskalign":
+        raise ckpt_io.CheckpointError(f"{checkpoint!r} holds a MaskAlign student, which aligns features and has no "
+                                      f"decoder to reconstruct pixels with: evaluate it with fastmae knn or linprobe")
+    if mask_type is None:  # the masking it was trained with
+        mask_type = ckpt["args"].get("mask_type") or "random"
+        mask_type = mask_type if mask_type in masking.IMAGE_MASK_TYPES else "random"
     if mask_ratio is None:
         mask_ratio = float(ckpt["args"].get("mask_ratio", 0.75))
     images = load_images(image_paths) if image_paths else embedded_images()
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "reconstruction.png")
     name = ckpt["args"].get("model", "MAE")
     return save_grid(model, images, out, mask_ratio=mask_ratio, seed=seed, device=device,
-                     title=name if ckpt["step"] is None else f"{name}, step {ckpt['step']}")
+                     title=name if ckpt["step"] is None else f"{name}, step {ckpt['step']}", mask_type=mask_type)

@@ -24,18 +24,20 @@ def teacher_ckpt(tmp_path_factory):
     return str(out / "checkpoint-last.pth")
 
 
-@pytest.mark.parametrize("mask_type", ["attention", "random"])
+@pytest.mark.parametrize("mask_type", ["attention", "random", "uniform"])
 def test_maskalign_pretrains_from_a_fastmae_teacher(tmp_path, teacher_ckpt, mask_type):
     out = tmp_path / "ma"
     args = parse("pretrain", *TINY, "--objective", "maskalign", "--teacher", teacher_ckpt, "--mask_type", mask_type,
                  "--loss_weights", "top2", "--output_dir", out, "--log_dir", out)
-    assert args.mask_ratio == 0.7  # the README recipe's ratio, not MAE's 0.75
+    # the README recipe's ratio, not MAE's 0.75; uniform masking keeps a quarter
+    assert args.mask_ratio == (0.75 if mask_type == "uniform" else 0.7)
     result = maskalign_train.pretrain(args, dataset=data.EmbeddedDigits("train"))
     lines = [json.loads(x) for x in open(out / "log.txt")]
     assert [x["epoch"] for x in lines] == [0, 1] and all(torch.isfinite(torch.tensor(x["train_loss"])) for x in lines)
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     cfg = ckpt["model_config"]
-    assert cfg["kind"] == "maskalign" and cfg["mask_type"] == mask_type and cfg["target_norm"] == "whiten"
+    assert cfg["kind"] == "maskalign" and cfg["target_norm"] == "whiten" and ckpt["args"]["mask_type"] == mask_type
+    assert cfg["mask_type"] == ("attention" if mask_type == "attention" else "random")  # uniform comes as noise
     assert cfg["fusion_type"] == "linear" and cfg["loss_type"] == "smoothl1"
     model = ckpt_io.build_model(cfg)
     model.load_state_dict(ckpt["model"], strict=True)  # the official student keys, no teacher

@@ -413,3 +413,65 @@ def test_schedule_errors():
         s.check(4)
     with pytest.raises(ValueError, match="the schedule's start ratio: .*masks no patch"):
         MaskRatioSchedule(0.0, 0.5).check(16)
+
+
+# ============================================================================ fastmae pretrain --mask_type
+@pytest.mark.parametrize("kind", ["uniform", "block"])
+def test_image_masking_noise_keeps_the_strategys_patches(kind):
+    """ImageMasking's noise, through the model's own masking (keep the K smallest), removes exactly
+    the strategy's patches: one kept per 2x2 window (uniform), exactly L - K removed (block)."""
+    from fastmae.ops import random_masking_ids
+
+    draw = masking.ImageMasking(kind, (8, 8), 0.75)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.stack([draw(gen) for _ in range(4)])
+    _, _, _, mask = random_masking_ids(noise, int(64 * 0.25))
+    assert (mask.sum(1) == 48).all()
+    if kind == "uniform":
+        windows = mask.view(4, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(4, 16, 4)
+        assert ((1 - windows).sum(-1) == 1).all()
+    else:  # block masks are made of rectangles: more masked neighbours than random masks have
+        assert (mask == (noise >= 1).float()).all()
+    again = draw(torch.Generator().manual_seed(0))
+    assert torch.equal(again, noise[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(mask_type="uniform", grid=(8, 8), mask_ratio=0.6), "uniform masking keeps one patch of every 2x2 window"),
+    (dict(mask_type="uniform", grid=(7, 8), mask_ratio=0.75), "even"),
+    (dict(mask_type="block", grid=(2, 2), mask_ratio=0.5), "block masking places blocks of at least 4 patches"),
+    (dict(mask_type="tube", grid=(4, 4)), "unknown image mask type 'tube'"),
+])
+def test_image_masking_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        masking.ImageMasking(**args)
+
+
+def test_pretrain_mask_types_and_schedule(tmp_path):
+    """fastmae pretrain --mask_type block / uniform trains (the checkpoint records it, visualize draws
+    those masks); --mask_ratio_schedule moves the step's ratio with training progress; bad
+    combinations are refused."""
+    from trainkit import pretrain_args
+
+    from fastmae import data, train
+    from fastmae.visualize import visualize
+
+    for kind in ("block", "uniform"):
+        out = tmp_path / kind
+        train.pretrain(pretrain_args(out, "--mask_type", kind, "--max-steps", 2), dataset=data.EmbeddedDigits("train"))
+        ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+        assert ckpt["args"]["mask_type"] == kind
+        assert visualize(str(out / "checkpoint-last.pth"), out=str(out / "pic.png")) == str(out / "pic.png")
+    recipe = train.Pretraining(pretrain_args(tmp_path / "s", "--mask_ratio_schedule", "0.5:0.9"))
+    recipe.args.lr = 1e-3  # the engine completes it from --blr before training
+    ratios = []
+    for epoch in (0.0, 1.0, 2.0):  # --epochs 2
+        recipe.learning_rate(epoch)
+        ratios.append(recipe.mask_ratio())
+    assert ratios == pytest.approx([0.5, 0.7, 0.9])
+    for extra, message in ((["--mask_type", "attention"], "attention needs a teacher"),
+                           (["--mask_type", "block", "--mask_ratio_schedule", "0.5:0.9"], "fixes it"),
+                           (["--mask_type", "uniform", "--mask_ratio", "0.6"], "must be 0.75"),
+                           (["--mask_ratio_schedule", "0.5:1.0"], "end")):
+        with pytest.raises(ValueError, match=message):
+            train.pretrain(pretrain_args(tmp_path / "bad", *extra), dataset=data.EmbeddedDigits("train"))
