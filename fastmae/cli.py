@@ -129,6 +129,9 @@ def _add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                         "True)")
     v.add_argument("--no-normlize_target", "--no-normalize_target", dest="normlize_target", action="store_false",
                    help="regress the pixels themselves")
+    v.add_argument("--num_sample", type=int, default=1,
+                   help="clips sampled from each decoded video (repeated sampling: decoding is paid once); a batch "
+                        "holds batch_size x num_sample clips and the lr rule counts them")
     v.add_argument("--decoder_mask_ratio", type=float, default=0.0,
                    help="VideoMAE V2's decoder masking: the decoder reconstructs only a running-cell share "
                         "1 - RATIO of the tubelets (0.5 halves its tokens); default 0: V1, every masked tubelet")
@@ -460,8 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_pretrain(args) -> int:
+VIDEO_FLAGS = ("num_frames", "sampling_rate", "tubelet_size", "decoder_depth", "normlize_target", "num_sample",
+               "decoder_mask_ratio")
+MASKALIGN_FLAGS = ("teacher", "target_norm", "loss_type", "loss_weights", "fusion_type", "head_type", "drop_path")
+
+
+def _check_flag_families(args, parser) -> None:
+    """A VideoMAE flag with an image model, or a MaskAlign flag without --objective maskalign, would
+    be silently ignored: refuse it, naming the flag."""
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    changed = lambda names: [n for n in names if getattr(args, n, None) != sub.get_default(n)]  # noqa: E731
+    video_model = video_train.is_video_model(args.model)
+    if not video_model and changed(VIDEO_FLAGS):
+        raise ValueError(f"--{changed(VIDEO_FLAGS)[0]} is a VideoMAE flag; --model {args.model} is an image model "
+                         f"(pretrain_videomae_* models train on clips)")
+    if getattr(args, "objective", "mae") != "maskalign" and changed(MASKALIGN_FLAGS):
+        raise ValueError(f"--{changed(MASKALIGN_FLAGS)[0]} is a MaskAlign flag: add --objective maskalign")
+
+
+def _run_pretrain(args, parser=None) -> int:
     try:
+        if parser is not None:
+            _check_flag_families(args, parser)
         if getattr(args, "objective", "mae") == "maskalign":
             if video_train.is_video_model(args.model) or args.command == "video-demo":
                 raise ValueError("--objective maskalign trains an image student; --model must be an MAE model name")
@@ -545,7 +568,7 @@ def main(argv=None) -> int:
                     shuffle=args.shuffle, workers=args.workers, overwrite=args.overwrite)
             return 0
         if args.command in ("pretrain", "demo", "video-demo"):
-            return _run_pretrain(args)
+            return _run_pretrain(args, parser)
         if args.command in ("finetune", "linprobe", "knn"):
             return _run_downstream(args)
         if args.command == "downstream":

@@ -328,7 +328,7 @@ def _warn_bad(name: str, error: BaseException) -> None:
     if name not in _warned:  # once per file and process
         _warned.add(name)
         first = str(error).splitlines()[0] if str(error) else ""
-        warnings.warn(f"skipping unreadable image {name}: {type(error).__name__}: {first[:200]}", RuntimeWarning,
+        warnings.warn(f"skipping unreadable file {name}: {type(error).__name__}: {first[:200]}", RuntimeWarning,
                       stacklevel=3)
 
 

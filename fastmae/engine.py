@@ -63,6 +63,7 @@ class Recipe:
     """
 
     command = ""  # the fastmae command, named in messages ("pretrain")
+    samples_per_item = 1  # training samples in one dataset item (VideoMAE's --num_sample clips of one video)
     model_flags = ""  # the flags that fix the model, named when a checkpoint's model differs
     output_files: tuple[str, ...] = ()  # what finish() writes to --output_dir (--overwrite removes them)
 
@@ -320,7 +321,7 @@ class Engine:
 
         # ---- model, optimizer, gradient scaler
         self.model = recipe.build_model().to(device)
-        self.global_batch = args.batch_size * args.accum_iter * world
+        self.global_batch = args.batch_size * args.accum_iter * world * recipe.samples_per_item
         if args.lr is None:
             args.lr = args.blr * self.global_batch / 256
         self.optimizer = recipe.optimizer(self.model)
@@ -431,8 +432,9 @@ class Engine:
         for line in self.recipe.describe(self.model, self.train_set):
             self.say(line)
         compiled = (f", compiled ({self.compile_mode})" if self.compile_mode else ", compiled") if args.compile else ""
+        per_item = f" x {self.recipe.samples_per_item} samples" if self.recipe.samples_per_item > 1 else ""
         self.say(f"device {self.device} x {world} process(es), precision {args.precision}{compiled}; "
-                 f"batch {args.batch_size} x accum {args.accum_iter} x {world} = {self.global_batch}; "
+                 f"batch {args.batch_size}{per_item} x accum {args.accum_iter} x {world} = {self.global_batch}; "
                  f"lr {args.lr:.3g} (blr {args.blr:.3g}); {self.steps_per_epoch} steps/epoch for {args.epochs} epochs")
         self.use_bar = self.main and sys.stderr.isatty()
         self.t_start = time.time()
@@ -486,7 +488,7 @@ class Engine:
             self.meters.lr_sum += lr
             self.meters.lr_count += 1
             it += 1
-            seen = args.batch_size * self.dist.world_size  # every batch is whole (drop_last)
+            seen = args.batch_size * self.dist.world_size * self.recipe.samples_per_item  # whole batches (drop_last)
             self.images_seen += seen
             imgs_epoch += seen
             if not sync:

@@ -218,9 +218,13 @@ class VideoFiles(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def clip(self, index: int, gen: torch.Generator) -> torch.Tensor:
+    def decode(self, index: int) -> np.ndarray:
+        """The video's frames, uint8 ``[F, H, W, 3]`` (decoded once for ``--num_sample`` clips)."""
+        return self.reader(self.samples[index][0])
+
+    def clip(self, index: int, gen: torch.Generator, frames: np.ndarray | None = None) -> torch.Tensor:
         path = self.samples[index][0]
-        frames = self.reader(path)
+        frames = self.decode(index) if frames is None else frames
         span = self.num_frames * self.sampling_rate
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"{path}: expected frames [F, H, W, 3], got {tuple(frames.shape)}")
@@ -250,28 +254,36 @@ class ClipSamples(Dataset):
     :func:`fastmae.data.sample_seed` of the sample."""
 
     def __init__(self, base, grid: tuple[int, int, int], mask_ratio: float, seed: int, reports_skipped: bool,
-                 decoder_mask_ratio: float = 0.0):
+                 decoder_mask_ratio: float = 0.0, num_sample: int = 1):
         if len(base) == 0:
             raise ValueError("the training dataset is empty")
         self.base, self.grid, self.mask_ratio, self.seed = base, grid, mask_ratio, seed
-        self.reports_skipped, self.decoder_mask_ratio = reports_skipped, decoder_mask_ratio
+        self.reports_skipped, self.decoder_mask_ratio, self.num_sample = reports_skipped, decoder_mask_ratio, num_sample
 
     def __len__(self):
         return len(self.base)
 
     def _read(self, index: int, epoch: int):
+        """``num_sample`` clips of one video (decoded once) and the generator they were drawn from."""
         gen = torch.Generator().manual_seed(data.sample_seed(self.seed, epoch, index))
-        return self.base.clip(index, gen), gen
+        decoded = {"frames": self.base.decode(index)} if hasattr(self.base, "decode") else {}
+        return [self.base.clip(index, gen, **decoded) for _ in range(self.num_sample)], gen
+
+    def _masks(self, gen):
+        out = [video.tube_mask(*self.grid, self.mask_ratio, generator=gen)]
+        if self.decoder_mask_ratio:
+            out.append(video.running_cell_mask(*self.grid, self.decoder_mask_ratio, generator=gen))
+        return out
 
     def __getitem__(self, key):
         index, epoch = key
         if self.reports_skipped:  # an unreadable or too short video: the next one, counted
-            (frames, gen), skipped = data.first_readable(self.base, index, lambda i: self._read(i, epoch))
+            (clips, gen), skipped = data.first_readable(self.base, index, lambda i: self._read(i, epoch))
         else:
-            frames, gen = self._read(index, epoch)
-        out = normalize(frames), video.tube_mask(*self.grid, self.mask_ratio, generator=gen)
-        if self.decoder_mask_ratio:
-            out = (*out, video.running_cell_mask(*self.grid, self.decoder_mask_ratio, generator=gen))
+            clips, gen = self._read(index, epoch)
+        samples = [(normalize(c), *self._masks(gen)) for c in clips]
+        # one sample as it is; --num_sample of them stacked (the recipe flattens them into the batch)
+        out = samples[0] if self.num_sample == 1 else tuple(torch.stack(t) for t in zip(*samples))
         return (*out, skipped) if self.reports_skipped else out
 
 
@@ -294,6 +306,16 @@ class VideoPretraining(Recipe):
         if getattr(args, "norm_pix_loss", False):
             raise ValueError("--norm_pix_loss is the image MAE's flag; VideoMAE normalises its targets by default "
                              "(--normlize_target, off with --no-normlize_target)")
+        if isinstance(self.num_sample, bool) or self.num_sample < 1:
+            raise ValueError(f"--num_sample must be a positive integer, got {args.num_sample}")
+
+    @property
+    def num_sample(self) -> int:
+        return int(getattr(self.args, "num_sample", 1) or 1)
+
+    @property
+    def samples_per_item(self) -> int:  # the engine's batch count and lr rule
+        return self.num_sample
 
     @property
     def decoder_mask_ratio(self) -> float:
@@ -332,12 +354,14 @@ class VideoPretraining(Recipe):
             else:
                 base, files = VideoFiles(a.data_path, a.num_frames, a.sampling_rate, a.input_size), True
         return ClipSamples(base, _grid(model)[:3], a.mask_ratio, a.seed, reports_skipped=files,
-                           decoder_mask_ratio=self.decoder_mask_ratio)
+                           decoder_mask_ratio=self.decoder_mask_ratio, num_sample=self.num_sample)
 
     def learning_rate(self, epoch: float) -> float:
         return train.learning_rate(epoch, self.args)
 
     def loss(self, model, batch):
+        if self.num_sample > 1:  # [B, num_sample, ...] -> [B * num_sample, ...]
+            batch = [t.flatten(0, 1) for t in batch]
         videos, mask, *decode = batch
         decode_mask = decode[0] if decode else None
         outputs = model(videos, mask, num_masked=self.num_masked, decode_mask=decode_mask,

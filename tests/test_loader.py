@@ -99,7 +99,7 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path, which, recwarn
     want = _expected_skips(folder, bad)
     assert want >= len(bad) and [ln["skipped_files"] for ln in lines] == [want, want]
     assert all(0.0 <= ln["data_wait_frac"] <= 1.0 for ln in lines)
-    named = " ".join(str(w.message) for w in recwarn if "skipping unreadable image" in str(w.message))
+    named = " ".join(str(w.message) for w in recwarn if "skipping unreadable file" in str(w.message))
     assert all(path in named for path in bad), named
     assert n == len(bad) + 16
 

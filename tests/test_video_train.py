@@ -106,6 +106,46 @@ def test_a_run_on_video_files_counts_skipped_ones(tmp_path, monkeypatch):
     assert res.steps == 2 and log["skipped_files"] == 1
 
 
+def _write_mp4(path, frames: int, size=(40, 48)):
+    """A video file written with PyAV (MPEG-4 part 2): a bright bar sweeping across a gradient."""
+    import av
+
+    h, w = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            img = np.tile(np.linspace(0, 200, w, dtype=np.uint8)[None, :, None], (h, 1, 3))
+            img[:, (2 * i) % w:(2 * i) % w + 6] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_real_video_files_through_pyav(tmp_path):
+    """Real files decoded by PyAV: a folder of .mp4 videos with a too-short one and a corrupt one;
+    a run with repeated sampling (--num_sample 2: each decoded video gives two clips) trains and
+    counts the bad files it passes over (item 0 passes both, item 1 the short one: 3)."""
+    pytest.importorskip("av")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(6):
+        _write_mp4(folder / f"v{i}.mp4", 24)
+    _write_mp4(folder / "short.mp4", 3)
+    (folder / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    frames = video_train.read_video_pyav(str(folder / "v0.mp4"))
+    assert frames.shape == (24, 40, 48, 3) and frames.dtype == np.uint8
+    assert frames[0, :, :6].mean() > frames[0, :, 20:26].mean()  # the bar starts at the left edge
+    with pytest.warns(RuntimeWarning, match="could not be read|fewer than"):
+        res = video_train.pretrain(video_args(tmp_path / "out", "--data_path", folder, "--epochs", "1",
+                                              "--sampling_rate", "2", "--num_sample", "2", "--batch_size", "2",
+                                              "--max-bad-frac", "0.5"), model_overrides=MICRO)
+    log = json.loads((tmp_path / "out" / "log.txt").read_text())
+    assert res.steps == 4 and log["skipped_files"] == 3 and np.isfinite(log["train_loss"])
+    assert res.images_per_sec > 0
+
+
 # ---------------------------------------------------------------------------- training
 def test_tiny_run_learns_logs_and_checkpoints_a_rebuildable_model(tmp_path, capsys):
     res = run(tmp_path, "--epochs", "3")
