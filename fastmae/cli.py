@@ -398,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--precision", choices=tuple(train.PRECISIONS), default=None,
                     help="default: fp16 on CUDA, fp32 on CPU")
     ds.add_argument("--seed", type=int, default=0, help="seeds every run")
+    ds.add_argument("--maskalign", action="store_true",
+                    help="also train a MaskAlign student taught by the pre-trained MAE (--pretrain-epochs epochs) "
+                         "and evaluate its encoder beside the MAE's and the random one")
 
     vis = sub.add_parser(
         "visualize", formatter_class=_Formatter, help="reconstruction picture from a checkpoint",

@@ -293,6 +293,25 @@ def test_downstream_command_writes_the_table(tmp_path, monkeypatch, mae_ckpt):
     assert os.path.getsize(out / "accuracy.png") > 1000
 
 
+def test_downstream_command_with_a_maskalign_student(tmp_path, monkeypatch, mae_ckpt):
+    """`fastmae downstream --maskalign`: a MaskAlign student taught by the MAE, a third column."""
+    from fastmae import downstream_demo
+
+    monkeypatch.setattr(downstream_demo, "ENCODER", "vit_micro_patch8")
+    monkeypatch.setattr(downstream_demo, "MODEL", "mae_vit_micro_patch8")
+    monkeypatch.setattr(downstream_demo, "RUNS", downstream_demo.RUNS[:1])  # k-NN
+    monkeypatch.setattr(downstream_demo, "MASKALIGN", [*downstream_demo.MASKALIGN, "--loss_weights", "top2",
+                                                        "--max-steps", "2"])
+    full = data.EmbeddedDigits
+    monkeypatch.setattr(data, "EmbeddedDigits", lambda split: _Subset(full(split), 160 if split == "train" else 20))
+    out = tmp_path / "ds"
+    assert cli.main(["downstream", "--finetune", mae_ckpt, "--maskalign", "--pretrain-epochs", "1", "--num_workers",
+                     "0", "--device", "cpu", "--output_dir", str(out)]) == 0
+    md = (out / "accuracy.md").read_text()
+    assert "| evaluation | pre-trained | MaskAlign student | random init |" in md
+    assert (out / "maskalign" / "checkpoint-last.pth").exists()
+
+
 # ---------------------------------------------------------------------------- DDP
 def test_two_process_finetuning_trains_alike_and_evaluates_every_image_once(tmp_path):
     """Under torchrun each process evaluates every second validation image; the reduced accuracy
