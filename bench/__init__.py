@@ -8,6 +8,10 @@
   (``memory.py --model finetune``); the step is in ``finetune_step.py``;
 - ``test_bench_ops.py``: the fused ops against their eager and compiled references, with the
   copy bandwidth;
+- ``test_bench_video.py``: the VideoMAE pre-training step (``video_step.py``), fast against the
+  official reference computation, eager and compiled, with its peak memory (``memory.py --model video``);
+- ``test_bench_maskalign.py``: the MaskAlign step (``maskalign_step.py``: frozen teacher, student
+  forward and backward, AdamW), fast against reference, with its peak memory (``memory.py --model maskalign``);
 - ``gpu.py``: the same on one CUDA device (``fastmae bench --device cuda``);
 - ``report.py``: pytest-benchmark JSON (and ``gpu.py``'s JSON) to ``report.md`` and PNG plots;
 - ``environment.py``: what a result was measured on (machine, versions, allocator, backend);

@@ -11,8 +11,9 @@ setting is a property of the process (PERF.md: "the allocator is part of the mea
 What DIR receives:
 
 - ``model-<allocator>.json``, ``finetune-<allocator>.json``, ``video-<allocator>.json``,
-  ``ops-<allocator>.json``: pytest-benchmark JSON of ``test_bench_model.py``,
-  ``test_bench_finetune.py``, ``test_bench_video.py`` and ``test_bench_ops.py`` (with
+  ``maskalign-<allocator>.json``, ``ops-<allocator>.json``: pytest-benchmark JSON of
+  ``test_bench_model.py``, ``test_bench_finetune.py``, ``test_bench_video.py``,
+  ``test_bench_maskalign.py`` and ``test_bench_ops.py`` (with
   ``machine_info["fastmae"]``: machine,
   versions, allocator, backend); ``*.log`` beside each: the suite's output;
 - ``gpu-model.json``, ``gpu-ops.json``: ``gpu.py`` on the CUDA device, where there is one;
@@ -40,7 +41,9 @@ HELP = "benchmark fastmae against the reference MAE; write report.md and plots"
 DESCRIPTION = ("Benchmark fastmae on this machine: the MAE training step (fast against reference, eager and "
                "compiled, fp32 and bf16, beside the matmul ceiling; images/s and peak memory), the fine-tuning "
                "step of the classifier and its feature extraction (fastmae against timm), the VideoMAE pre-training "
-               "step (fast against its reference twin, eager and compiled, fp32 and bf16; clips/s and peak memory) "
+               "step (fast against its reference twin, eager and compiled, fp32 and bf16; clips/s and peak memory), "
+               "the MaskAlign pre-training step (the student fast against its reference twin with the same frozen "
+               "teacher, eager and compiled, fp32 and bf16; images/s, the teacher's share and peak memory) "
                "and the fused ops "
                "(against their eager and compiled references, beside the copy bandwidth), on the CPU and, where "
                "there is one, the CUDA device. Writes the pytest-benchmark JSON, report.md and PNG plots to --out. "
@@ -50,7 +53,7 @@ ALLOCATORS = ("default", "tuned")
 
 @dataclasses.dataclass(frozen=True)
 class Suite:
-    name: str  # model, finetune, video or ops: the JSON is <name>-<allocator>.json
+    name: str  # model, finetune, video, maskalign or ops: the JSON is <name>-<allocator>.json
     file: str  # the pytest file in this package
     title: str
     env: dict  # the suite's knobs (documented in its module docstring)
@@ -81,6 +84,14 @@ QUICK = (
                FASTMAE_BENCH_WARMUP="1", FASTMAE_BENCH_MM_N="2048", FASTMAE_BENCH_MEMORY_CACHE="shared",
                FASTMAE_BENCH_TIER="quick"),
           "test_finetune_step or test_finetune_peak_memory or (test_feature_extraction and eager)", ("default",)),
+    Suite("ops", "test_bench_ops.py", "fused ops, ViT-B shapes, forward + backward",
+          dict(FASTMAE_BENCH_MODES="full", FASTMAE_BENCH_ROUNDS="5", FASTMAE_BENCH_WARMUP="2",
+               FASTMAE_BENCH_TIER="quick"),
+          None, ALLOCATORS),
+)
+# Quick suites that run only when --only names them (eight more compilations would break the quick
+# tier's ten minutes): `fastmae bench --quick --only video maskalign`.
+QUICK_OPTIONAL = (
     # VideoMAE: the small configuration (ViT-S widths at 8x64x64, 64 tubelets) at batch 4, fast against
     # its reference twin, eager and compiled, fp32 and bf16, 5 timed rounds; peak memory in a fresh
     # process per provider in fp32 only, with the inductor cache the step just filled. Four
@@ -91,10 +102,17 @@ QUICK = (
                FASTMAE_BENCH_WARMUP="1", FASTMAE_BENCH_MM_N="2048", FASTMAE_BENCH_MEMORY_CACHE="shared",
                FASTMAE_BENCH_TIER="quick"),
           "test_video_step or (test_video_peak_memory and fp32)", ("default",)),
-    Suite("ops", "test_bench_ops.py", "fused ops, ViT-B shapes, forward + backward",
-          dict(FASTMAE_BENCH_MODES="full", FASTMAE_BENCH_ROUNDS="5", FASTMAE_BENCH_WARMUP="2",
+    # MaskAlign: the small configuration (a ViT-Tiny-width student at 64x64, patch 8, 6 blocks, with a
+    # teacher of the same shape) at batch 32, the fast student against its reference twin with one
+    # shared eager teacher, eager and compiled, fp32 and bf16, and the teacher's forward alone, 5 timed
+    # rounds; peak memory in a fresh process per provider in fp32 only, with the inductor cache the
+    # step just filled. Four compilations; ViT-B/16 at 224 is the full tier's.
+    Suite("maskalign", "test_bench_maskalign.py", "MaskAlign pre-training step, small configuration (64x64), fast "
+                                                  "student against reference, same teacher",
+          dict(FASTMAE_BENCH_CONFIGS="small", FASTMAE_BENCH_SMALL_BATCH="32", FASTMAE_BENCH_ROUNDS="5",
+               FASTMAE_BENCH_WARMUP="1", FASTMAE_BENCH_MM_N="2048", FASTMAE_BENCH_MEMORY_CACHE="shared",
                FASTMAE_BENCH_TIER="quick"),
-          None, ALLOCATORS),
+          "test_maskalign_step or (test_maskalign_peak_memory and fp32)", ("default",)),
 )
 # The full tier: the suites with their own defaults (ViT-B batch 16 and small batch 64, 5 rounds;
 # every op in both modes, 15 rounds), every test, both allocator settings.
@@ -107,6 +125,9 @@ FULL = (
     Suite("video", "test_bench_video.py", "VideoMAE pre-training step, ViT-S and ViT-B at 16x224x224, fast "
                                           "against reference",
           dict(FASTMAE_BENCH_TIER="full"), None, ALLOCATORS),
+    Suite("maskalign", "test_bench_maskalign.py", "MaskAlign pre-training step, ViT-B/16 student and teacher at "
+                                                  "224, fast student against reference, same teacher",
+          dict(FASTMAE_BENCH_TIER="full"), None, ALLOCATORS),
     Suite("ops", "test_bench_ops.py", "fused ops, ViT-B shapes, forward and forward + backward",
           dict(FASTMAE_BENCH_TIER="full"), None, ALLOCATORS),
 )
@@ -114,18 +135,20 @@ QUICK_TEXT = ("the training step of the small configuration at batch 16 (fp32 an
               "reference, eager and compiled; 5 timed rounds; default allocator), the fine-tuning step of the small "
               "classifier (vit_tiny_patch8 at 64x64) at batch 32 against timm (fp32 and bf16; eager and compiled; "
               "5 timed rounds; peak memory in a fresh process; eager feature extraction at batch 128; default "
-              "allocator), the VideoMAE pre-training step of the small configuration (ViT-S widths at 8x64x64) at "
-              "batch 4 against its reference twin (fp32 and bf16; eager and compiled; 5 timed rounds; fp32 peak "
-              "memory in a fresh process; default allocator; four more compilations) and the fused ops at ViT-B "
-              "shapes, forward + backward (fp32 and bf16; 5 timed rounds; default and tuned allocator). "
-              "`fastmae bench` without --quick runs ViT-B, the VideoMAE ViT-S and ViT-B at 16x224x224 and every op "
-              "mode with more rounds.")
+              "allocator) and the fused ops at ViT-B shapes, forward + backward (fp32 and bf16; 5 timed rounds; "
+              "default and tuned allocator). With --only video and/or maskalign, the small configurations of the "
+              "VideoMAE step (ViT-S widths at 8x64x64, batch 4) and the MaskAlign step (a ViT-Tiny-width student "
+              "and teacher at 64x64, batch 32) against their references (fp32 and bf16; eager and compiled; 5 "
+              "timed rounds; fp32 peak memory in a fresh process; four compilations each), which the plain quick "
+              "tier leaves out. `fastmae bench` without --quick runs ViT-B, the VideoMAE ViT-S and ViT-B at "
+              "16x224x224, MaskAlign ViT-B/16 at 224 and every op mode with more rounds.")
 FULL_TEXT = ("test_bench_model.py (ViT-B batch 16 and small batch 64, every test), test_bench_finetune.py "
              "(the ViT-B/16 classifier at batch 8 and the small one at batch 64 against timm, every test), "
              "test_bench_video.py (VideoMAE ViT-S at batch 2 and ViT-B at batch 1, 16x224x224 clips, against the "
              "reference, every test: per allocator eight compilations in the steps and eight cold ones in the "
-             "fresh-process memory runs) and test_bench_ops.py (every op and mode, 15 rounds), each under the "
-             "default and the tuned allocator.")
+             "fresh-process memory runs), test_bench_maskalign.py (the MaskAlign ViT-B/16 student with a ViT-B/16 "
+             "teacher at 224, batch 8, against the reference student, every test) and test_bench_ops.py (every op "
+             "and mode, 15 rounds), each under the default and the tuned allocator.")
 # gpu.py's arguments per tier (CUDA graphs and CUDA events; see gpu.py)
 GPU_ARGS = {
     "quick": {"ops": ["--batches", "64"], "model": ["--configs", "vitb", "--rounds", "3", "--steps-per-round", "3"]},
@@ -144,16 +167,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
                         help="cpu: the CPU suites; cuda: fastmae.bench.gpu's ops and model on the CUDA device; all "
                              "(default): both, the CUDA rows saying 'no CUDA device' where there is none")
-    parser.add_argument("--only", nargs="+", choices=("model", "finetune", "video", "ops"), default=None,
-                        metavar="SUITE",
+    parser.add_argument("--only", nargs="+", choices=("model", "finetune", "video", "maskalign", "ops"),
+                        default=None, metavar="SUITE",
                         help="run only these suites: model (MAE training step), finetune (fine-tuning step and "
                              "feature extraction against timm), video (VideoMAE pre-training step against its "
-                             "reference), ops (fused ops) (default: all)")
+                             "reference), maskalign (MaskAlign pre-training step against its reference, same "
+                             "teacher), ops (fused ops) (default: all)")
     parser.add_argument("--allocator", choices=("default", "tuned", "both"), default=None,
                         help="glibc malloc setting of the CPU suites: default (no MALLOC_* variables), tuned "
                              "(MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=4294967296, PERF.md) or both (default: "
-                             "the tier's choice: quick runs the training, fine-tuning and VideoMAE steps under default "
-                             "and the ops under both, the full tier everything under both)")
+                             "the tier's choice: quick runs the steps under default and the ops under both, the full "
+                             "tier everything under both)")
     parser.add_argument("--render-only", action="store_true",
                         help="run nothing: render report.md and the plots from the JSON files already in --out")
 
@@ -226,13 +250,13 @@ def pytest_command(suite: Suite, json_path: str, ini_path: str) -> list[str]:
 
 def _output_names() -> list[str]:
     names = ["report.md", "run.json", "loader.json"]
-    for suite in ("model", "finetune", "video", "ops"):
+    for suite in ("model", "finetune", "video", "maskalign", "ops"):
         for alloc in ALLOCATORS:
             names += [f"{suite}-{alloc}.json", f"{suite}-{alloc}.log"]
     for what in ("ops", "model"):
         names += [f"gpu-{what}.json", f"gpu-{what}.log"]
     for kind in ("train_step", "peak_memory", "finetune_step", "finetune_peak_memory", "features", "video_step",
-                 "video_peak_memory", "ops"):
+                 "video_peak_memory", "maskalign_step", "maskalign_peak_memory", "ops"):
         names += [f"{kind}_{dev}.png" for dev in ("cpu", "cuda")]
     return names
 
@@ -252,7 +276,8 @@ def run(args) -> int:
         if os.path.isfile(path):
             os.remove(path)
     tier = "quick" if args.quick else "full"
-    suites = [s for s in (QUICK if args.quick else FULL) if args.only is None or s.name in args.only]
+    available = (*QUICK, *QUICK_OPTIONAL) if args.quick and args.only else QUICK if args.quick else FULL
+    suites = [s for s in available if args.only is None or s.name in args.only]
     if getattr(args, "smoke", False):  # tiny shapes, one round: checks the plumbing, measures nothing
         tier = "smoke"
         suites = [dataclasses.replace(s, env=dict(FASTMAE_BENCH_SMOKE="1", FASTMAE_BENCH_TIER="smoke"))

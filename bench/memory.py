@@ -4,14 +4,17 @@
         [--grad-checkpointing] [--optimizer-in-backward]
     python -m fastmae.bench.memory --model finetune --config vitb --impl timm --compiled --precision bf16 --batch 8
     python -m fastmae.bench.memory --model video --config vits --impl ref --precision fp32 --batch 2
+    python -m fastmae.bench.memory --model maskalign --config small --impl fast --compiled --precision fp32
 
 prints one JSON object. ``--model mae`` (the default): the MAE pre-training step
 (bench/model_step.py; ``--impl`` fast or ref). ``--model finetune``: the fine-tuning step of the
 classifier (bench/finetune_step.py; ``--impl`` fast, timm or ref; its own ``vitb`` and ``small``
 configurations). ``--model video``: the VideoMAE pre-training step (bench/video_step.py; ``--impl``
-fast or ref; its own ``vits``, ``vitb`` and ``small`` configurations). The process builds the model
-and its fused AdamW, runs warm-up steps (compilation, optimizer state creation, first-touch of
-every buffer), then measures one steady-state step two ways:
+fast or ref; its own ``vits``, ``vitb`` and ``small`` configurations). ``--model maskalign``: the
+MaskAlign pre-training step (bench/maskalign_step.py; ``--impl`` fast or ref; its own ``vitb`` and
+``small`` configurations; the frozen teacher is built too, eager, and its weights count in the
+resting state). The process builds the model and its fused AdamW, runs warm-up steps (compilation,
+optimizer state creation, first-touch of every buffer), then measures one steady-state step two ways:
 
 - ``tensor_peak_bytes`` (the figure the comparison uses): bytes of live CPU tensors at the step's
   high-water mark. The resting state (``resting_bytes``: parameters, buffers, optimizer state,
@@ -42,6 +45,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastmae.bench import finetune_step as FT
+from fastmae.bench import maskalign_step as MA
 from fastmae.bench import model_step as S
 from fastmae.bench import video_step as VS
 
@@ -80,6 +84,13 @@ def resting_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in list(module.parameters()) + list(module.buffers())}
+    return sum(storages.values())
 
 
 def step_tensor_peak(fn) -> int:
@@ -197,13 +208,50 @@ def measure_video(config: str, impl: str, compiled: bool, precision: str, batch:
     )
 
 
+def measure_maskalign(config: str, impl: str, compiled: bool, precision: str, batch: int, warmup: int = 2) -> dict:
+    """``measure`` for the MaskAlign pre-training step (bench/maskalign_step.py): the student's step
+    with the frozen teacher's forward in it; the resting state counts the teacher's weights too."""
+    teacher = MA.build_teacher(config)
+    model = MA.build_model(config, impl)
+    opt = MA.make_optimizer(model)
+    runner = MA.compile_model(model, impl) if compiled else model
+    imgs, _, noise = MA.make_batch(config, batch, teacher)
+
+    def step():
+        MA.train_step(runner, opt, teacher, imgs, noise, precision)
+
+    t0 = time.perf_counter()
+    step()  # compiles when asked
+    first_step_s = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    opt.zero_grad(set_to_none=True)
+    rest = resting_bytes(torch.nn.ModuleList([model, teacher]), opt)
+    rss_before = _vm_kib("VmRSS")
+    rss_reset = _reset_rss_peak()
+    peak = step_tensor_peak(step)
+    rss_peak = _vm_kib("VmHWM") if rss_reset else None
+    return dict(
+        model="maskalign", config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
+        threads=torch.get_num_threads(),
+        resting_bytes=rest, teacher_bytes=_module_bytes(teacher),
+        step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
+        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
+        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
+        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        first_step_s=first_step_s,
+    )
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step, one fine-tuning step or "
-                                                 "one VideoMAE pre-training step (fresh process).")
-    parser.add_argument("--model", choices=["mae", "finetune", "video"], default="mae",
+    parser = argparse.ArgumentParser(description="Peak memory of one MAE training step, one fine-tuning step, "
+                                                 "one VideoMAE or one MaskAlign pre-training step (fresh process).")
+    parser.add_argument("--model", choices=["mae", "finetune", "video", "maskalign"], default="mae",
                         help="mae: the MAE pre-training step (default); finetune: the classifier's fine-tuning "
-                             "step; video: the VideoMAE pre-training step")
-    parser.add_argument("--config", choices=sorted(set(S.CONFIGS) | set(FT.CONFIGS) | set(VS.CONFIGS)),
+                             "step; video: the VideoMAE pre-training step; maskalign: the MaskAlign pre-training "
+                             "step (student and frozen teacher)")
+    parser.add_argument("--config", choices=sorted(set(S.CONFIGS) | set(FT.CONFIGS) | set(VS.CONFIGS)
+                                                   | set(MA.CONFIGS)),
                         default="vitb")
     parser.add_argument("--impl", choices=["fast", "ref", "timm"], default="fast",
                         help="fast or ref (any model); timm (--model finetune only)")
@@ -229,6 +277,15 @@ def main(argv=None) -> int:
                          "--grad-checkpointing nor --optimizer-in-backward")
         result = measure_video(args.config, args.impl, args.compiled, args.precision,
                                args.batch or VS.batch_size(args.config))
+        print(json.dumps(result))
+        return 0
+    if args.model == "maskalign":
+        if args.config not in MA.CONFIGS or args.impl == "timm" or args.grad_checkpointing \
+                or args.optimizer_in_backward:
+            parser.error(f"--model maskalign takes --config {' or '.join(MA.CONFIGS)}, --impl fast or ref and "
+                         "neither --grad-checkpointing nor --optimizer-in-backward")
+        result = measure_maskalign(args.config, args.impl, args.compiled, args.precision,
+                                   args.batch or MA.batch_size(args.config))
         print(json.dumps(result))
         return 0
     if args.impl == "timm" or args.config not in S.CONFIGS:

@@ -3,7 +3,8 @@
     python -m fastmae.bench.report RESULTS [RESULTS ...] --out DIR
 
 ``RESULTS`` are JSON files, or folders whose ``*.json`` are read: pytest-benchmark JSON of
-``test_bench_model.py``, ``test_bench_finetune.py``, ``test_bench_video.py`` and ``test_bench_ops.py``
+``test_bench_model.py``, ``test_bench_finetune.py``, ``test_bench_video.py``, ``test_bench_maskalign.py``
+and ``test_bench_ops.py``
 (``--benchmark-json``), the JSON of ``gpu.py ops``
 and ``gpu.py model`` (``--json``), and the ``run.json`` that ``fastmae bench`` writes (the command,
 its tier, its duration, whether CUDA was asked for and present). ``fastmae bench`` calls
@@ -25,6 +26,11 @@ What ``report.md`` holds:
 - the VideoMAE pre-training step, fast against its reference twin (eager and compiled, fp32 and
   bf16): clips/s, step time, speed-ups, the share of the matmul ceiling, compile time and the
   step's peak memory in a fresh process (``memory.py --model video``);
+- the MaskAlign pre-training step, the fast student against its reference twin with the same frozen
+  teacher (eager and compiled, fp32 and bf16), and the teacher's forward alone: images/s, step time,
+  speed-ups of the whole step and of the student's part, the teacher's share of the step, the share
+  of the matmul ceiling, compile time and the step's peak memory in a fresh process (``memory.py
+  --model maskalign``);
 - the fused ops against their eager and compiled references: median times, speed-ups, the op's
   minimal bytes per second against the copy bandwidth measured in the same test, page faults per
   call, and the byte floor projected for an H100 (3.35 TB/s datasheet: a projection, never a
@@ -35,7 +41,8 @@ What ``report.md`` holds:
 
 Plots (``train_step_<device>.png``, ``peak_memory_<device>.png``, ``ops_<device>.png``,
 ``finetune_step_<device>.png``, ``finetune_peak_memory_<device>.png``, ``features_<device>.png``,
-``video_step_<device>.png``, ``video_peak_memory_<device>.png``) need
+``video_step_<device>.png``, ``video_peak_memory_<device>.png``, ``maskalign_step_<device>.png``,
+``maskalign_peak_memory_<device>.png``) need
 matplotlib (``pip install "fastmae[bench]"``); without it the report says so and keeps its tables.
 """
 from __future__ import annotations
@@ -55,6 +62,7 @@ STEP_PROVIDERS = ("fast-compiled", "ref-compiled", "fast-eager", "ref-eager")
 FINETUNE_PROVIDERS = ("fast-compiled", "timm-compiled", "fast-eager", "timm-eager")
 FEATURE_PROVIDERS = ("fast", "timm")
 VIDEO_PROVIDERS = STEP_PROVIDERS
+MASKALIGN_PROVIDERS = STEP_PROVIDERS + ("teacher-only",)
 OP_NAMES = ("gather_mask", "unshuffle_scatter", "norm_mse_loss")
 OP_PROVIDERS = ("fastmae", "eager", "compiled")
 NO_MATPLOTLIB = "matplotlib is not installed (pip install \"fastmae[bench]\"): no plots"
@@ -78,6 +86,8 @@ class Results:
     finetune_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the fine-tuning step
     video: list = dataclasses.field(default_factory=list)  # one row per (VideoMAE step test, provider)
     video_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the VideoMAE step
+    maskalign: list = dataclasses.field(default_factory=list)  # one row per (MaskAlign step test, provider)
+    maskalign_memory: list = dataclasses.field(default_factory=list)  # fresh-process peak of the MaskAlign step
     loader: list = dataclasses.field(default_factory=list)  # loader.json records (bench/loader.py)
     files: list = dataclasses.field(default_factory=list)
 
@@ -144,6 +154,10 @@ def _load_pytest_benchmark(res: Results, path: str, data: dict) -> None:
             _add_video_steps(res, info)
         elif kind == "video_memory":
             res.video_memory.append(dict(info, device="cpu", allocator=allocator_label(info.get("env", {}))))
+        elif kind == "maskalign_step":
+            _add_maskalign_steps(res, info)
+        elif kind == "maskalign_memory":
+            res.maskalign_memory.append(dict(info, device="cpu", allocator=allocator_label(info.get("env", {}))))
         elif kind in ("gemm_bound", "attention", "optimizer"):
             getattr(res, kind).append(dict(info, allocator=allocator_label(info.get("env", {}))))
         elif "op" in info and "providers" in info:
@@ -201,6 +215,32 @@ def _add_video_steps(res: Results, info: dict) -> None:
             num_masked=info.get("num_masked"),
             num_tokens=info.get("num_tokens"), rounds=info.get("rounds"), warmup=info.get("warmup"),
             tier=info.get("tier")))
+
+
+def _add_maskalign_steps(res: Results, info: dict) -> None:
+    """One row per provider (the four student providers and teacher-only); ``flops_per_image`` is
+    the whole step's (the teacher's own for teacher-only, whose row also carries the step's)."""
+    alloc = allocator_label(info.get("env", {}))
+    for provider, s in info["providers"].items():
+        teacher = provider == "teacher-only"
+        res.maskalign.append(dict(
+            device="cpu", allocator=alloc, config=info["config"], config_title=info.get("config_title"),
+            batch=info["batch"], precision=info["precision"], provider=provider, step_s=s["median_s"],
+            images_per_s=s["images_per_s"], pct_ceiling=s.get("pct_of_ceiling"), compile_s=s.get("compile_s"),
+            teacher_share=s.get("teacher_share"),
+            mm_rate=info.get("mm_rate"), mm_desc=f"{info['precision']} torch.mm {info.get('mm_n')}^3",
+            mm_samples=len(info.get("mm_rates", [])),
+            flops_per_image=info.get("teacher_flops_per_image") if teacher else info.get("flops_per_image"),
+            step_flops_per_image=info.get("flops_per_image"),
+            teacher_flops_per_image=info.get("teacher_flops_per_image"),
+            loss_rel_diff=info.get("loss_rel_diff"), num_kept=info.get("num_kept"),
+            num_patches=info.get("num_patches"), mask_ratio=info.get("mask_ratio"), teacher=info.get("teacher"),
+            rounds=info.get("rounds"), warmup=info.get("warmup"), tier=info.get("tier")))
+
+
+def maskalign_peaks(res: Results) -> dict:
+    """``{(config, batch, precision, allocator, variant): fresh-process memory row}``."""
+    return {(m["config"], m["batch"], m["precision"], m["allocator"], m["variant"]): m for m in res.maskalign_memory}
 
 
 def video_peaks(res: Results) -> dict:
@@ -338,10 +378,11 @@ def _header(res: Results, plots_note: str | None) -> list[str]:
     if paths:
         rows.append(("fastmae from", ", ".join(paths)))
     allocs = sorted({r["allocator"] for r in res.steps + res.ops + res.memory + res.finetune + res.features
-                     + res.finetune_memory + res.video + res.video_memory if r["device"] == "cpu"})
+                     + res.finetune_memory + res.video + res.video_memory + res.maskalign + res.maskalign_memory
+                     if r["device"] == "cpu"})
     rows.append(("allocator (CPU)", "; ".join(_allocator_text(a) for a in allocs) or "n/a"))
     backends = []
-    if any(r["device"] == "cpu" for r in res.steps + res.video):
+    if any(r["device"] == "cpu" for r in res.steps + res.video + res.maskalign):
         forced = cpu_env.get("forced_backend")
         backends.append(f"training step on CPU: {cpu_env.get('cpu_backend', '?')} (fastmae's choice for CPU "
                         f"tensors{'; FASTMAE_BACKEND=' + forced if forced else ''})")
@@ -373,7 +414,8 @@ def _header(res: Results, plots_note: str | None) -> list[str]:
     title = "# fastmae benchmarks" + (f" ({run['tier']} tier)" if run.get("tier") else "")
     lines = [title, ""] + markdown_table(["", ""], rows, numeric_from=2) + [""]
     lines += ["What this run measured:", ""] + [f"- {t}" for t in _measured(res, run)] + [""]
-    if any(r["device"] == "cpu" for r in res.steps + res.ops + res.finetune + res.features + res.video):
+    if any(r["device"] == "cpu" for r in res.steps + res.ops + res.finetune + res.features + res.video
+           + res.maskalign):
         lines += ["Every CPU figure is a median over rounds in which the compared providers ran side by side, in "
                   "an order rotated every round; compare ratios within one table, not across runs (PERF.md).", ""]
     return lines
@@ -441,6 +483,21 @@ def _measured(res: Results, run: dict) -> list[str]:
         out.append(f"peak memory of the VideoMAE step in a fresh process (memory.py --model video): "
                    f"{', '.join(variants)}; inductor cache "
                    f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.video_memory}))}")
+    ma = [r for r in res.maskalign if r["device"] == "cpu"]
+    for config, batch in sorted({(r["config"], r["batch"]) for r in ma}):
+        rs = [r for r in ma if r["config"] == config and r["batch"] == batch]
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
+        out.append(f"MaskAlign pre-training step (CPU): {config} = {title}, batch {batch}, "
+                   f"{' and '.join(precisions)}; providers "
+                   f"{', '.join(_ordered({r['provider'] for r in rs}, MASKALIGN_PROVIDERS))}; timed rounds: "
+                   f"{_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
+                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round")
+    if res.maskalign_memory:
+        variants = _ordered({m["variant"] for m in res.maskalign_memory}, MASKALIGN_PROVIDERS)
+        out.append(f"peak memory of the MaskAlign step in a fresh process (memory.py --model maskalign): "
+                   f"{', '.join(variants)}; inductor cache "
+                   f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.maskalign_memory}))}")
     if res.memory:
         variants = sorted({m["variant"] for m in res.memory})
         out.append(f"peak memory in a fresh process (memory.py): {len(variants)} variants ({', '.join(variants)})")
@@ -716,6 +773,122 @@ def _video_section(res: Results, device: str, plots: dict) -> list[str]:
     return lines
 
 
+def _maskalign_section(res: Results, device: str, plots: dict) -> list[str]:
+    """The MaskAlign pre-training step, the fast student against its reference twin with one shared
+    teacher, and the teacher alone: a table per configuration, precision (and allocator), with the
+    fresh-process peak of each student provider."""
+    rows = [r for r in res.maskalign if r["device"] == device]
+    lines = [f"## MaskAlign pre-training step ({device.upper()}): fastmae's student against its reference twin", ""]
+    if not rows:
+        return lines + ["No MaskAlign results (the suite's log is beside this report).", ""]
+    multi = _multi_alloc(rows)
+    peaks = maskalign_peaks(res)
+    lines += ["The frozen teacher's forward (eval, no_grad, with its last attention) + the student's alignment loss "
+              "on the visible patches (the README recipe: attentive masking at 0.7, drawn once and the same for "
+              "every provider; whitened targets, smooth-L1, top5 levels, linear fusion, linear heads; no drop "
+              "path) + backward + fused AdamW, fastmae's MaskAlignViT against its plain-PyTorch twin "
+              "(reference_impl=True: the official computation), same weights, images and masks. One teacher "
+              "module, eager, serves every provider (as in `fastmae pretrain --compile`, which compiles the "
+              "student only); \"teacher-only\" is its forward alone, timed in the same cycles, and \"teacher "
+              "%\" its share of each step. \"x ref-eager\" and \"x ref-compiled\" are speed-ups of the whole "
+              "step over the reference in the same precision (above 1: fastmae faster); \"% of ceiling\" is the "
+              "counted FLOPs per second (the teacher's own for teacher-only) as a share of the matmul rate "
+              "measured in the same run; \"peak MiB\" is bytes of live tensors at the step's high-water mark in "
+              "a fresh process (memory.py --model maskalign: resting state, the teacher's weights included, plus "
+              "the step's own peak from the profiler), \"peak x ref\" against the reference in the same mode. "
+              "MAE's own step is the training-step section of the model suite (bench/test_bench_model.py; "
+              "FASTMAE_BENCH_CONFIGS=vitb FASTMAE_BENCH_BATCH=8 gives it at this suite's ViT-B batch): render "
+              "both JSON files together to see them side by side.", ""]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
+    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+    headers = ["provider", "images/s", "step ms", "x ref-eager", "x ref-compiled", "teacher %", "% of ceiling",
+               "compile s", "peak MiB", "peak x ref"]
+    for (config, batch, precision, alloc), rs in order:
+        by = {r["provider"]: r for r in rs}
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        lines += [f"### {config}, batch {batch}, {precision}" + (f", {alloc} allocator" if multi else ""), "",
+                  f"{title}.", ""]
+        table = []
+        for name in _ordered(set(by), MASKALIGN_PROVIDERS):
+            r = by[name]
+            student = name != "teacher-only"
+            ref_e, ref_c = by.get("ref-eager"), by.get("ref-compiled")
+            mode = "compiled" if "compiled" in name else "eager"
+            peak = peaks.get((config, batch, precision, alloc, name)) if student else None
+            ref_peak = peaks.get((config, batch, precision, alloc, f"ref-{mode}"))
+            peak_b = peak and peak["tensor_peak_bytes"]
+            share = r.get("teacher_share")
+            table.append([name, _sig(r["images_per_s"]), _sig(r["step_s"] * 1e3),
+                          _f(_ratio(ref_e and ref_e["step_s"], r["step_s"]) if student else None),
+                          _f(_ratio(ref_c and ref_c["step_s"], r["step_s"]) if student else None),
+                          _f(share and 100 * share, ".0f"), _f(r["pct_ceiling"], ".0f"), _f(r["compile_s"], ".1f"),
+                          _f(peak_b and peak_b / 2**20, ".0f"),
+                          _f(_ratio(peak_b, ref_peak and ref_peak["tensor_peak_bytes"]))])
+        lines += markdown_table(headers, table, numeric_from=1) + [""]
+        step = {p: by[p]["step_s"] for p in by}
+        pairs = (("fast-compiled / ref-eager", "fast-compiled", "ref-eager"),
+                 ("fast-compiled / ref-compiled", "fast-compiled", "ref-compiled"),
+                 ("fast-eager / ref-eager", "fast-eager", "ref-eager"))
+        speedups = [(label, _ratio(step.get(b), step.get(a))) for label, a, b in pairs]
+        lines.append("- speed-ups of the whole step (images/s over images/s): "
+                     + "; ".join(f"{label} **{_f(v)}x**" for label, v in speedups if v is not None) + ".")
+        t = step.get("teacher-only")
+        if t is not None:
+            student = {p: step[p] - t for p in step if p != "teacher-only"}
+            est = [(label, _ratio(student.get(b), student.get(a))) for label, a, b in pairs]
+            est = [(label, v) for label, v in est if v is not None]
+            if est:
+                lines.append("- the student's part alone (each step median minus the teacher-only median, an "
+                             "estimate): " + "; ".join(f"{label} {_f(v)}x" for label, v in est) + ".")
+        r = next((by[p] for p in _ordered(set(by), MASKALIGN_PROVIDERS) if p != "teacher-only"), rs[0])
+        if r.get("mm_rate"):
+            flops, tflops = r.get("step_flops_per_image"), r.get("teacher_flops_per_image")
+            ceil_ips = r["mm_rate"] / flops if flops else None
+            lines.append(f"- matmul ceiling: {r['mm_desc']} at {r['mm_rate'] / 1e9:.1f} GFLOP/s"
+                         + (f" (median of {r['mm_samples']} samples)" if r.get("mm_samples") else "")
+                         + (f"; the step costs {flops / 1e9:.2f} GFLOP per image (counted on the reference twins)"
+                            + (f", {tflops / 1e9:.2f} of them the teacher's forward "
+                               f"({100 * tflops / flops:.0f}%)" if tflops else "")
+                            + f", so the ceiling is {_sig(ceil_ips)} images/s" if ceil_ips else "") + ".")
+        if r.get("loss_rel_diff") is not None:
+            lines.append(f"- check: fp32 losses of the fast and the reference student on the batch differ by "
+                         f"{r['loss_rel_diff']:.2g} (relative)"
+                         + (f"; {r['num_kept']} of {r['num_patches']} patches kept per image (the same for every "
+                            f"provider)" if r.get("num_kept") and r.get("num_patches") else "") + ".")
+        if r.get("teacher"):
+            lines.append(f"- teacher: {r['teacher']}.")
+        lines.append("")
+    for key in ("maskalign_step", "maskalign_peak_memory"):
+        if plots.get((key, device)):
+            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
+    mem = [m for m in res.maskalign_memory if m["device"] == device]
+    if mem:
+        lines += ["Peak memory of the MaskAlign step, one fresh process per variant (memory.py --model maskalign; "
+                  "\"resting MiB\" includes the teacher's weights, \"teacher MiB\"; \"first step s\" includes "
+                  "compilation, cold when the inductor cache is fresh; RSS includes the interpreter, libraries and "
+                  "what malloc keeps):", ""]
+        mrows = []
+        for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
+                                            MASKALIGN_PROVIDERS.index(m["variant"])
+                                            if m["variant"] in MASKALIGN_PROVIDERS else 9)):
+            mode = "compiled" if "compiled" in m["variant"] else "eager"
+            ref = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"ref-{mode}"))
+            rss = m.get("rss_step_peak_bytes")
+            mrows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
+                m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
+                _f(_ratio(m["tensor_peak_bytes"], ref and ref["tensor_peak_bytes"])),
+                f"{m['resting_bytes'] / 2**20:.0f}", _f(m.get("teacher_bytes") and m["teacher_bytes"] / 2**20, ".0f"),
+                f"{m['step_peak_bytes'] / 2**20:.0f}", _f(rss and rss / 2**20, ".0f"),
+                _f(m.get("first_step_s"), ".1f"), m.get("inductor_cache", "fresh")])
+        mheaders = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+            "variant", "tensor peak MiB", "x ref", "resting MiB", "teacher MiB", "step peak MiB",
+            "RSS step peak MiB", "first step s", "inductor cache"]
+        lines += markdown_table(mheaders, mrows, numeric_from=4 + multi) + [""]
+    return lines
+
+
 def _features_section(res: Results, device: str, plots: dict) -> list[str]:
     rows = [r for r in res.features if r["device"] == device]
     if not rows:
@@ -878,6 +1051,8 @@ def render_markdown(res: Results, plots: dict | None = None, plots_note: str | N
         lines += _finetune_section(res, "cpu", plots)
     if any(r["device"] == "cpu" for r in res.video) or "video" in ran:
         lines += _video_section(res, "cpu", plots)
+    if any(r["device"] == "cpu" for r in res.maskalign) or "maskalign" in ran:
+        lines += _maskalign_section(res, "cpu", plots)
     if any(r["device"] == "cpu" for r in res.ops) or "ops" in ran:
         lines += _ops_section(res, "cpu", plots)
     lines += _loader_section(res)
@@ -912,6 +1087,7 @@ def _loader_section(res: Results) -> list[str]:
 
 # ---------------------------------------------------------------------------- plots
 COLORS = {"fast-compiled": "#1f77b4", "fast-eager": "#aec7e8", "ref-compiled": "#d62728", "ref-eager": "#ff9896",
+          "teacher-only": "#7f7f7f",
           "timm-compiled": "#2ca02c", "timm-eager": "#98df8a", "fast": "#1f77b4", "timm": "#2ca02c",
           "fastmae": "#1f77b4", "eager": "#ff9896", "compiled": "#d62728"}
 
@@ -971,15 +1147,20 @@ def _limits(ax, values, markers=(), log=False):
 def plot_steps(res: Results, device: str, path: str, what: str, kind: str = "mae") -> bool:
     """``what``: ``images_per_s`` (with the matmul ceiling) or ``peak_bytes``; ``kind``: ``mae``
     (the MAE training step, fast against reference), ``finetune`` (the fine-tuning step, fastmae
-    against timm) or ``video`` (the VideoMAE pre-training step, fast against reference, in clips/s);
-    the peak of the last two is the fresh-process one."""
-    if kind in ("finetune", "video"):
-        peaks = finetune_peaks(res) if kind == "finetune" else video_peaks(res)
+    against timm), ``video`` (the VideoMAE pre-training step, fast against reference, in clips/s) or
+    ``maskalign`` (the MaskAlign pre-training step, fast student against reference, teacher
+    included; the teacher-only row is left out: its ceiling is another one); the peak of the last
+    three is the fresh-process one."""
+    if kind in ("finetune", "video", "maskalign"):
+        peaks, source, order = {"finetune": (finetune_peaks(res), res.finetune, FINETUNE_PROVIDERS),
+                                "video": (video_peaks(res), res.video, VIDEO_PROVIDERS),
+                                "maskalign": (maskalign_peaks(res), res.maskalign, STEP_PROVIDERS)}[kind]
         rows = []
-        for r in (res.finetune if kind == "finetune" else res.video):
+        for r in source:
+            if r["provider"] not in order:
+                continue
             m = peaks.get((r["config"], r["batch"], r["precision"], r["allocator"], r["provider"]))
             rows.append(dict(r, peak_bytes=m and m["tensor_peak_bytes"]))
-        order = FINETUNE_PROVIDERS if kind == "finetune" else VIDEO_PROVIDERS
     else:
         rows, order = res.steps, STEP_PROVIDERS
     rows = [r for r in rows if r["device"] == device and r.get(what) is not None]
@@ -1027,14 +1208,15 @@ def plot_steps(res: Results, device: str, path: str, what: str, kind: str = "mae
             ax.set_ylabel(f"{unit} / s (higher is better)")
         else:
             ax.set_ylabel("peak memory, MiB of live tensors (lower is better)"
-                          + ("\nfresh process" if kind in ("finetune", "video") else ""))
+                          + ("\nfresh process" if kind in ("finetune", "video", "maskalign") else ""))
         ax.set_ylim(0, top)
         ax.set_xlabel("precision" + (" | allocator" if multi else ""))
         ax.set_title(f"{config}, batch {batch}", fontsize=10)
     _legend(fig, axes)
     name = f"{unit}/s" if what == "images_per_s" else "peak memory"
     what_text = {"mae": ("MAE training step", "fast vs reference"), "finetune": ("Fine-tuning step", "fastmae vs timm"),
-                 "video": ("VideoMAE pre-training step", "fast vs reference")}[kind]
+                 "video": ("VideoMAE pre-training step", "fast vs reference"),
+                 "maskalign": ("MaskAlign pre-training step", "fast vs reference student, same teacher")}[kind]
     fig.suptitle(f"{what_text[0]} {name} on {device.upper()}, {what_text[1]}\n{machine_line(env, device)}",
                  fontsize=11)
     fig.savefig(path, dpi=110)
@@ -1130,7 +1312,8 @@ def render_plots(res: Results, out_dir: str) -> tuple[dict, str | None]:
     except ImportError:
         return {}, NO_MATPLOTLIB
     plots = {}
-    for device in sorted({r["device"] for r in res.steps + res.ops + res.finetune + res.features + res.video}):
+    for device in sorted({r["device"] for r in res.steps + res.ops + res.finetune + res.features + res.video
+                          + res.maskalign}):
         for kind, fn in (("train_step", lambda p: plot_steps(res, device, p, "images_per_s")),
                          ("peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes")),
                          ("finetune_step", lambda p: plot_steps(res, device, p, "images_per_s", "finetune")),
@@ -1138,6 +1321,9 @@ def render_plots(res: Results, out_dir: str) -> tuple[dict, str | None]:
                          ("features", lambda p: plot_features(res, device, p)),
                          ("video_step", lambda p: plot_steps(res, device, p, "images_per_s", "video")),
                          ("video_peak_memory", lambda p: plot_steps(res, device, p, "peak_bytes", "video")),
+                         ("maskalign_step", lambda p: plot_steps(res, device, p, "images_per_s", "maskalign")),
+                         ("maskalign_peak_memory",
+                          lambda p: plot_steps(res, device, p, "peak_bytes", "maskalign")),
                          ("ops", lambda p: plot_ops(res, device, p))):
             name = f"{kind}_{device}.png"
             if fn(os.path.join(out_dir, name)):

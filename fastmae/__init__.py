@@ -1,5 +1,5 @@
 """fastmae: fast Masked Autoencoder pre-training for PyTorch, a drop-in for the official MAE."""
-from . import ops, optim, reference, video
+from . import maskalign, masking, ops, optim, reference, video
 from .model import (
     MaskedAutoencoderViT,
     create_model,
@@ -25,7 +25,7 @@ from .vit import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "MaskedAutoencoderViT", "create_model", "ops", "optim", "reference", "video",
+    "MaskedAutoencoderViT", "create_model", "maskalign", "masking", "ops", "optim", "reference", "video",
     "mae_vit_base_patch16", "mae_vit_base_patch16_dec512d8b",
     "mae_vit_large_patch16", "mae_vit_large_patch16_dec512d8b",
     "mae_vit_huge_patch14", "mae_vit_huge_patch14_dec512d8b",

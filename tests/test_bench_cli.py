@@ -205,6 +205,67 @@ def test_render_video_tables(tmp_path):
         assert f"]({name})" in text
 
 
+MASKALIGN_STEP_S = {"fast-compiled": 0.5, "ref-compiled": 0.8, "fast-eager": 0.625, "ref-eager": 1.0,
+                    "teacher-only": 0.25}
+MASKALIGN_PEAK_MB = {"fast-compiled": 300, "ref-compiled": 400, "fast-eager": 320, "ref-eager": 500}
+
+
+def _maskalign_results():
+    """Synthetic results of test_bench_maskalign.py: the step (fp32) and its fresh-process memory."""
+    med = MASKALIGN_STEP_S
+    providers = {p: dict(median_s=s, min_s=s, times_s=[s] * 5, images_per_s=32 / s, pct_of_ceiling=10 / s,
+                         compile_s=40.0 if "compiled" in p else None, first_call_s=41.0,
+                         teacher_share=None if p == "teacher-only" else med["teacher-only"] / s)
+                 for p, s in med.items()}
+    step = dict(kind="maskalign_step", config="small", config_title="a small MaskAlign", precision="fp32", batch=32,
+                img=64, mask_ratio=0.7, num_kept=19, num_patches=64, rounds=5, warmup=1, flops_per_image=2e9,
+                teacher_flops_per_image=1e9, mm_n=2048, mm_rate=100e9, mm_rates=[100e9] * 5, providers=providers,
+                loss_fast=1.2, loss_ref=1.2, loss_rel_diff=0.0, teacher="a shared eager teacher",
+                speedup_fast_compiled_vs_ref_eager=med["ref-eager"] / med["fast-compiled"],
+                speedup_fast_compiled_vs_ref_compiled=med["ref-compiled"] / med["fast-compiled"],
+                speedup_fast_eager_vs_ref_eager=med["ref-eager"] / med["fast-eager"], env={}, tier="quick")
+    benchmarks = [dict(name="test_maskalign_step[small-fp32]", extra_info=step)]
+    for variant, mb in MASKALIGN_PEAK_MB.items():
+        benchmarks.append(dict(name=f"test_maskalign_peak_memory[small-{variant}-fp32]", extra_info=dict(
+            kind="maskalign_memory", variant=variant, model="maskalign", config="small", precision="fp32", batch=32,
+            impl=variant.split("-")[0], compiled="compiled" in variant, resting_bytes=100 * 2**20,
+            teacher_bytes=20 * 2**20, step_peak_bytes=(mb - 100) * 2**20, tensor_peak_bytes=mb * 2**20,
+            rss_step_peak_bytes=900 * 2**20, first_step_s=5.0, inductor_cache="shared", env={}, tier="quick")))
+    return dict(machine_info=dict(fastmae=MACHINE), datetime=MACHINE["date"], benchmarks=benchmarks)
+
+
+def test_render_maskalign_tables(tmp_path):
+    (tmp_path / "maskalign-default.json").write_text(json.dumps(_maskalign_results()))
+    written = report.render([str(tmp_path)], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## MaskAlign pre-training step (CPU): fastmae's student against its reference twin" in text
+    assert "MaskAlign pre-training step (CPU): small = a small MaskAlign, batch 32, fp32" in text
+    assert "### small, batch 32, fp32" in text
+    # images/s = batch / median; speed-ups over the reference; the teacher's share of each step; peak (fresh
+    # process) and its ratio in the same mode; teacher-only: its own figures, no speed-up and no peak
+    assert "| fast-compiled | 64.0 | 500 | 2.00 | 1.60 | 50 | 20 | 40.0 | 300 | 0.75 |" in text
+    assert "| ref-eager | 32.0 | 1000 | 1.00 | 0.80 | 25 | 10 | n/a | 500 | 1.00 |" in text
+    assert "| fast-eager | 51.2 | 625 | 1.60 | 1.28 | 40 | 16 | n/a | 320 | 0.64 |" in text
+    assert "| teacher-only | 128 | 250 | n/a | n/a | n/a | 40 | n/a | n/a | n/a |" in text
+    assert ("fast-compiled / ref-eager **2.00x**; fast-compiled / ref-compiled **1.60x**; "
+            "fast-eager / ref-eager **1.60x**") in text
+    # the student's part alone: step minus teacher-only (0.25, 0.55, 0.375, 0.75 s)
+    assert ("fast-compiled / ref-eager 3.00x; fast-compiled / ref-compiled 2.20x; fast-eager / ref-eager 2.00x"
+            in text)
+    assert ("the step costs 2.00 GFLOP per image (counted on the reference twins), 1.00 of them the teacher's "
+            "forward (50%), so the ceiling is 50.0 images/s") in text
+    assert "differ by 0 (relative); 19 of 64 patches kept per image" in text
+    assert "| small | 32 | fp32 | ref-compiled | 400 | 1.00 | 100 | 20 | 300 | 900 | 5.0 | shared |" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    pngs = sorted(os.path.basename(p) for p in written if p.endswith(".png"))
+    assert pngs == ["maskalign_peak_memory_cpu.png", "maskalign_step_cpu.png"]
+    for name in pngs:
+        assert f"]({name})" in text
+
+
 def test_render_without_results_says_so(tmp_path):
     report.render([str(tmp_path)], str(tmp_path))
     text = (tmp_path / "report.md").read_text()
@@ -215,7 +276,8 @@ def test_bench_help():
     proc = subprocess.run([sys.executable, "-m", "fastmae", "bench", "--help"], capture_output=True, text=True,
                           env=ENV, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--quick", "--out", "--device", "--allocator", "--only", "--render-only", "no CUDA device"):
+    for flag in ("--quick", "--out", "--device", "--allocator", "--only", "--render-only", "no CUDA device",
+                 "maskalign"):
         assert flag in proc.stdout, flag
     top = subprocess.run([sys.executable, "-m", "fastmae", "--help"], capture_output=True, text=True, env=ENV,
                          timeout=120)
@@ -248,8 +310,9 @@ def test_render_only_reads_the_folder(tmp_path):
 
 def test_suites_import_from_the_package():
     """The suites ship in fastmae.bench and import each other from there (no sys.path edits)."""
-    for name in ("model_step", "finetune_step", "video_step", "memory", "environment", "report", "test_bench_model",
-                 "test_bench_finetune", "test_bench_video", "test_bench_ops"):
+    for name in ("model_step", "finetune_step", "video_step", "maskalign_step", "memory", "environment", "report",
+                 "test_bench_model", "test_bench_finetune", "test_bench_video", "test_bench_maskalign",
+                 "test_bench_ops"):
         importlib.import_module(f"fastmae.bench.{name}")
     folder = os.path.dirname(bench_cli.__file__)
     for name in os.listdir(folder):
