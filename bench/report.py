@@ -689,10 +689,11 @@ def _video_section(res: Results, device: str, plots: dict) -> list[str]:
         return lines + ["No VideoMAE results (the suite's log is beside this report).", ""]
     multi = _multi_alloc(rows)
     peaks = video_peaks(res)
-    lines += ["Forward on tube-masked clips (ratio 0.9) + videomae_loss (normalised targets) + backward + fused "
-              "AdamW, fastmae's PretrainVisionTransformer against its plain-PyTorch twin (reference_impl=True: "
-              "the official computation), same weights, clips and masks; both compute the loss with the same "
-              "fused videomae_loss, so the figures compare the models. \"x ref-eager\" and \"x ref-compiled\" "
+    lines += ["Forward on tube-masked clips (ratio 0.9) + the loss (normalised targets) + backward + fused "
+              "AdamW, fastmae's PretrainVisionTransformer with its fused videomae_loss against its plain-PyTorch "
+              "twin (reference_impl=True: the official computation) with the official script's loss as written "
+              "(the targets of the whole clip, then the masked ones), same weights, clips and masks: the step "
+              "VideoMAE's users run. \"x ref-eager\" and \"x ref-compiled\" "
               "are speed-ups over the reference in the same precision (above 1: fastmae faster); \"% of "
               "ceiling\" is the step's counted FLOPs per second as a share of the matmul rate measured in the "
               "same run; \"peak MiB\" is bytes of live tensors at the step's high-water mark in a fresh process "

@@ -113,15 +113,11 @@ class MaskAlignPretraining(train.Pretraining):
                                  lr=self.args.lr, betas=(0.9, 0.95), fused=fused)
 
     def loss(self, model, batch):
-        if len(batch) == 6:  # packed uint8 images, boxes and flips: cropped here, on the device
-            *packed, noise = batch
-            from . import loader
-
-            imgs = loader.crop(*packed, self.args.input_size)
-        else:
-            imgs, noise = batch
+        imgs, noise = self.images_and_noise(batch)
         teacher_out = self.teacher(imgs)  # frozen, no_grad, under the step's autocast
-        attentive = self.args.mask_type == "attention"  # drawn from the teacher's attention in the model
+        # attentive masks are drawn in the model from torch's generator, as the official code draws them
+        # (its state is in the checkpoints, as drop path's is)
+        attentive = self.args.mask_type == "attention"
         return model(imgs, teacher_out, self.mask_ratio(), noise=None if attentive else noise).loss
 
     def describe(self, model, train_set) -> list[str]:

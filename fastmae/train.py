@@ -159,12 +159,15 @@ class Pretraining(Recipe):
         self.progress = min(1.0, max(0.0, epoch / self.args.epochs))  # called at each step's first batch
         return learning_rate(epoch, self.args)
 
-    def loss(self, model, batch):
+    def images_and_noise(self, batch):
+        """The batch's images (normalised, on the device) and masking noise."""
         if len(batch) == 6:  # packed uint8 images, boxes and flips: cropped here, on the device
             *packed, noise = batch
-            imgs = loader.crop(*packed, self.args.input_size)
-        else:
-            imgs, noise = batch
+            return loader.crop(*packed, self.args.input_size), noise
+        return batch
+
+    def loss(self, model, batch):
+        imgs, noise = self.images_and_noise(batch)
         loss, _, _ = model(imgs, mask_ratio=self.mask_ratio(), noise=noise)
         return loss
 
