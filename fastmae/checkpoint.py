@@ -51,15 +51,25 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------- model config
+# Model kinds defined outside the core (their module registers them when imported, which
+# ``import fastmae`` does): kind -> (class, ``build(config, reference_impl=..., **kwargs)``).
+_KINDS: dict = {}
+
+
+def register_kind(kind: str, cls: type, build) -> None:
+    """Let checkpoints hold models of ``cls``: ``model.config()`` (with ``kind``) is stored, and
+    ``build`` rebuilds the model from it."""
+    _KINDS[kind] = (cls, build)
+
+
 def model_config(model) -> dict:
     """The constructor arguments of an MAE (fast or reference), of a classifier
     (:class:`fastmae.VisionTransformer`, ``kind="vit"``) or of a VideoMAE (``kind="videomae"``), as
     plain Python values."""
-    from .maskalign import MaskAlignViT
     from .video import PretrainVisionTransformer
     from .vit import VisionTransformer
 
-    if isinstance(model, (VisionTransformer, MaskAlignViT)):
+    if isinstance(model, (VisionTransformer, *(cls for cls, _ in _KINDS.values()))):
         return model.config()
     if isinstance(model, PretrainVisionTransformer):
         return videomae_config(model)
@@ -109,11 +119,9 @@ def build_model(config: dict, reference_impl: bool = False, **kwargs):
         from .vit import VisionTransformer
 
         return VisionTransformer.from_config(config, reference_impl=reference_impl, **kwargs)
-    if config.get("kind") == "maskalign":
-        from .maskalign import MaskAlignViT
-
+    if config.get("kind") in _KINDS:
         try:
-            return MaskAlignViT.from_config(config, reference_impl=reference_impl, **kwargs)
+            return _KINDS[config["kind"]][1](config, reference_impl=reference_impl, **kwargs)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if config.get("kind") == "videomae":

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops, reference
+from . import checkpoint, ops, reference
 from ._checks import check_architecture, check_distinct, check_grid, check_images, check_index, check_noise, to_2tuple
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .model import Block as FastBlock
@@ -500,6 +500,8 @@ class MaskAlignViT(nn.Module):
         cfg["img_size"] = tuple(cfg["img_size"]) if isinstance(cfg["img_size"], (list, tuple)) else cfg["img_size"]
         return cls(**cfg, norm_layer=partial(nn.LayerNorm, eps=config["layer_norm_eps"]), **kwargs)
 
+
+checkpoint.register_kind("maskalign", MaskAlignViT, MaskAlignViT.from_config)  # fastmae checkpoints hold students
 
 TEACHER_PREFIXES = ("clip_model.", "dino_model.")  # the official model holds its teacher as a submodule
 
