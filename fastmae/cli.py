@@ -206,7 +206,7 @@ def _add_fastmae_training_flags(f) -> None:
                    metavar="N", help="stop after N consecutive steps with a non-finite loss, or non-finite "
                                      "gradients without fp16's scaler (each is skipped)")
     f.add_argument("--max-bad-frac", "--max_bad_frac", dest="max_bad_frac", type=float, default=0.01,
-                   metavar="FRAC", help="unreadable images are skipped (one warning each, a count per epoch in "
+                   metavar="FRAC", help="unreadable files (images, videos) are skipped (one warning each, a count per epoch in "
                                         "log.txt); more than this fraction of an epoch stops the run")
     f.add_argument("--overwrite", action="store_true",
                    help="start afresh even if --output_dir holds an earlier run's checkpoints, replacing "

@@ -212,7 +212,7 @@ def prepare(data_path: str, out: str, max_side: int | None = None, shard_size: i
             rel = os.path.relpath(path, root).replace(os.sep, "/")
             if not ok:  # as data._warn_bad words it (each file is read once here)
                 first = payload[1].splitlines()[0][:200] if payload[1] else ""
-                warnings.warn(f"skipping unreadable image {path}: {payload[0]}: {first}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"skipping unreadable file {path}: {payload[0]}: {first}", RuntimeWarning, stacklevel=2)
                 skipped.append(rel)
                 continue
             ext, raw, was_resized = payload

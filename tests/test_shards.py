@@ -77,7 +77,7 @@ def test_prepare_writes_the_readable_images_and_an_index(tmp_path):
     Image.open(cls0 / "0.png").convert("RGB").resize((150, 90)).save(cls0 / "big.jpeg", quality=95)
     (cls0 / "3a.jpg").write_bytes((cls0 / "big.jpeg").read_bytes()[:600])  # truncated JPEG
     (cls0 / "5a.png").write_bytes(b"not an image at all")
-    with pytest.warns(RuntimeWarning, match="skipping unreadable image") as caught:
+    with pytest.warns(RuntimeWarning, match="skipping unreadable file") as caught:
         index = shards.prepare(folder, str(tmp_path / "out"), max_side=60, shard_size=4, log=lambda *a: None)
     named = " ".join(str(w.message) for w in caught)
     assert str(cls0 / "3a.jpg") in named and str(cls0 / "5a.png") in named
@@ -103,7 +103,7 @@ def test_prepare_writes_the_readable_images_and_an_index(tmp_path):
     written = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     with pytest.raises(ValueError, match="already holds shards"):
         shards.prepare(folder, str(tmp_path / "out"), log=lambda *a: None)
-    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):  # decoded by two processes: the same
+    with pytest.warns(RuntimeWarning, match="skipping unreadable file"):  # decoded by two processes: the same
         again = shards.prepare(folder, str(tmp_path / "out"), max_side=60, shard_size=4, log=lambda *a: None,
                                overwrite=True, workers=2)
     assert again == index and {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == written
@@ -175,14 +175,14 @@ def test_undecodable_samples_are_replaced_by_the_next_and_counted(tmp_path):
     assert good and sorted(os.listdir(tmp_path))[-2:] == ["s-00.tar", "s-01.tar"]
     ds = shards.ShardSamples(str(tmp_path / "s-{00..01}.tar"), PATCHES, SEED, shuffle_buffer=1)
     assert len(ds) == 8 and not ds.indexed
-    with pytest.warns(RuntimeWarning, match="skipping unreadable image .*s-00.tar:k1"):
+    with pytest.warns(RuntimeWarning, match="skipping unreadable file .*s-00.tar:k1"):
         items = list(ds)
     assert len(items) == 8 and sum(it[4] for it in items) == 1
     bad = [i for i, it in enumerate(items) if it[4]]
     assert len(bad) == 1 and torch.equal(items[bad[0]][3], items[bad[0] + 1][3])  # the next one stands in
 
 
-@pytest.mark.filterwarnings("ignore:skipping unreadable image")  # the sample torn in two
+@pytest.mark.filterwarnings("ignore:skipping unreadable file")  # the sample torn in two
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_torn_shard_does_not_stop_the_epoch(prepared, tmp_path, workers):
     out, index = prepared
