@@ -115,33 +115,39 @@ def step_tensor_peak(fn) -> int:
     return max(0, max(e["args"]["Total Allocated"] for e in mem) - start)
 
 
-def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,
-            grad_checkpointing: bool = False, optimizer_in_backward: bool = False, warmup: int = 2) -> dict:
-    model = S.build_model(config, impl, grad_checkpointing=grad_checkpointing)
-    opt = S.make_optimizer(model, in_backward=optimizer_in_backward)
-    runner = S.compile_model(model, impl) if compiled else model
-    imgs = S.make_images(config, batch)
+def _measure_step(step, resting, opt, warmup: int, **meta) -> dict:
+    """Run ``step`` once (compiling when asked) and ``warmup - 1`` more times, then measure one
+    steady-state step: ``resting`` holds the modules whose parameters and buffers rest in memory."""
     t0 = time.perf_counter()
-    S.train_step(runner, opt, imgs, precision)  # compiles when asked
+    step()
     first_step_s = time.perf_counter() - t0
     for _ in range(warmup - 1):
-        S.train_step(runner, opt, imgs, precision)
+        step()
     opt.zero_grad(set_to_none=True)
-    rest = resting_bytes(model, opt)
+    rest = resting_bytes(resting, opt)
     rss_before = _vm_kib("VmRSS")
     rss_reset = _reset_rss_peak()
-    peak = step_tensor_peak(lambda: S.train_step(runner, opt, imgs, precision))
+    peak = step_tensor_peak(step)
     rss_peak = _vm_kib("VmHWM") if rss_reset else None
     return dict(
-        config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
-        grad_checkpointing=grad_checkpointing, optimizer_in_backward=optimizer_in_backward,
-        threads=torch.get_num_threads(),
+        **meta, threads=torch.get_num_threads(),
         resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
         rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
         rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
         ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         first_step_s=first_step_s,
     )
+
+
+def measure(config: str, impl: str, compiled: bool, precision: str, batch: int,
+            grad_checkpointing: bool = False, optimizer_in_backward: bool = False, warmup: int = 2) -> dict:
+    model = S.build_model(config, impl, grad_checkpointing=grad_checkpointing)
+    opt = S.make_optimizer(model, in_backward=optimizer_in_backward)
+    runner = S.compile_model(model, impl) if compiled else model
+    imgs = S.make_images(config, batch)
+    return _measure_step(lambda: S.train_step(runner, opt, imgs, precision), model, opt, warmup,
+                         config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
+                         grad_checkpointing=grad_checkpointing, optimizer_in_backward=optimizer_in_backward)
 
 
 def measure_finetune(config: str, impl: str, compiled: bool, precision: str, batch: int, warmup: int = 2) -> dict:
@@ -150,30 +156,9 @@ def measure_finetune(config: str, impl: str, compiled: bool, precision: str, bat
     opt = FT.make_optimizer(model)
     runner = FT.compile_model(model, impl) if compiled else model
     imgs, labels = FT.make_batch(config, batch)
-
-    def step():
-        FT.train_step(runner, opt, imgs, labels, precision)
-
-    t0 = time.perf_counter()
-    step()  # compiles when asked
-    first_step_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        step()
-    opt.zero_grad(set_to_none=True)
-    rest = resting_bytes(model, opt)
-    rss_before = _vm_kib("VmRSS")
-    rss_reset = _reset_rss_peak()
-    peak = step_tensor_peak(step)
-    rss_peak = _vm_kib("VmHWM") if rss_reset else None
-    return dict(
-        model="finetune", config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
-        threads=torch.get_num_threads(),
-        resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
-        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
-        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
-        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        first_step_s=first_step_s,
-    )
+    return _measure_step(lambda: FT.train_step(runner, opt, imgs, labels, precision), model, opt, warmup,
+                         model="finetune", config=config, impl=impl, compiled=compiled, precision=precision,
+                         batch=batch)
 
 
 def measure_video(config: str, impl: str, compiled: bool, precision: str, batch: int, warmup: int = 2) -> dict:
@@ -182,30 +167,9 @@ def measure_video(config: str, impl: str, compiled: bool, precision: str, batch:
     opt = VS.make_optimizer(model)
     runner = VS.compile_model(model, impl) if compiled else model
     videos, mask, num_masked = VS.make_batch(config, batch)
-
-    def step():
-        VS.train_step(runner, opt, videos, mask, num_masked, precision)
-
-    t0 = time.perf_counter()
-    step()  # compiles when asked
-    first_step_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        step()
-    opt.zero_grad(set_to_none=True)
-    rest = resting_bytes(model, opt)
-    rss_before = _vm_kib("VmRSS")
-    rss_reset = _reset_rss_peak()
-    peak = step_tensor_peak(step)
-    rss_peak = _vm_kib("VmHWM") if rss_reset else None
-    return dict(
-        model="video", config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
-        threads=torch.get_num_threads(),
-        resting_bytes=rest, step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
-        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
-        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
-        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        first_step_s=first_step_s,
-    )
+    return _measure_step(lambda: VS.train_step(runner, opt, videos, mask, num_masked, precision), model, opt,
+                         warmup, model="video", config=config, impl=impl, compiled=compiled, precision=precision,
+                         batch=batch)
 
 
 def measure_maskalign(config: str, impl: str, compiled: bool, precision: str, batch: int, warmup: int = 2) -> dict:
@@ -216,31 +180,10 @@ def measure_maskalign(config: str, impl: str, compiled: bool, precision: str, ba
     opt = MA.make_optimizer(model)
     runner = MA.compile_model(model, impl) if compiled else model
     imgs, _, noise = MA.make_batch(config, batch, teacher)
-
-    def step():
-        MA.train_step(runner, opt, teacher, imgs, noise, precision)
-
-    t0 = time.perf_counter()
-    step()  # compiles when asked
-    first_step_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        step()
-    opt.zero_grad(set_to_none=True)
-    rest = resting_bytes(torch.nn.ModuleList([model, teacher]), opt)
-    rss_before = _vm_kib("VmRSS")
-    rss_reset = _reset_rss_peak()
-    peak = step_tensor_peak(step)
-    rss_peak = _vm_kib("VmHWM") if rss_reset else None
-    return dict(
-        model="maskalign", config=config, impl=impl, compiled=compiled, precision=precision, batch=batch,
-        threads=torch.get_num_threads(),
-        resting_bytes=rest, teacher_bytes=_module_bytes(teacher),
-        step_peak_bytes=peak, tensor_peak_bytes=rest + peak,
-        rss_before_step_bytes=None if rss_before is None else rss_before * 1024,
-        rss_step_peak_bytes=None if rss_peak is None else rss_peak * 1024,
-        ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        first_step_s=first_step_s,
-    )
+    return _measure_step(lambda: MA.train_step(runner, opt, teacher, imgs, noise, precision),
+                         torch.nn.ModuleList([model, teacher]), opt, warmup, model="maskalign", config=config,
+                         impl=impl, compiled=compiled, precision=precision, batch=batch,
+                         teacher_bytes=_module_bytes(teacher))
 
 
 def main(argv=None) -> int:
