@@ -455,13 +455,31 @@ VIDEOMAE_CONFIGS = {  # the official factories' arguments (decoder_depth: the co
 }
 
 
+# A small configuration of the same architecture (not official): the video demo's, the widths of the
+# image demo's ``mae_vit_tiny_patch8``. Its 8-px patches give a 64-px clip 64 tubelets per time slice
+# (a 16-px patch gives 16, of which tube masking at 0.9 leaves 2 visible: too few to reconstruct
+# anything but the clip's mean colour).
+VIDEOMAE_SMALL_CONFIGS = {
+    "pretrain_videomae_tiny_patch8": dict(patch_size=8, encoder_embed_dim=192, encoder_depth=6, encoder_num_heads=3,
+                                          decoder_embed_dim=128, decoder_num_heads=4, decoder_num_classes=384),
+}
+VIDEOMAE_NAMES = (*VIDEOMAE_CONFIGS, *VIDEOMAE_SMALL_CONFIGS)
+
+
+def videomae_config(name: str) -> dict:
+    """The factory arguments of a named VideoMAE configuration (official or small)."""
+    if name not in VIDEOMAE_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VIDEOMAE_NAMES)}")
+    return dict(VIDEOMAE_CONFIGS.get(name) or VIDEOMAE_SMALL_CONFIGS[name])
+
+
 def create_videomae(name: str, reference_impl: bool = False, **kwargs) -> PretrainVisionTransformer:
-    """Build an official VideoMAE configuration by name; ``kwargs`` override it (``decoder_depth``:
-    the official run_mae_pretraining.py passes 4, its ``--decoder_depth`` default)."""
-    if name not in VIDEOMAE_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VIDEOMAE_CONFIGS)}")
+    """Build a VideoMAE configuration by name (official, or ``pretrain_videomae_tiny_patch8``, the
+    demo's); ``kwargs`` override it (``decoder_depth``: the official run_mae_pretraining.py passes 4,
+    its ``--decoder_depth`` default)."""
     cfg = dict(img_size=224, patch_size=16, encoder_num_classes=0, decoder_num_classes=1536, mlp_ratio=4,
-               qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), **VIDEOMAE_CONFIGS[name])
+               qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(videomae_config(name))
     cfg.update(kwargs)
     return PretrainVisionTransformer(**cfg, reference_impl=reference_impl)
 
@@ -472,7 +490,8 @@ def _factory(name):
             raise ValueError("pretrained=True is not supported: load a checkpoint's state_dict instead")
         return create_videomae(name, **kwargs)
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"PretrainVisionTransformer with the official {name} configuration."
+    kind = "official" if name in VIDEOMAE_CONFIGS else "small (not official)"
+    factory.__doc__ = f"PretrainVisionTransformer with the {kind} {name} configuration."
     return factory
 
 
@@ -480,3 +499,4 @@ pretrain_videomae_small_patch16_224 = _factory("pretrain_videomae_small_patch16_
 pretrain_videomae_base_patch16_224 = _factory("pretrain_videomae_base_patch16_224")
 pretrain_videomae_large_patch16_224 = _factory("pretrain_videomae_large_patch16_224")
 pretrain_videomae_huge_patch16_224 = _factory("pretrain_videomae_huge_patch16_224")
+pretrain_videomae_tiny_patch8 = _factory("pretrain_videomae_tiny_patch8")

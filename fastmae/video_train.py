@@ -36,7 +36,7 @@ from . import checkpoint as ckpt_io
 from . import data, train, video
 from .engine import Engine, Recipe, Result
 
-VIDEO_MODEL_NAMES = tuple(video.VIDEOMAE_CONFIGS)
+VIDEO_MODEL_NAMES = video.VIDEOMAE_NAMES
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv")
 DEFAULT_MASK_RATIO = 0.9  # the official scripts' --mask_ratio for video
 EMBEDDED_CLIP_REPEATS = 8  # clips per photograph and epoch of the embedded default
@@ -55,7 +55,7 @@ def make_video_model(name: str, input_size: int, num_frames: int = 16, tubelet_s
     named by their flags. ``overrides`` go to :func:`fastmae.video.create_videomae` (tests: a micro model)."""
     if name not in VIDEO_MODEL_NAMES:
         raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(VIDEO_MODEL_NAMES)}")
-    p = overrides.get("patch_size", 16)
+    p = overrides.get("patch_size", video.videomae_config(name).get("patch_size", 16))
     for flag, v in (("--num_frames", num_frames), ("--tubelet_size", tubelet_size), ("--input_size", input_size),
                     ("--decoder_depth", decoder_depth)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if flag == "--decoder_depth" else 1):
@@ -476,7 +476,8 @@ def render_clips(out: dict, names, caption: str, tile: int = 112):
     cap_lines = caption.split("\n")
     cap_h = 8 + 16 * len(cap_lines)
     block_h = 18 + 4 * (th + pad) + 6
-    png = Image.new("RGB", (label_w + T * (tw + pad) + pad, cap_h + B * block_h), "white")
+    width = max(label_w + T * (tw + pad) + pad, *(int(small.getlength(ln)) + 2 * pad for ln in cap_lines))
+    png = Image.new("RGB", (width, cap_h + B * block_h), "white")
     d = ImageDraw.Draw(png)
     for i, ln in enumerate(cap_lines):
         d.text((pad, 4 + 16 * i), ln, fill="black", font=small)

@@ -157,6 +157,28 @@ def _twin(seed=0, **kw):
     return fast, ref
 
 
+def test_small_demo_configuration():
+    """pretrain_videomae_tiny_patch8, the video demo's (not official): the image demo's widths and
+    8-px patches; a factory and create_videomae build it, both twins agree, the official list is unchanged."""
+    torch.manual_seed(0)
+    fast = video.pretrain_videomae_tiny_patch8(img_size=32, num_frames=4, decoder_depth=2)
+    ref = video.create_videomae("pretrain_videomae_tiny_patch8", reference_impl=True, img_size=32, num_frames=4,
+                                decoder_depth=2)
+    ref.load_state_dict(fast.state_dict(), strict=True)
+    enc = fast.encoder
+    assert enc.patch_embed.proj.kernel_size == (2, 8, 8) and fast.decoder.head.out_features == 3 * 2 * 8 * 8
+    assert (enc.pos_embed.shape[-1], len(enc.blocks), enc.blocks[0].attn.num_heads) == (192, 6, 3)
+    assert (fast.pos_embed.shape[-1], len(fast.decoder.blocks), fast.decoder.blocks[0].attn.num_heads) == (128, 2, 4)
+    assert "pretrain_videomae_tiny_patch8" in video.VIDEOMAE_NAMES and "tiny" not in str(list(video.VIDEOMAE_CONFIGS))
+    assert "not official" in video.pretrain_videomae_tiny_patch8.__doc__
+    g = torch.Generator().manual_seed(1)
+    videos = torch.randn(2, 3, 4, 32, 32, generator=g)
+    mask = torch.stack([tube_mask(2, 4, 4, 0.75, g) for _ in range(2)])
+    with torch.no_grad():
+        got, want = fast(videos, mask), ref(videos, mask)
+    assert got.shape == (2, 24, 384) and rel_err(got, want) <= 1e-5
+
+
 def _odd_batch(batch, ratio, kind=tube_mask, seed=0):
     g = torch.Generator().manual_seed(seed)
     videos = torch.randn(batch, 1, 6, 8, 12, generator=g)

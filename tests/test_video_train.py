@@ -223,8 +223,10 @@ def test_cli_routes_video_models_with_the_official_defaults():
     assert p.parse_args(["pretrain"]).mask_ratio == 0.75  # image MAE: unchanged
     assert p.parse_args(["pretrain", "--model", VIDEO, "--normlize_target", "False"]).normlize_target is False
     assert p.parse_args(["pretrain", "--model", VIDEO, "--no-normlize_target"]).normlize_target is False
-    d = p.parse_args(["video-demo"])
-    assert d.model == VIDEO and d.mask_ratio == 0.9 and (d.input_size, d.num_frames) == (64, 8)
+    d = p.parse_args(["video-demo"])  # the demo's own small configuration (cli.VIDEO_DEMO_DEFAULTS)
+    assert d.model == "pretrain_videomae_tiny_patch8" and d.mask_ratio == 0.75
+    assert (d.input_size, d.num_frames, d.decoder_depth) == (64, 4, 2)
+    assert p.parse_args(["video-demo", "--model", VIDEO]).mask_ratio == 0.75  # the demo's, not the model's
     assert d.normlize_target is False and p.parse_args(["video-demo", "--normlize_target", "True"]).normlize_target
     assert p.parse_args(["video-demo", "--mask_ratio", "0.5"]).mask_ratio == 0.5
 
@@ -276,6 +278,6 @@ def test_commands_route_to_the_video_recipe(monkeypatch, capsys):
     assert cli.main(["video-demo"]) == 0
     assert cli.main(["pretrain", "--model", VIDEO]) == 0
     assert cli.main(["pretrain", "--model", "mae_vit_tiny_patch8"]) == 0
-    assert seen == [("video", VIDEO), ("video", VIDEO), ("image", "mae_vit_tiny_patch8")]
+    assert seen == [("video", "pretrain_videomae_tiny_patch8"), ("video", VIDEO), ("image", "mae_vit_tiny_patch8")]
     assert cli.main(["video-demo", "--model", "mae_vit_tiny_patch8"]) == 1
     assert "video-demo trains a VideoMAE" in capsys.readouterr().err
