@@ -412,7 +412,9 @@ def reconstruct_clips(model, videos: torch.Tensor, masks: torch.Tensor, normaliz
     [0, 1] (``original``, ``masked``, ``prediction``: the masked tubelets predicted, the visible
     ones grey; ``pasted``: the prediction with the visible tubelets put back) and the per-clip loss.
     With ``normalize_target`` the predictions are un-normalised per tubelet and channel with the
-    mean and std of the original tubelet, as the official visualisation does."""
+    mean and std of the original tubelet, as the official visualisation does; without it,
+    ``mean_colour_loss`` is the loss of predicting each clip's mean colour (of its visible
+    tubelets) for every masked one: what a model that learnt no content gets."""
     was_training = model.training
     model.eval()
     try:
@@ -437,11 +439,15 @@ def reconstruct_clips(model, videos: torch.Tensor, masks: torch.Tensor, normaliz
     else:
         loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     m = masks[:, :, None, None].to(pix.dtype).expand_as(pix)
+    colour = (pix * (1 - m)).sum(dim=(1, 3)) / ((1 - m).sum(dim=(1, 3)))  # [B, C] over the visible pixels
+    extra = {} if normalize_target else {"mean_colour_loss": ((target - colour[:, None, :, None]) ** 2).mean(
+        dim=(1, 2, 3)).cpu()}
     pred_full = pix.scatter(1, order[:, :, None, None].expand_as(pred), pred)
     grey = torch.full_like(pix, 0.5)
     show = lambda x: _unpatchify(x, grid).clamp(0, 1).cpu()  # noqa: E731
     return {"original": show(pix), "masked": show(pix * (1 - m) + grey * m),
-            "prediction": show(pred_full * m + grey * (1 - m)), "pasted": show(pred_full), "loss": loss.cpu()}
+            "prediction": show(pred_full * m + grey * (1 - m)), "pasted": show(pred_full), "loss": loss.cpu(),
+            **extra}
 
 
 ROWS = (("original", "original"), ("masked", "masked input"), ("prediction", "prediction (masked tubelets)"),
@@ -483,7 +489,10 @@ def render_clips(out: dict, names, caption: str, tile: int = 112):
         d.text((pad, 4 + 16 * i), ln, fill="black", font=small)
     for b in range(B):
         y0 = cap_h + b * block_h
-        d.text((pad, y0 + 2), f"{names[b]}   loss on masked tubelets {out['loss'][b]:.3f}", fill="#333333", font=font)
+        head = f"{names[b]}   loss on masked tubelets {out['loss'][b]:.4f}"
+        if "mean_colour_loss" in out:
+            head += f" (the clip's mean colour would give {out['mean_colour_loss'][b]:.4f})"
+        d.text((pad, y0 + 2), head, fill="#333333", font=font)
         for r, (key, label) in enumerate(ROWS):
             y = y0 + 18 + r * (th + pad)
             d.text((pad, y + th / 2), label, fill="black", font=small, anchor="lm")

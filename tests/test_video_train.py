@@ -214,6 +214,28 @@ def test_reconstruction_with_a_perfect_prediction_gives_back_the_clip():
     torch.testing.assert_close(out["pasted"], out["original"], atol=1e-5, rtol=0)
 
 
+def test_picture_measures_the_prediction_against_the_clip_mean_colour():
+    """Pixel targets: the picture's loss of a model predicting each clip's visible mean colour is
+    its mean_colour_loss, computed here another way; a perfect prediction scores 0 below it."""
+    torch.manual_seed(0)
+    model = video_train.make_video_model(VIDEO, 32, 4, 2, 1, **MICRO)
+    videos, masks = video_train.preview_clips(model, 0.75)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    pixels = videos * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1, 1) + mean  # [B, C, T, H, W] in [0, 1]
+    visible = ~masks.view(2, 2, 4, 4).repeat_interleave(2, 1).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    colour = torch.stack([pixels[b][:, visible[b]].mean(-1) for b in range(2)])  # [B, C]
+    want = torch.stack([((pixels[b][:, ~visible[b]] - colour[b][:, None]) ** 2).mean() for b in range(2)])
+    labels = video.videomae_labels(videos, masks, 8, 2, normalize_target=False)  # [B, M, K * C], C last
+    flat = colour[:, None, None, :].expand(-1, labels.shape[1], labels.shape[2] // 3, -1).reshape(labels.shape)
+    for prediction, loss in ((flat, want), (labels, torch.zeros(2))):
+        model.forward = lambda x, m, num_masked=None, p=prediction: p  # noqa: E731
+        out = video_train.reconstruct_clips(model, videos, masks, normalize_target=False)
+        torch.testing.assert_close(out["mean_colour_loss"], want.float(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out["loss"], loss.float(), rtol=1e-5, atol=1e-7)
+    assert (want > 0.01).all()
+    assert "mean_colour_loss" not in video_train.reconstruct_clips(model, videos, masks, normalize_target=True)
+
+
 # ---------------------------------------------------------------------------- command line and errors
 def test_cli_routes_video_models_with_the_official_defaults():
     p = cli.build_parser()
