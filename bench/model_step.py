@@ -25,6 +25,11 @@ Configurations:
 """
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -137,6 +142,77 @@ def rotated_cycle(providers, calls, times):
             times[p].append(timed(calls[p]))
 
     return cycle
+
+
+def time_side_by_side(benchmark, steps: dict, *, group: str, rounds: int, warmup: int, dtype: torch.dtype,
+                      mm_n: int) -> tuple[dict, dict, list, float]:
+    """The step suites' timing: each provider's ``steps[p]`` called once (timed: it compiles the
+    compiled ones), ``warmup`` more calls each, then ``rounds`` benchmark rounds, each one rotated
+    cycle of every provider (:func:`rotated_cycle`) and one sample of the matmul ceiling in the
+    step's ``dtype``. Returns ``(times, first_call_s, mm_rates, ceiling)`` (the median rate)."""
+    providers = list(steps)
+    first = {p: timed(steps[p]) for p in providers}
+    for _ in range(warmup):
+        for p in providers:
+            steps[p]()
+    times = {p: [] for p in providers}
+    mm_rates = []
+    run_providers = rotated_cycle(providers, steps, times)
+
+    def cycle():
+        run_providers()
+        mm_rates.append(matmul_rate(dtype, mm_n, reps=2))
+
+    benchmark.group = group
+    benchmark.pedantic(cycle, rounds=rounds, iterations=1, warmup_rounds=0)
+    return times, first, mm_rates, statistics.median(mm_rates)
+
+
+def provider_stats(times: list, first_s: float, *, batch: int, flops: float, ceiling: float, compiled: bool,
+                   per_s: str = "images_per_s") -> dict:
+    """One provider's entry in a step benchmark's ``extra_info``: median and min step time, the
+    samples, items per second (``per_s``), the share of the matmul ceiling of ``flops`` per step,
+    and the compile time (first call minus a steady step) of a compiled provider."""
+    med = statistics.median(times)
+    return dict(median_s=med, min_s=min(times), times_s=times, **{per_s: batch / med},
+                pct_of_ceiling=100 * flops / med / ceiling, compile_s=first_s - med if compiled else None,
+                first_call_s=first_s)
+
+
+def memory_variants(names: dict, suite: str) -> tuple[list, str]:
+    """``FASTMAE_BENCH_MEMORY_VARIANTS`` (default: every name of ``names``, checked) and
+    ``FASTMAE_BENCH_MEMORY_CACHE`` (``fresh`` or ``shared``) of a suite's peak-memory test."""
+    run = [v for v in bench_setting("FASTMAE_BENCH_MEMORY_VARIANTS", ",".join(names)).split(",") if v]
+    for v in run:
+        if v not in names:
+            raise ValueError(f"FASTMAE_BENCH_MEMORY_VARIANTS names {v!r}; the {suite} suite knows {', '.join(names)}")
+    cache = bench_setting("FASTMAE_BENCH_MEMORY_CACHE", "fresh")
+    if cache not in ("fresh", "shared"):
+        raise ValueError(f"FASTMAE_BENCH_MEMORY_CACHE must be fresh or shared, got {cache!r}")
+    return run, cache
+
+
+def measure_memory(benchmark, args: list, *, group: str, cache: str, tmp_path) -> dict:
+    """``python -m fastmae.bench.memory ARGS`` in a fresh process, as one benchmark round: its JSON
+    result plus ``wall_s``. With ``cache="fresh"`` the process gets an empty inductor cache, so its
+    ``first_step_s`` is a cold compile (+ one step), comparable between providers (a shared cache
+    favours whichever compiles second)."""
+    cmd = [sys.executable, "-m", "fastmae.bench.memory", *args]
+    out = {}
+
+    def run():
+        env = dict(os.environ)
+        if cache == "fresh":
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+        out.update(json.loads(proc.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - t0)
+
+    benchmark.group = group
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    return out
 
 
 def matmul_rate(dtype: torch.dtype, n: int, reps: int = 3) -> float:

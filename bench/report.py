@@ -429,33 +429,43 @@ def _allocator_text(label: str) -> str:
     return label
 
 
+def _suite_measured(rows: list, providers, what: str, per: str = "", extra=lambda rs: "",
+                    tail=lambda rs: "") -> list[str]:
+    """What a side-by-side step suite's CPU rows cover, a line per configuration and batch."""
+    rows = [r for r in rows if r["device"] == "cpu"]
+    out = []
+    for config, batch in sorted({(r["config"], r["batch"]) for r in rows}):
+        rs = [r for r in rows if r["config"] == config and r["batch"] == batch]
+        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
+        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
+        out.append(f"{what} (CPU): {config} = {title}, batch {batch}{per}, {' and '.join(precisions)}; providers "
+                   f"{', '.join(_ordered({r['provider'] for r in rs}, providers))}{extra(rs)}; timed rounds: "
+                   f"{_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
+                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round"
+                   + tail(rs))
+    return out
+
+
+def _memory_measured(mem: list, providers, what: str, model: str) -> list[str]:
+    """What a suite's fresh-process peaks (``memory.py --model MODEL``) cover, one line."""
+    if not mem:
+        return []
+    return [f"peak memory of the {what} in a fresh process (memory.py --model {model}): "
+            f"{', '.join(_ordered({m['variant'] for m in mem}, providers))}; inductor cache "
+            f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in mem}))}"]
+
+
 def _measured(res: Results, run: dict) -> list[str]:
     """What the results cover, read from the results themselves."""
     out = []
     if run.get("description"):
         out.append(run["description"])
-    steps = [r for r in res.steps if r["device"] == "cpu"]
-    for config, batch in sorted({(r["config"], r["batch"]) for r in steps}):
-        rs = [r for r in steps if r["config"] == config and r["batch"] == batch]
-        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
-        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
-        out.append(f"training step (CPU): {config} = {title}, batch {batch}, {' and '.join(precisions)}; providers "
-                   f"{', '.join(_ordered({r['provider'] for r in rs}, STEP_PROVIDERS))}; "
-                   f"timed rounds: {_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
-                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round "
-                   f"({rs[0]['mm_desc'].split(' ', 1)[1]}); peak memory: one more step per provider under the "
-                   f"profiler, in the same process")
-    ft = [r for r in res.finetune if r["device"] == "cpu"]
-    for config, batch in sorted({(r["config"], r["batch"]) for r in ft}):
-        rs = [r for r in ft if r["config"] == config and r["batch"] == batch]
-        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
-        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
-        timm = sorted({r["timm"] for r in rs if r.get("timm")})
-        out.append(f"fine-tuning step (CPU): {config} = {title}, batch {batch}, {' and '.join(precisions)}; "
-                   f"providers {', '.join(_ordered({r['provider'] for r in rs}, FINETUNE_PROVIDERS))}"
-                   + (f" (timm {', '.join(timm)})" if timm else "")
-                   + f"; timed rounds: {_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
-                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round")
+    out += _suite_measured(res.steps, STEP_PROVIDERS, "training step", tail=lambda rs: (
+        f" ({rs[0]['mm_desc'].split(' ', 1)[1]}); peak memory: one more step per provider under the profiler, in the "
+        f"same process"))
+    out += _suite_measured(res.finetune, FINETUNE_PROVIDERS, "fine-tuning step", extra=lambda rs: (
+        f" (timm {', '.join(sorted({r['timm'] for r in rs if r.get('timm')}))})" if any(r.get("timm") for r in rs)
+        else ""))
     feats = [r for r in res.features if r["device"] == "cpu"]
     for config, batch in sorted({(r["config"], r["batch"]) for r in feats}):
         rs = [r for r in feats if r["config"] == config and r["batch"] == batch]
@@ -463,41 +473,11 @@ def _measured(res: Results, run: dict) -> list[str]:
                    f"{' and '.join(sorted({r['precision'] for r in rs}, key=_precision_rank))}, "
                    f"{' and '.join(sorted({r['mode'] for r in rs}, reverse=True))}; fastmae against timm; timed "
                    f"rounds: {_span(r['rounds'] for r in rs)}")
-    if res.finetune_memory:
-        variants = _ordered({m["variant"] for m in res.finetune_memory}, FINETUNE_PROVIDERS)
-        out.append(f"peak memory of the fine-tuning step in a fresh process (memory.py --model finetune): "
-                   f"{', '.join(variants)}; inductor cache "
-                   f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.finetune_memory}))}")
-    vid = [r for r in res.video if r["device"] == "cpu"]
-    for config, batch in sorted({(r["config"], r["batch"]) for r in vid}):
-        rs = [r for r in vid if r["config"] == config and r["batch"] == batch]
-        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
-        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
-        out.append(f"VideoMAE pre-training step (CPU): {config} = {title}, batch {batch} clip(s), "
-                   f"{' and '.join(precisions)}; providers "
-                   f"{', '.join(_ordered({r['provider'] for r in rs}, VIDEO_PROVIDERS))}; timed rounds: "
-                   f"{_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
-                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round")
-    if res.video_memory:
-        variants = _ordered({m["variant"] for m in res.video_memory}, VIDEO_PROVIDERS)
-        out.append(f"peak memory of the VideoMAE step in a fresh process (memory.py --model video): "
-                   f"{', '.join(variants)}; inductor cache "
-                   f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.video_memory}))}")
-    ma = [r for r in res.maskalign if r["device"] == "cpu"]
-    for config, batch in sorted({(r["config"], r["batch"]) for r in ma}):
-        rs = [r for r in ma if r["config"] == config and r["batch"] == batch]
-        title = next((r["config_title"] for r in rs if r.get("config_title")), config)
-        precisions = sorted({r["precision"] for r in rs}, key=_precision_rank)
-        out.append(f"MaskAlign pre-training step (CPU): {config} = {title}, batch {batch}, "
-                   f"{' and '.join(precisions)}; providers "
-                   f"{', '.join(_ordered({r['provider'] for r in rs}, MASKALIGN_PROVIDERS))}; timed rounds: "
-                   f"{_span(r['rounds'] for r in rs)}, after the first call (compilation) and "
-                   f"{_span(r['warmup'] for r in rs)} warm-up round(s); matmul ceiling sampled once per round")
-    if res.maskalign_memory:
-        variants = _ordered({m["variant"] for m in res.maskalign_memory}, MASKALIGN_PROVIDERS)
-        out.append(f"peak memory of the MaskAlign step in a fresh process (memory.py --model maskalign): "
-                   f"{', '.join(variants)}; inductor cache "
-                   f"{', '.join(sorted({m.get('inductor_cache', 'fresh') for m in res.maskalign_memory}))}")
+    out += _memory_measured(res.finetune_memory, FINETUNE_PROVIDERS, "fine-tuning step", "finetune")
+    out += _suite_measured(res.video, VIDEO_PROVIDERS, "VideoMAE pre-training step", per=" clip(s)")
+    out += _memory_measured(res.video_memory, VIDEO_PROVIDERS, "VideoMAE step", "video")
+    out += _suite_measured(res.maskalign, MASKALIGN_PROVIDERS, "MaskAlign pre-training step")
+    out += _memory_measured(res.maskalign_memory, MASKALIGN_PROVIDERS, "MaskAlign step", "maskalign")
     if res.memory:
         variants = sorted({m["variant"] for m in res.memory})
         out.append(f"peak memory in a fresh process (memory.py): {len(variants)} variants ({', '.join(variants)})")
@@ -597,6 +577,38 @@ def _step_section(res: Results, device: str, plots: dict) -> list[str]:
     return lines
 
 
+def _peak_table(mem: list, peaks: dict, providers, base: str, multi: bool) -> list[str]:
+    """A step suite's fresh-process peaks (memory.py), a row per variant: its tensor peak against the
+    ``base`` implementation's (``timm`` or ``ref``) in the same mode (eager or compiled), the
+    resting state (with a "teacher MiB" column where the variants hold a teacher), the step's own
+    peak, RSS, the first step's time and the inductor cache."""
+    teacher = any(m.get("teacher_bytes") is not None for m in mem)
+    rows = []
+    for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
+                                        providers.index(m["variant"]) if m["variant"] in providers else 9)):
+        mode = "compiled" if "compiled" in m["variant"] else "eager"
+        ref = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"{base}-{mode}"))
+        rss = m.get("rss_step_peak_bytes")
+        rows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
+            m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
+            _f(_ratio(m["tensor_peak_bytes"], ref and ref["tensor_peak_bytes"])), f"{m['resting_bytes'] / 2**20:.0f}"]
+            + ([_f(m.get("teacher_bytes") and m["teacher_bytes"] / 2**20, ".0f")] if teacher else [])
+            + [f"{m['step_peak_bytes'] / 2**20:.0f}", _f(rss and rss / 2**20, ".0f"), _f(m.get("first_step_s"), ".1f"),
+               m.get("inductor_cache", "fresh")])
+    headers = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
+        "variant", "tensor peak MiB", f"x {base}", "resting MiB"] + (["teacher MiB"] if teacher else []) + [
+        "step peak MiB", "RSS step peak MiB", "first step s", "inductor cache"]
+    return markdown_table(headers, rows, numeric_from=4 + multi) + [""]
+
+
+def _by_setting(rows: list) -> list:
+    """Step rows grouped by (config, batch, precision, allocator), in report order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+
+
 def _finetune_section(res: Results, device: str, plots: dict) -> list[str]:
     """The fine-tuning step, fastmae against timm, with the fresh-process peak of each provider,
     then feature extraction."""
@@ -615,10 +627,7 @@ def _finetune_section(res: Results, device: str, plots: dict) -> list[str]:
               "step's high-water mark in a fresh process (memory.py --model finetune: resting state plus the "
               "step's own peak from the profiler), \"peak x timm\" against timm in the same mode (eager or "
               "compiled).", ""]
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
-    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+    order = _by_setting(rows)
     table = []
     for (config, batch, precision, alloc), rs in order:
         by = {r["provider"]: r for r in rs}
@@ -661,22 +670,7 @@ def _finetune_section(res: Results, device: str, plots: dict) -> list[str]:
         lines += ["Peak memory of the fine-tuning step, one fresh process per variant (memory.py --model finetune; "
                   "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
                   "interpreter, libraries and what malloc keeps):", ""]
-        mrows = []
-        for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
-                                            FINETUNE_PROVIDERS.index(m["variant"])
-                                            if m["variant"] in FINETUNE_PROVIDERS else 9)):
-            mode = "compiled" if "compiled" in m["variant"] else "eager"
-            t = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"timm-{mode}"))
-            rss = m.get("rss_step_peak_bytes")
-            mrows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
-                m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
-                _f(_ratio(m["tensor_peak_bytes"], t and t["tensor_peak_bytes"])),
-                f"{m['resting_bytes'] / 2**20:.0f}", f"{m['step_peak_bytes'] / 2**20:.0f}",
-                _f(rss and rss / 2**20, ".0f"), _f(m.get("first_step_s"), ".1f"), m.get("inductor_cache", "fresh")])
-        mheaders = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
-            "variant", "tensor peak MiB", "x timm", "resting MiB", "step peak MiB", "RSS step peak MiB",
-            "first step s", "inductor cache"]
-        lines += markdown_table(mheaders, mrows, numeric_from=4 + multi) + [""]
+        lines += _peak_table(mem, peaks, FINETUNE_PROVIDERS, "timm", multi)
     return lines + _features_section(res, device, plots)
 
 
@@ -699,10 +693,7 @@ def _video_section(res: Results, device: str, plots: dict) -> list[str]:
               "same run; \"peak MiB\" is bytes of live tensors at the step's high-water mark in a fresh process "
               "(memory.py --model video: resting state plus the step's own peak from the profiler), \"peak x "
               "ref\" against the reference in the same mode (eager or compiled).", ""]
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
-    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+    order = _by_setting(rows)
     headers = ["provider", "clips/s", "step ms", "x ref-eager", "x ref-compiled", "% of ceiling", "compile s",
                "peak MiB", "peak x ref"]
     for (config, batch, precision, alloc), rs in order:
@@ -755,22 +746,7 @@ def _video_section(res: Results, device: str, plots: dict) -> list[str]:
         lines += ["Peak memory of the VideoMAE step, one fresh process per variant (memory.py --model video; "
                   "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
                   "interpreter, libraries and what malloc keeps):", ""]
-        mrows = []
-        for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
-                                            VIDEO_PROVIDERS.index(m["variant"])
-                                            if m["variant"] in VIDEO_PROVIDERS else 9)):
-            mode = "compiled" if "compiled" in m["variant"] else "eager"
-            ref = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"ref-{mode}"))
-            rss = m.get("rss_step_peak_bytes")
-            mrows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
-                m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
-                _f(_ratio(m["tensor_peak_bytes"], ref and ref["tensor_peak_bytes"])),
-                f"{m['resting_bytes'] / 2**20:.0f}", f"{m['step_peak_bytes'] / 2**20:.0f}",
-                _f(rss and rss / 2**20, ".0f"), _f(m.get("first_step_s"), ".1f"), m.get("inductor_cache", "fresh")])
-        mheaders = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
-            "variant", "tensor peak MiB", "x ref", "resting MiB", "step peak MiB", "RSS step peak MiB",
-            "first step s", "inductor cache"]
-        lines += markdown_table(mheaders, mrows, numeric_from=4 + multi) + [""]
+        lines += _peak_table(mem, peaks, VIDEO_PROVIDERS, "ref", multi)
     return lines
 
 
@@ -800,10 +776,7 @@ def _maskalign_section(res: Results, device: str, plots: dict) -> list[str]:
               "MAE's own step is the training-step section of the model suite (bench/test_bench_model.py; "
               "FASTMAE_BENCH_CONFIGS=vitb FASTMAE_BENCH_BATCH=8 gives it at this suite's ViT-B batch): render "
               "both JSON files together to see them side by side.", ""]
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["config"], r["batch"], r["precision"], r["allocator"]), []).append(r)
-    order = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2]), kv[0][3]))
+    order = _by_setting(rows)
     headers = ["provider", "images/s", "step ms", "x ref-eager", "x ref-compiled", "teacher %", "% of ceiling",
                "compile s", "peak MiB", "peak x ref"]
     for (config, batch, precision, alloc), rs in order:
@@ -870,23 +843,7 @@ def _maskalign_section(res: Results, device: str, plots: dict) -> list[str]:
                   "\"resting MiB\" includes the teacher's weights, \"teacher MiB\"; \"first step s\" includes "
                   "compilation, cold when the inductor cache is fresh; RSS includes the interpreter, libraries and "
                   "what malloc keeps):", ""]
-        mrows = []
-        for m in sorted(mem, key=lambda m: (m["config"], m["batch"], _precision_rank(m["precision"]), m["allocator"],
-                                            MASKALIGN_PROVIDERS.index(m["variant"])
-                                            if m["variant"] in MASKALIGN_PROVIDERS else 9)):
-            mode = "compiled" if "compiled" in m["variant"] else "eager"
-            ref = peaks.get((m["config"], m["batch"], m["precision"], m["allocator"], f"ref-{mode}"))
-            rss = m.get("rss_step_peak_bytes")
-            mrows.append([m["config"], m["batch"], m["precision"]] + ([m["allocator"]] if multi else []) + [
-                m["variant"], f"{m['tensor_peak_bytes'] / 2**20:.0f}",
-                _f(_ratio(m["tensor_peak_bytes"], ref and ref["tensor_peak_bytes"])),
-                f"{m['resting_bytes'] / 2**20:.0f}", _f(m.get("teacher_bytes") and m["teacher_bytes"] / 2**20, ".0f"),
-                f"{m['step_peak_bytes'] / 2**20:.0f}", _f(rss and rss / 2**20, ".0f"),
-                _f(m.get("first_step_s"), ".1f"), m.get("inductor_cache", "fresh")])
-        mheaders = ["config", "batch", "precision"] + (["allocator"] if multi else []) + [
-            "variant", "tensor peak MiB", "x ref", "resting MiB", "teacher MiB", "step peak MiB",
-            "RSS step peak MiB", "first step s", "inductor cache"]
-        lines += markdown_table(mheaders, mrows, numeric_from=4 + multi) + [""]
+        lines += _peak_table(mem, peaks, MASKALIGN_PROVIDERS, "ref", multi)
     return lines
 
 

@@ -44,12 +44,7 @@ one round, a 512 matmul; no meaningful figure).
 """
 from __future__ import annotations
 
-import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -131,33 +126,17 @@ def _ratio(num, den):
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_maskalign_step(config, precision, benchmark):
     bench = get_bench(config)
-    providers = list(M.PROVIDERS)
-    steps = {p: bench.step_fn(p, precision) for p in providers}
-    first = {p: S.timed(steps[p]) for p in providers}  # compiles the compiled providers
-    for _ in range(WARMUP):
-        for p in providers:
-            steps[p]()
-    times = {p: [] for p in providers}
-    mm_rates = []
-    run_providers = S.rotated_cycle(providers, steps, times)
-
-    def cycle():
-        run_providers()
-        mm_rates.append(S.matmul_rate(DTYPES[precision], MM_N, reps=2))
-
-    benchmark.group = f"maskalign step {config} {precision}"
-    benchmark.pedantic(cycle, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-
-    ceiling = statistics.median(mm_rates)
-    med = {p: statistics.median(times[p]) for p in providers}
+    steps = {p: bench.step_fn(p, precision) for p in M.PROVIDERS}
+    times, first, mm_rates, ceiling = S.time_side_by_side(benchmark, steps,
+                                                          group=f"maskalign step {config} {precision}", rounds=ROUNDS,
+                                                          warmup=WARMUP, dtype=DTYPES[precision], mm_n=MM_N)
+    per = {p: S.provider_stats(times[p], first[p], batch=bench.batch, ceiling=ceiling, compiled=p.endswith("compiled"),
+                               flops=(bench.teacher_flops_per_image if p == "teacher-only" else bench.flops_per_image)
+                               * bench.batch) for p in steps}
+    med = {p: per[p]["median_s"] for p in steps}
     teacher_s = med["teacher-only"]
-    per = {}
-    for p in providers:
-        flops = (bench.teacher_flops_per_image if p == "teacher-only" else bench.flops_per_image) * bench.batch
-        per[p] = dict(median_s=med[p], min_s=min(times[p]), times_s=times[p], images_per_s=bench.batch / med[p],
-                      pct_of_ceiling=100 * flops / med[p] / ceiling,
-                      compile_s=first[p] - med[p] if p.endswith("compiled") else None, first_call_s=first[p],
-                      teacher_share=None if p == "teacher-only" else teacher_s / med[p])
+    for p in M.STUDENT_PROVIDERS:
+        per[p]["teacher_share"] = teacher_s / med[p]
     student = {p: med[p] - teacher_s for p in M.STUDENT_PROVIDERS}  # estimates: step minus the teacher alone
     for opt in bench.opts.values():
         opt.zero_grad(set_to_none=True)
@@ -185,12 +164,7 @@ MEMORY_VARIANTS = {  # name: (impl, compiled)
     "ref-eager": ("ref", False),
     "fast-eager": ("fast", False),
 }
-MEMORY_RUN = [v for v in bench_setting("FASTMAE_BENCH_MEMORY_VARIANTS", ",".join(MEMORY_VARIANTS)).split(",") if v]
-MEMORY_CACHE = bench_setting("FASTMAE_BENCH_MEMORY_CACHE", "fresh")
-for _v in MEMORY_RUN:
-    if _v not in MEMORY_VARIANTS:
-        raise ValueError(f"FASTMAE_BENCH_MEMORY_VARIANTS names {_v!r}; the maskalign suite knows "
-                         f"{', '.join(MEMORY_VARIANTS)}")
+MEMORY_RUN, MEMORY_CACHE = S.memory_variants(MEMORY_VARIANTS, "maskalign")
 
 
 @pytest.mark.parametrize("precision", M.PRECISIONS)
@@ -199,21 +173,9 @@ for _v in MEMORY_RUN:
 def test_maskalign_peak_memory(config, variant, precision, benchmark, tmp_path):
     _benches.clear()  # free this process's models before the subprocess runs
     impl, compiled = MEMORY_VARIANTS[variant]
-    cmd = [sys.executable, "-m", "fastmae.bench.memory", "--model", "maskalign", "--config", config, "--impl", impl,
-           "--precision", precision, "--batch", str(M.batch_size(config))] + (["--compiled"] if compiled else [])
-    out = {}
-
-    def run():
-        env = dict(os.environ)
-        if MEMORY_CACHE == "fresh":  # first_step_s is then a cold compile (+ one step)
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        out.update(json.loads(proc.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - t0)
-
-    benchmark.group = f"maskalign peak memory {config} {precision}"
-    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    args = ["--model", "maskalign", "--config", config, "--impl", impl, "--precision", precision,
+            "--batch", str(M.batch_size(config))] + (["--compiled"] if compiled else [])
+    out = S.measure_memory(benchmark, args, group=f"maskalign peak memory {config} {precision}", cache=MEMORY_CACHE,
+                           tmp_path=tmp_path)
     benchmark.extra_info.update(kind="maskalign_memory", variant=variant, env=_env(), tier=TIER,
                                 inductor_cache=MEMORY_CACHE, **out)

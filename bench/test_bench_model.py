@@ -46,12 +46,8 @@ Compile time depends on inductor's cache: for a cold figure set
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -133,33 +129,14 @@ def get_bench(config: str) -> Bench:
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_train_step(config, precision, benchmark):
     bench = get_bench(config)
-    providers = list(S.PROVIDERS)
-    steps = {p: bench.step_fn(p, precision) for p in providers}
-    first = {p: S.timed(steps[p]) for p in providers}  # compiles the compiled providers
-    for _ in range(WARMUP):
-        for p in providers:
-            steps[p]()
-    times = {p: [] for p in providers}
-    mm_rates = []
-    run_providers = S.rotated_cycle(providers, steps, times)
-
-    def cycle():
-        run_providers()
-        mm_rates.append(S.matmul_rate(DTYPES[precision], MM_N, reps=2))
-
-    benchmark.group = f"train step {config} {precision}"
-    benchmark.pedantic(cycle, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-
-    ceiling = statistics.median(mm_rates)
-    flops = bench.flops_per_image * bench.batch
-    per = {}
-    for p in providers:
-        med = statistics.median(times[p])
-        per[p] = dict(median_s=med, min_s=min(times[p]), times_s=times[p], images_per_s=bench.batch / med,
-                      pct_of_ceiling=100 * flops / med / ceiling,
-                      compile_s=first[p] - med if p.endswith("compiled") else None, first_call_s=first[p],
-                      **bench.tensor_peak(p, steps[p]))
-    med = {p: per[p]["median_s"] for p in providers}
+    steps = {p: bench.step_fn(p, precision) for p in S.PROVIDERS}
+    times, first, mm_rates, ceiling = S.time_side_by_side(benchmark, steps, group=f"train step {config} {precision}",
+                                                          rounds=ROUNDS, warmup=WARMUP, dtype=DTYPES[precision],
+                                                          mm_n=MM_N)
+    per = {p: dict(S.provider_stats(times[p], first[p], batch=bench.batch, flops=bench.flops_per_image * bench.batch,
+                                    ceiling=ceiling, compiled=p.endswith("compiled")), **bench.tensor_peak(p, steps[p]))
+           for p in steps}
+    med = {p: per[p]["median_s"] for p in steps}
     benchmark.extra_info.update(
         kind="train_step", config=config, config_title=S.CONFIGS[config]["title"], precision=precision,
         batch=bench.batch, rounds=ROUNDS, warmup=WARMUP,
@@ -286,13 +263,7 @@ MEMORY_VARIANTS = {  # name: (impl, compiled, grad_checkpointing, optimizer in b
 }
 
 
-MEMORY_RUN = [v for v in bench_setting("FASTMAE_BENCH_MEMORY_VARIANTS", ",".join(MEMORY_VARIANTS)).split(",") if v]
-MEMORY_CACHE = bench_setting("FASTMAE_BENCH_MEMORY_CACHE", "fresh")
-for _v in MEMORY_RUN:
-    if _v not in MEMORY_VARIANTS:
-        raise ValueError(f"FASTMAE_BENCH_MEMORY_VARIANTS names {_v!r}; choose from {', '.join(MEMORY_VARIANTS)}")
-if MEMORY_CACHE not in ("fresh", "shared"):
-    raise ValueError(f"FASTMAE_BENCH_MEMORY_CACHE must be fresh or shared, got {MEMORY_CACHE!r}")
+MEMORY_RUN, MEMORY_CACHE = S.memory_variants(MEMORY_VARIANTS, "model")
 
 
 @pytest.mark.parametrize("precision", S.PRECISIONS)
@@ -301,25 +272,10 @@ if MEMORY_CACHE not in ("fresh", "shared"):
 def test_peak_memory(config, variant, precision, benchmark, tmp_path):
     _benches.clear()  # free this process's models before the subprocess runs
     impl, compiled, ckpt, in_backward = MEMORY_VARIANTS[variant]
-    cmd = [sys.executable, "-m", "fastmae.bench.memory", "--config", config, "--impl", impl, "--precision", precision,
-           "--batch", str(S.batch_size(config))]
-    cmd += (["--compiled"] if compiled else []) + (["--grad-checkpointing"] if ckpt else [])
-    cmd += ["--optimizer-in-backward"] if in_backward else []
-    out = {}
-
-    def run():
-        # a fresh inductor cache per process: first_step_s is then a cold compile (+ one step),
-        # comparable between providers (a shared cache favours whichever compiles second)
-        env = dict(os.environ)
-        if MEMORY_CACHE == "fresh":
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        out.update(json.loads(proc.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - t0)
-
-    benchmark.group = f"peak memory {config} {precision}"
-    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    args = ["--config", config, "--impl", impl, "--precision", precision, "--batch", str(S.batch_size(config))]
+    args += (["--compiled"] if compiled else []) + (["--grad-checkpointing"] if ckpt else [])
+    args += ["--optimizer-in-backward"] if in_backward else []
+    out = S.measure_memory(benchmark, args, group=f"peak memory {config} {precision}", cache=MEMORY_CACHE,
+                           tmp_path=tmp_path)
     benchmark.extra_info.update(kind="memory", variant=variant, env=_env(), tier=TIER, inductor_cache=MEMORY_CACHE,
                                 **out)

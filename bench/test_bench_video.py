@@ -35,12 +35,7 @@ only, batch 1, one round, a 512 matmul; no meaningful figure).
 """
 from __future__ import annotations
 
-import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -112,32 +107,13 @@ def get_bench(config: str) -> Bench:
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_video_step(config, precision, benchmark):
     bench = get_bench(config)
-    providers = list(V.PROVIDERS)
-    steps = {p: bench.step_fn(p, precision) for p in providers}
-    first = {p: S.timed(steps[p]) for p in providers}  # compiles the compiled providers
-    for _ in range(WARMUP):
-        for p in providers:
-            steps[p]()
-    times = {p: [] for p in providers}
-    mm_rates = []
-    run_providers = S.rotated_cycle(providers, steps, times)
-
-    def cycle():
-        run_providers()
-        mm_rates.append(S.matmul_rate(DTYPES[precision], MM_N, reps=2))
-
-    benchmark.group = f"video step {config} {precision}"
-    benchmark.pedantic(cycle, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-
-    ceiling = statistics.median(mm_rates)
-    flops = bench.flops_per_clip * bench.batch
-    per = {}
-    for p in providers:
-        med = statistics.median(times[p])
-        per[p] = dict(median_s=med, min_s=min(times[p]), times_s=times[p], clips_per_s=bench.batch / med,
-                      pct_of_ceiling=100 * flops / med / ceiling,
-                      compile_s=first[p] - med if p.endswith("compiled") else None, first_call_s=first[p])
-    med = {p: per[p]["median_s"] for p in providers}
+    steps = {p: bench.step_fn(p, precision) for p in V.PROVIDERS}
+    times, first, mm_rates, ceiling = S.time_side_by_side(benchmark, steps, group=f"video step {config} {precision}",
+                                                          rounds=ROUNDS, warmup=WARMUP, dtype=DTYPES[precision],
+                                                          mm_n=MM_N)
+    per = {p: S.provider_stats(times[p], first[p], batch=bench.batch, flops=bench.flops_per_clip * bench.batch,
+                               ceiling=ceiling, compiled=p.endswith("compiled"), per_s="clips_per_s") for p in steps}
+    med = {p: per[p]["median_s"] for p in steps}
     for opt in bench.opts.values():
         opt.zero_grad(set_to_none=True)
     cfg = V.CONFIGS[config]
@@ -160,12 +136,7 @@ MEMORY_VARIANTS = {  # name: (impl, compiled)
     "ref-eager": ("ref", False),
     "fast-eager": ("fast", False),
 }
-MEMORY_RUN = [v for v in bench_setting("FASTMAE_BENCH_MEMORY_VARIANTS", ",".join(MEMORY_VARIANTS)).split(",") if v]
-MEMORY_CACHE = bench_setting("FASTMAE_BENCH_MEMORY_CACHE", "fresh")
-for _v in MEMORY_RUN:
-    if _v not in MEMORY_VARIANTS:
-        raise ValueError(f"FASTMAE_BENCH_MEMORY_VARIANTS names {_v!r}; the video suite knows "
-                         f"{', '.join(MEMORY_VARIANTS)}")
+MEMORY_RUN, MEMORY_CACHE = S.memory_variants(MEMORY_VARIANTS, "video")
 
 
 @pytest.mark.parametrize("precision", V.PRECISIONS)
@@ -174,21 +145,9 @@ for _v in MEMORY_RUN:
 def test_video_peak_memory(config, variant, precision, benchmark, tmp_path):
     _benches.clear()  # free this process's models before the subprocess runs
     impl, compiled = MEMORY_VARIANTS[variant]
-    cmd = [sys.executable, "-m", "fastmae.bench.memory", "--model", "video", "--config", config, "--impl", impl,
-           "--precision", precision, "--batch", str(V.batch_size(config))] + (["--compiled"] if compiled else [])
-    out = {}
-
-    def run():
-        env = dict(os.environ)
-        if MEMORY_CACHE == "fresh":  # first_step_s is then a cold compile (+ one step)
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        out.update(json.loads(proc.stdout.strip().splitlines()[-1]), wall_s=time.perf_counter() - t0)
-
-    benchmark.group = f"video peak memory {config} {precision}"
-    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    args = ["--model", "video", "--config", config, "--impl", impl, "--precision", precision,
+            "--batch", str(V.batch_size(config))] + (["--compiled"] if compiled else [])
+    out = S.measure_memory(benchmark, args, group=f"video peak memory {config} {precision}", cache=MEMORY_CACHE,
+                           tmp_path=tmp_path)
     benchmark.extra_info.update(kind="video_memory", variant=variant, env=_env(), tier=TIER,
                                 inductor_cache=MEMORY_CACHE, **out)
