@@ -291,6 +291,25 @@ def test_compile_flag_compiles_the_video_model_in_one_graph(tmp_path, monkeypatc
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_video_demo_settings_train_on_the_embedded_clips(tmp_path, capsys):
+    """`fastmae video-demo`'s real settings, cut to 3 steps: the panning clips, the demo's own small
+    model, and both pictures, with the caption inside the PNG's width."""
+    from PIL import Image
+
+    rc = cli.main(["video-demo", "--output_dir", str(tmp_path), "--log_dir", str(tmp_path), "--max-steps", "3",
+                   "--num_workers", "0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "model pretrain_videomae_tiny_patch8 at 4x64x64" in out and "tubelets 2x8x8: 2x8x8 = 128" in out
+    assert "tube mask ratio 0.75 (96 masked)" in out and "a camera panning and zooming" in out
+    assert f"reconstructions: {tmp_path / 'reconstruction.png'}" in out
+    with Image.open(tmp_path / "reconstruction.png") as im:
+        assert im.width >= 200 + 4 * 116 and im.height > 2 * 4 * 64
+    with Image.open(tmp_path / "reconstruction.gif") as gif:
+        assert gif.n_frames == 4
+    assert ckpt_io.load(str(tmp_path / "checkpoint-last.pth"))["model_config"]["patch_size"] == 8
+
+
 def test_commands_route_to_the_video_recipe(monkeypatch, capsys):
     from fastmae import train
 
