@@ -41,7 +41,7 @@ DEMO_DEFAULTS = dict(
 # ``fastmae video-demo``: VideoMAE on the embedded panning clips, a few minutes on 2 CPU cores. The
 # settings are the image demo's where they carry over: its widths and 8-px patches
 # (pretrain_videomae_tiny_patch8: 64 tubelet positions per time slice at 64 px), mask ratio 0.75 (16 of
-# them visible; at the official 0.9 only 6), lr 1e-3, pixel targets (a per-tubelet normalised target
+# them visible; at the official 0.9 only 7), lr 1e-3, pixel targets (a per-tubelet normalised target
 # is learnt no better than its mean in a few minutes). 4 frames (2 time slices) rather than 8: twice
 # the steps in the same minutes, and at 8 frames the model learns less per step.
 VIDEO_DEMO_DEFAULTS = dict(
