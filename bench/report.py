@@ -601,6 +601,23 @@ def _peak_table(mem: list, peaks: dict, providers, base: str, multi: bool) -> li
     return markdown_table(headers, rows, numeric_from=4 + multi) + [""]
 
 
+def _plots_and_peaks(kind: str, mem: list, device: str, plots: dict, peaks: dict, providers, base: str,
+                     multi: bool, what: str, resting: str = "") -> list[str]:
+    """The end of a step suite's section: its two plots (``{kind}_step``, ``{kind}_peak_memory``),
+    then its fresh-process peaks (``memory.py --model {kind}``) on ``device``."""
+    lines = []
+    for key in (f"{kind}_step", f"{kind}_peak_memory"):
+        if plots.get((key, device)):
+            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
+    mem = [m for m in mem if m["device"] == device]
+    if mem:
+        lines += [f"Peak memory of {what}, one fresh process per variant (memory.py --model {kind}; {resting}"
+                  "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
+                  "interpreter, libraries and what malloc keeps):", ""]
+        lines += _peak_table(mem, peaks, providers, base, multi)
+    return lines
+
+
 def _by_setting(rows: list) -> list:
     """Step rows grouped by (config, batch, precision, allocator), in report order."""
     groups = {}
@@ -662,15 +679,8 @@ def _finetune_section(res: Results, device: str, plots: dict) -> list[str]:
                      + (f"; fp32 logits of fastmae and timm on the batch differ by at most {r['logit_diff']:.2g}"
                         if r.get("logit_diff") is not None else ""))
     lines.append("")
-    for key in ("finetune_step", "finetune_peak_memory"):
-        if plots.get((key, device)):
-            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
-    mem = [m for m in res.finetune_memory if m["device"] == device]
-    if mem:
-        lines += ["Peak memory of the fine-tuning step, one fresh process per variant (memory.py --model finetune; "
-                  "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
-                  "interpreter, libraries and what malloc keeps):", ""]
-        lines += _peak_table(mem, peaks, FINETUNE_PROVIDERS, "timm", multi)
+    lines += _plots_and_peaks("finetune", res.finetune_memory, device, plots, peaks, FINETUNE_PROVIDERS, "timm",
+                              multi, "the fine-tuning step")
     return lines + _features_section(res, device, plots)
 
 
@@ -738,15 +748,8 @@ def _video_section(res: Results, device: str, plots: dict) -> list[str]:
                          + (f"; {r['num_masked']} of {r['num_tokens']} tubelets masked per clip"
                             if r.get("num_masked") and r.get("num_tokens") else "") + ".")
         lines.append("")
-    for key in ("video_step", "video_peak_memory"):
-        if plots.get((key, device)):
-            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
-    mem = [m for m in res.video_memory if m["device"] == device]
-    if mem:
-        lines += ["Peak memory of the VideoMAE step, one fresh process per variant (memory.py --model video; "
-                  "\"first step s\" includes compilation, cold when the inductor cache is fresh; RSS includes the "
-                  "interpreter, libraries and what malloc keeps):", ""]
-        lines += _peak_table(mem, peaks, VIDEO_PROVIDERS, "ref", multi)
+    lines += _plots_and_peaks("video", res.video_memory, device, plots, peaks, VIDEO_PROVIDERS, "ref", multi,
+                              "the VideoMAE step")
     return lines
 
 
@@ -834,16 +837,9 @@ def _maskalign_section(res: Results, device: str, plots: dict) -> list[str]:
         if r.get("teacher"):
             lines.append(f"- teacher: {r['teacher']}.")
         lines.append("")
-    for key in ("maskalign_step", "maskalign_peak_memory"):
-        if plots.get((key, device)):
-            lines += [f"![{key.replace('_', ' ')} ({device})]({plots[(key, device)]})", ""]
-    mem = [m for m in res.maskalign_memory if m["device"] == device]
-    if mem:
-        lines += ["Peak memory of the MaskAlign step, one fresh process per variant (memory.py --model maskalign; "
-                  "\"resting MiB\" includes the teacher's weights, \"teacher MiB\"; \"first step s\" includes "
-                  "compilation, cold when the inductor cache is fresh; RSS includes the interpreter, libraries and "
-                  "what malloc keeps):", ""]
-        lines += _peak_table(mem, peaks, MASKALIGN_PROVIDERS, "ref", multi)
+    lines += _plots_and_peaks("maskalign", res.maskalign_memory, device, plots, peaks, MASKALIGN_PROVIDERS, "ref",
+                              multi, "the MaskAlign step",
+                              resting="\"resting MiB\" includes the teacher's weights, \"teacher MiB\"; ")
     return lines
 
 
